@@ -1,0 +1,1 @@
+"""The frozen generator stack: any-order LlamaGen GPT, VQ tokenizer, data, block geometry and orders."""

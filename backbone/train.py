@@ -1,0 +1,248 @@
+"""Stage 1: block-RAR training of an order-robust backbone (seed 000, DESIGN.md section 4).
+
+Every sample draws a fresh random *block* order (raster inside blocks) with probability
+`random_ratio(step)`, else raster; the target-aware embedding is on while the ratio is > 0 (RAR turns
+it off only in the pure raster phase). Labels are dropped to the null class for CFG.
+
+Exact resume without relying on saved RNG streams: the batch, the orders and the class dropout of
+step s are drawn from generators seeded by (seed, s, rank), and the global torch RNG (dropout) is
+re-seeded the same way at every step. A run stopped at step s and restarted continues with exactly
+the batches, orders and dropout masks it would have seen. Runs under `torchrun` with DDP.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from backbone.blocks import BlockGeometry
+from backbone.checkpoint import CheckpointManager, atomic_write_json, rng_state, set_rng_state
+from backbone.config import TrainBackboneRun, resolve_path
+from backbone.gpt import GPT
+from backbone.loading import backbone_gpt_config, data_fingerprint, load_gpt, load_token_data, save_gpt
+from backbone.orders import block_order
+from backbone.run_utils import Logger, dist_info, setup_device
+
+LN2 = math.log(2.0)
+
+
+def random_ratio(step: int, max_steps: int, random_frac: float, anneal_frac: float) -> float:
+    """Fraction of samples with a random block order at `step`: 1 during the random phase, linear
+    to 0 during the anneal phase, 0 in the raster phase."""
+    t = step / max(max_steps, 1)
+    if t < random_frac:
+        return 1.0
+    if anneal_frac <= 0 or t >= random_frac + anneal_frac:
+        return 0.0
+    return 1.0 - (t - random_frac) / anneal_frac
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup then cosine decay to min_lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = (step - cfg.warmup_steps) / max(cfg.max_steps - cfg.warmup_steps, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + rank)
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """Indices of this rank's batch at `step`: the global stream is a concatenation of per-epoch
+    permutations (epoch e seeded by seed + e), each step takes the next batch * world samples and
+    rank r takes its contiguous share. Independent of where a run was resumed."""
+    gb = batch * world
+    start = step * gb + rank * batch
+    idx = torch.arange(start, start + batch)
+    epochs, offs = idx // n, idx % n
+    out = torch.empty(batch, dtype=torch.long)
+    for e in epochs.unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + e))
+        sel = epochs == e
+        out[sel] = perm[offs[sel]]
+    return out
+
+
+def make_orders(geom: BlockGeometry, batch: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """Token orders [batch, L]: random block orders with probability `ratio`, else raster."""
+    rnd = block_order("random", geom, batch=batch, generator=gen)
+    raster = block_order("raster", geom).expand(batch, -1)
+    use_rnd = torch.rand(batch, generator=gen) < ratio
+    return geom.token_order(torch.where(use_rnd[:, None], rnd, raster))
+
+
+@torch.no_grad()
+def heldout_nll(model: GPT, codes: torch.Tensor, labels: torch.Tensor, geom: BlockGeometry, seed: int,
+                device: torch.device, batch: int = 250) -> dict[str, float]:
+    """Held-out NLL in bits/token under raster and under random block orders (one fixed random
+    order per image, drawn from `seed`), target-aware embedding on, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    n = codes.shape[0]
+    rnd_orders = geom.token_order(block_order("random", geom, batch=n, generator=gen))
+    raster = geom.token_order(block_order("raster", geom)).expand(n, -1)
+    out = {}
+    for name, orders in (("raster", raster), ("random", rnd_orders)):
+        total, count = 0.0, 0
+        for i in range(0, n, batch):
+            x, y, o = codes[i:i + batch].to(device), labels[i:i + batch].to(device), orders[i:i + batch].to(device)
+            logits = model.forward_train(x, y, o, use_ta=True)
+            nll = F.cross_entropy(logits.flatten(0, 1), x.gather(1, o).flatten(), reduction="sum")
+            total += float(nll)
+            count += x.numel()
+        out[name] = total / count / LN2
+    model.train(was_training)
+    return out
+
+
+def train_backbone(run: TrainBackboneRun) -> dict:
+    """Train (or resume) the order-robust GPT of `run.backbone`; returns the summary written to
+    `run_dir/summary.json` (rank 0)."""
+    rank, world, local_rank = dist_info()
+    device = setup_device(run.device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    tc, bcfg = run.train, run.backbone
+    run_dir = Path(run.run_dir)
+    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=tc.keep_checkpoints)
+
+    # -- data and model ---------------------------------------------------------------------------
+    train_codes, train_labels = load_token_data(bcfg, "train")
+    held_codes, held_labels = load_token_data(bcfg, "heldout")
+    gcfg = backbone_gpt_config(bcfg)
+    geom = BlockGeometry(gcfg.grid_h, gcfg.grid_w, bcfg.block_size)
+    if train_codes.shape[1] != gcfg.num_tokens or int(train_codes.max()) >= gcfg.vocab_size:
+        raise ValueError(f"data has {train_codes.shape[1]} tokens/image with ids up to {int(train_codes.max())}; "
+                         f"the GPT expects {gcfg.num_tokens} tokens and vocab {gcfg.vocab_size}")
+    torch.manual_seed(run.seed)
+    model = GPT(gcfg)
+    if tc.init_from:
+        model.load_state_dict(load_gpt(resolve_path(tc.init_from, what="init_from weights"), gcfg).state_dict())
+    model.to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tc.lr, betas=(tc.beta1, tc.beta2),
+    )
+    fingerprint = data_fingerprint(bcfg)
+    identity = {"gpt_config": gcfg.to_dict(), "data": fingerprint, "block_size": bcfg.block_size,
+                "world_size": world, "batch_size": tc.batch_size, "seed": run.seed}
+
+    # -- resume -----------------------------------------------------------------------------------
+    start, history = 0, []
+    ckpt = ckpts.load_latest()
+    if ckpt is not None:
+        saved = ckpt["identity"]
+        diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
+        if diff:
+            raise ValueError(f"{ckpts.latest()}: cannot resume, the run changed: "
+                             + "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items()))
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        start, history = int(ckpt["step"]), list(ckpt.get("history", []))
+        if rank == 0:
+            print(f"resumed from {ckpts.latest()} at step {start}")
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
+        if world > 1 else model
+    amp = tc.amp and device.type == "cuda"
+    logger = Logger(run, run_dir, enabled=rank == 0, job="train_backbone")
+    if rank == 0:
+        print(f"GPT {gcfg.n_layer}x{gcfg.dim} ({model.num_params() / 1e6:.2f}M params), L={gcfg.num_tokens}, "
+              f"{geom.num_blocks} blocks of {geom.block}x{geom.block}; {len(train_codes)} train images; "
+              f"global batch {tc.batch_size * world} ({world} process(es)); steps {start}->{tc.max_steps}")
+
+    def save(step: int) -> None:
+        if rank == 0:
+            ckpts.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                              "rng": rng_state(), "identity": identity, "history": history})
+
+    # -- loop -------------------------------------------------------------------------------------
+    model.train()
+    t0, tokens_seen = time.time(), 0
+    end = tc.max_steps if tc.stop_at is None else min(tc.max_steps, tc.stop_at)
+    bar = tqdm(range(start, end), initial=start, total=tc.max_steps, disable=rank != 0,
+               desc="train_backbone", dynamic_ncols=True)
+    loss_val = float("nan")
+    for step in bar:
+        gen = _step_generator(run.seed, step, rank)
+        torch.manual_seed((run.seed * 1_000_003 + step) * 65_537 + rank)  # dropout masks
+        idx = batch_indices(len(train_codes), tc.batch_size, step, run.seed, rank, world)
+        x, y = train_codes[idx], train_labels[idx]
+        ratio = random_ratio(step, tc.max_steps, tc.random_frac, tc.anneal_frac)
+        orders = make_orders(geom, tc.batch_size, ratio, gen)
+        drop = torch.rand(tc.batch_size, generator=gen) < tc.class_dropout
+        y = torch.where(drop, gcfg.null_class, y)
+        x, y, orders = x.to(device), y.to(device), orders.to(device)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, tc)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = ddp(x, y, orders, ratio > 0)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), x.gather(1, orders).flatten())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {step}: loss is {float(loss)}; last checkpoint: {ckpts.latest()}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        opt.step()
+        tokens_seen += x.numel() * world
+        done = step + 1
+        if done % tc.log_every == 0 or done == tc.max_steps:
+            loss_val = float(loss)
+            rate = tokens_seen / max(time.time() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss_val:.3f}", ratio=f"{ratio:.2f}", tok_s=f"{rate:.0f}")
+            logger.log({"train/loss": loss_val, "train/bits_per_token": loss_val / LN2, "train/lr": lr_at(step, tc),
+                        "train/random_ratio": ratio, "train/grad_norm": float(gnorm), "time/tokens_per_s": rate}, done)
+        if done % tc.eval_every == 0 or done == tc.max_steps:
+            if rank == 0:
+                ev = heldout_nll(model, held_codes, held_labels, geom, tc.eval_seed, device)
+                history.append({"step": done, "heldout_bits_raster": ev["raster"], "heldout_bits_random": ev["random"]})
+                logger.log({"eval/bits_raster": ev["raster"], "eval/bits_random": ev["random"]}, done)
+                bar.write(f"step {done}: held-out bits/token raster {ev['raster']:.4f} random {ev['random']:.4f}")
+        if done % tc.ckpt_every == 0 or done == end:
+            save(done)
+    bar.close()
+
+    # -- summary ----------------------------------------------------------------------------------
+    summary: dict = {}
+    if rank == 0 and end < tc.max_steps:
+        print(f"stopped at step {end} of {tc.max_steps} (train.stop_at); rerun to continue")
+    elif rank == 0:
+        ev = heldout_nll(model, held_codes, held_labels, geom, tc.eval_seed, device)
+        save_gpt(model, run_dir / "gpt.safetensors",
+                 {"steps": tc.max_steps, "data": fingerprint, "block_size": bcfg.block_size,
+                  "heldout_bits_raster": ev["raster"], "heldout_bits_random": ev["random"]})
+        summary = {
+            "steps": tc.max_steps,
+            "resumed_from": start,
+            "params": model.num_params(),
+            "world_size": world,
+            "final_train_loss_nats": loss_val,
+            "heldout_bits_per_token": {"raster": ev["raster"], "random_block_order": ev["random"],
+                                       "random_minus_raster": ev["random"] - ev["raster"]},
+            "history": history,
+            "data": fingerprint,
+            "weights": str(run_dir / "gpt.safetensors"),
+            "wall_time_s": time.time() - t0,
+            "config": asdict(run),
+        }
+        atomic_write_json(run_dir / "summary.json", summary)
+        print(f"held-out bits/token: raster {ev['raster']:.4f}, random block order {ev['random']:.4f} "
+              f"(gap {ev['random'] - ev['raster']:+.4f}); wrote {run_dir / 'summary.json'}")
+    logger.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary

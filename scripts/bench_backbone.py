@@ -1,0 +1,55 @@
+"""Benchmark: any-order KV-cached generation vs raster KV-cached generation vs the O(L^2)
+full-recompute sampler of the seed experiments, for the tiny preset and for GPT-B geometry (random
+weights). The last two lines are the ratios at GPT-B geometry (L = 256):
+
+    any_order_vs_raster=<random-order KV tokens/s / raster KV tokens/s>      (target >= 0.9)
+    any_order_vs_recompute=<random-order KV tokens/s / recompute tokens/s>   (target >= 10)
+
+    python scripts/bench_backbone.py [--batch 2] [--device cpu] [--recompute-steps N] [--skip-gpt-b]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from backbone.benchmark import time_samplers
+from backbone.blocks import BlockGeometry
+from backbone.gpt import GPT, gpt_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--recompute-steps", type=int, default=None,
+                    help="stop the O(L^2) sampler after N steps (its speed is then overstated)")
+    ap.add_argument("--skip-gpt-b", action="store_true", help="tiny preset only (no final ratio lines)")
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    setups = [("tiny", gpt_config("tiny"), 2)]
+    if not args.skip_gpt_b:
+        setups.append(("GPT-B", gpt_config("GPT-B"), 4))
+    print(f"device={args.device} dtype={args.dtype} batch={args.batch} threads={torch.get_num_threads()}")
+    times = None
+    for name, cfg, block in setups:
+        model = GPT(cfg).eval().requires_grad_(False).to(args.device, dtype)
+        geom = BlockGeometry(cfg.grid_h, cfg.grid_w, block)
+        times = time_samplers(model, geom, args.batch, recompute_steps=args.recompute_steps)
+        print(f"[{name}] L={geom.num_tokens} params={model.num_params() / 1e6:.1f}M  tokens/s: "
+              f"raster_kv={times.raster_kv:.1f} random_block_kv={times.random_kv:.1f} "
+              f"recompute={times.recompute:.1f} (over {times.recompute_steps} steps)  "
+              f"ratios: any_order/raster={times.any_order_vs_raster:.3f} "
+              f"any_order/recompute={times.any_order_vs_recompute:.1f}")
+    if not args.skip_gpt_b:
+        print(f"any_order_vs_raster={times.any_order_vs_raster:.3f}")
+        print(f"any_order_vs_recompute={times.any_order_vs_recompute:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Shared fixtures: small random GPTs with non-trivial weights (LlamaGen zero-initialises the output
+layer and the target-aware table, which would make many invariants vacuous)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backbone.gpt import GPT, gpt_config  # noqa: E402
+
+
+def randomized_gpt(seed: int = 0, **overrides) -> GPT:
+    """A tiny-preset GPT in eval mode whose every parameter (output, ta table included) is random."""
+    torch.manual_seed(seed)
+    cfg = gpt_config("tiny", **{"n_layer": 2, **overrides})
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "_norm." in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture
+def gpt() -> GPT:
+    return randomized_gpt()
+
+
+def write_toy_codes(root: Path, grid: int = 8, vocab: int = 256, n_train: int = 96, n_heldout: int = 32,
+                    num_classes: int = 10, seed: int = 0) -> Path:
+    """Pre-extracted code files (the format of scripts/extract_codes.py) for a learnable toy: each
+    class has a template grid and each image perturbs a few of its tokens."""
+    import numpy as np
+
+    from backbone.data import write_codes
+
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, vocab, size=(num_classes, grid, grid))
+    for split, n in (("train", n_train), ("heldout", n_heldout)):
+        labels = np.arange(n) % num_classes
+        codes = templates[labels].copy()
+        noise = rng.random(codes.shape) < 0.1
+        codes[noise] = rng.integers(0, vocab, size=int(noise.sum()))
+        write_codes(root, split, codes, labels, {"vocab_size": vocab, "source": "toy"})
+    return root
+
+
+@pytest.fixture
+def toy_codes(tmp_path) -> Path:
+    return write_toy_codes(tmp_path / "codes")
