@@ -53,3 +53,18 @@ def write_toy_codes(root: Path, grid: int = 8, vocab: int = 256, n_train: int = 
 @pytest.fixture
 def toy_codes(tmp_path) -> Path:
     return write_toy_codes(tmp_path / "codes")
+
+
+def toy_core(batch_size: int = 3, seed: int = 0, n_images: int = 20, **env_fields):
+    """An OrderPlanningCore over a random 2-layer tiny GPT and random codes (no artifacts needed)."""
+    from backbone.blocks import BlockGeometry
+    from backbone.config import BackboneConfig
+    from backbone.loading import Backbone
+    from envs.core import EnvConfig, OrderPlanningCore
+
+    gpt = randomized_gpt()
+    bb = Backbone(cfg=BackboneConfig(), gpt=gpt, geometry=BlockGeometry(8, 8, 2), vq=None)
+    g = torch.Generator().manual_seed(123)
+    codes = torch.randint(0, gpt.cfg.vocab_size, (n_images, gpt.cfg.num_tokens), generator=g)
+    labels = torch.arange(n_images) % gpt.cfg.num_classes
+    return OrderPlanningCore(bb, codes, labels, EnvConfig(**env_fields), batch_size, seed=seed)

@@ -1,0 +1,388 @@
+"""The batched dynamics of the order-planning MDP (DESIGN.md section 5), shared by the TorchRL env
+and the Gymnasium API so there is exactly one implementation.
+
+State of row b: an image (ground-truth tokens x [L] and its label in teacher-forced mode; a grid
+being generated in generation mode), the blocks revealed so far in the order they were revealed
+(held in the backbone's any-order KV cache, `DecodeState`), and `token_loss` [L]: the current
+per-token loss l_j(S) of every unseen token (nats; predictive entropy H_j(S) in generation mode).
+
+A step reveals one block (or, with the budget router, an ordered list of k blocks) through the KV
+cache, then runs one batch of query rows over the still-unseen tokens. That single query gives the
+new per-token losses (hence every reward), and one extra target-free row gives the hidden state
+of the new pending token. Nothing is recomputed from scratch.
+
+Rewards (nats per decision; `reward=`):
+* future_loss:   L_rest(S_t) - L_rest(S_t+1). Telescopes: the undiscounted return is L_rest(empty).
+* extrapolative: sum_{j in R_t+1} w(j, A) [l_j(S_t) - l_j(S_t+1)], A the blocks revealed by the
+                 decision (w(j, A) = min over a in A of w(j, a); w from `extrapolative_weights`).
+* anytime:       -k * L_rest(S_t+1) / L for a decision revealing k blocks (area under the
+                 remaining-loss curve, each block counted at the loss left after the decision).
+* likelihood:    log p(revealed blocks | S_t), teacher-forced (the return is the image log-likelihood
+                 under the chosen order).
+* entropy:       H_rest(S_t) - H_rest(S_t+1), the only reward of generation mode (no ground truth).
+Every decision also costs `decision_cost`.
+
+Shapes: B batch rows, L tokens, N blocks, T tokens per block, K max blocks per decision, D model dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from backbone.future_loss import extrapolative_weights, oracle_utilities
+from backbone.loading import Backbone
+from backbone.sampling import SamplingConfig, guided, sample_logits
+
+REWARDS = ("future_loss", "extrapolative", "anytime", "likelihood", "entropy")
+MODES = ("teacher_forced", "generate")
+
+
+@dataclass
+class SamplingSpec:
+    """LlamaGen sampling knobs of generation mode (cfg_scale <= 1 disables guidance)."""
+
+    cfg_scale: float = 1.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclass
+class EnvConfig:
+    """The `env` config group (configs/env/*.yaml)."""
+
+    mode: str = "teacher_forced"  # teacher_forced | generate
+    split: str = "train"  # images drawn at reset: train | heldout
+    reward: str = "future_loss"  # future_loss | extrapolative | anytime | likelihood | entropy (generate)
+    weight: str = "uniform"  # extrapolative weights: uniform | neighbours | distance
+    neighbour_weight: float = 0.5
+    hidden: str = "token"  # token: [B, L, D] per-token hidden states | block: [B, N, D] block means
+    budget: list[int] | None = None  # e.g. [1, 2, 4] turns on the budget router action
+    decision_cost: float = 0.0  # nats charged per planner decision
+    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    oracle_chunk: int | None = None  # candidates per batched oracle pass (memory bound); None = all
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"env.mode must be one of {MODES}, got {self.mode!r}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"env.reward must be one of {REWARDS}, got {self.reward!r}")
+        if self.mode == "generate" and self.reward != "entropy":
+            raise ValueError("generation mode has no ground truth: its reward is env.reward=entropy")
+        if self.mode == "teacher_forced" and self.reward == "entropy":
+            raise ValueError("env.reward=entropy is the generation-mode reward; use env.mode=generate")
+        if self.hidden not in ("token", "block"):
+            raise ValueError(f"env.hidden must be token or block, got {self.hidden!r}")
+        if self.split not in ("train", "heldout"):
+            raise ValueError(f"env.split must be train or heldout, got {self.split!r}")
+        if self.budget is not None and (len(self.budget) == 0 or min(self.budget) < 1):
+            raise ValueError(f"env.budget must be a non-empty list of positive block counts, got {self.budget}")
+
+
+class OrderPlanningCore:
+    """Batched, device-resident dynamics. All tensors live on the backbone's device; no Python loop
+    runs over the batch.
+
+    codes [M, L] long / labels [M] long: the image pool of the split (teacher-forced ground truth;
+    in generation mode only the labels are used, as conditioning classes).
+    """
+
+    def __init__(self, backbone: Backbone, codes: torch.Tensor, labels: torch.Tensor, cfg: EnvConfig,
+                 batch_size: int, seed: int | None = None):
+        cfg.validate()
+        self.bb, self.cfg, self.B = backbone, cfg, int(batch_size)
+        self.gpt, self.geom = backbone.gpt, backbone.geometry
+        dev = self.device = backbone.device
+        g = self.gpt.cfg
+        self.L, self.N, self.T, self.D = g.num_tokens, self.geom.num_blocks, self.geom.tokens_per_block, g.dim
+        if codes.shape[1] != self.L:
+            raise ValueError(f"images have {codes.shape[1]} tokens; the backbone expects {self.L}")
+        self.codes, self.labels = codes.to(dev), labels.to(dev)
+        self.num_images = codes.shape[0]
+        self.dtype = self.gpt.output.weight.dtype
+        self.block_tokens, self.token_block = (t.to(dev) for t in (self.geom.block_tokens, self.geom.token_block))
+        self.budgets = torch.tensor(cfg.budget or [1], device=dev)
+        self.K = int(self.budgets.max())
+        self.router = cfg.budget is not None
+        self.use_cfg = cfg.mode == "generate" and cfg.sampling.cfg_scale > 1.0
+        self.sc = SamplingConfig(**vars(cfg.sampling))
+        self.weights = extrapolative_weights(self.geom, cfg.weight, cfg.neighbour_weight).to(dev)  # [N, L]
+        B = self.B
+        self.x = torch.zeros(B, self.L, dtype=torch.long, device=dev)
+        self.label = torch.zeros(B, dtype=torch.long, device=dev)
+        self.image_index = torch.zeros(B, dtype=torch.long, device=dev)
+        self.revealed = torch.zeros(B, self.N, dtype=torch.bool, device=dev)
+        self.history = torch.full((B, self.N), -1, dtype=torch.long, device=dev)  # blocks in reveal order
+        self.steps = torch.zeros(B, dtype=torch.long, device=dev)
+        self.hidden_tok = torch.zeros(B, self.L, self.D, dtype=self.dtype, device=dev)
+        self.token_loss = torch.zeros(B, self.L, dtype=torch.float32, device=dev)
+        self.needs_reset = torch.ones(B, dtype=torch.bool, device=dev)
+        self.state = self.gpt.init_state(self.label)
+        self.ustate = self.gpt.init_state(torch.full_like(self.label, g.null_class)) if self.use_cfg else None
+        self.generator = torch.Generator(device="cpu")
+        self.sample_generator = torch.Generator(device=dev)
+        self.seed(seed)
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def seed(self, seed: int | None) -> int:
+        """Seed image selection and generation-mode sampling; returns the seed used."""
+        seed = int(torch.seed() % (2**62)) if seed is None else int(seed)
+        self.generator.manual_seed(seed)
+        self.sample_generator.manual_seed(seed + 1)
+        return seed
+
+    @property
+    def unseen(self) -> torch.Tensor:
+        """[B, L] bool: tokens of unrevealed blocks."""
+        return ~self.revealed[:, self.token_block]
+
+    @property
+    def done(self) -> torch.Tensor:
+        return self.revealed.all(-1)
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        """Fresh tensors (safe to store): hidden [B, L, D] or [B, N, D], block_mask / action_mask
+        [B, N] bool, label, step, image_index [B]; in generation mode also tokens [B, L] (-1 where
+        not generated yet) and image [B, C, H, W] (decoded where the episode is done, else 0)."""
+        if self.cfg.hidden == "token":
+            hidden = self.hidden_tok.clone()
+        else:
+            hidden = self.hidden_tok[:, self.block_tokens].mean(2)  # [B, N, D]
+        obs = {"hidden": hidden, "block_mask": self.revealed.clone(), "action_mask": ~self.revealed,
+               "label": self.label.clone(), "step": self.steps.clone(), "image_index": self.image_index.clone()}
+        if self.cfg.mode == "generate":
+            obs["tokens"] = torch.where(self.unseen, -1, self.x)
+            obs["image"] = self.decode_images(self.done)
+        return obs
+
+    def image_shape(self) -> tuple[int, int, int]:
+        vq = self.bb.vq
+        if vq is None:
+            return (1, 1, 1)
+        down = 2 ** (len(vq.cfg.encoder_ch_mult) - 1)
+        return (vq.cfg.in_channels, self.gpt.cfg.grid_h * down, self.gpt.cfg.grid_w * down)
+
+    @torch.no_grad()
+    def decode_images(self, rows: torch.Tensor) -> torch.Tensor:
+        """Images [B, C, H, W] in [-1, 1] of the current grids on `rows` (zeros elsewhere, and
+        everywhere when no VQ is loaded)."""
+        out = torch.zeros(self.B, *self.image_shape(), device=self.device)
+        if self.bb.vq is not None and bool(rows.any()):
+            grid = self.x[rows].clamp(min=0).view(-1, self.gpt.cfg.grid_h, self.gpt.cfg.grid_w)
+            out[rows] = self.bb.vq.decode_codes(grid).float()
+        return out
+
+    # -- reset ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reset(self, rows: torch.Tensor | None = None, image_index: torch.Tensor | None = None) -> None:
+        """Start new episodes on `rows` ([B] bool, default all): draw images (or take
+        `image_index` [B]), empty the cache, compute l_j(empty) for every token."""
+        dev = self.device
+        rows = torch.ones(self.B, dtype=torch.bool, device=dev) if rows is None else rows.to(dev).bool()
+        if image_index is None:
+            image_index = torch.randint(self.num_images, (self.B,), generator=self.generator).to(dev)
+        else:
+            image_index = torch.as_tensor(image_index, device=dev).long()
+            if image_index.shape != (self.B,) or bool(((image_index < 0) | (image_index >= self.num_images)).any()):
+                raise ValueError(f"image_index must be [B={self.B}] in [0, {self.num_images})")
+        self.image_index = torch.where(rows, image_index, self.image_index)
+        self.label = torch.where(rows, self.labels[self.image_index], self.label)
+        if self.cfg.mode == "teacher_forced":
+            self.x = torch.where(rows[:, None], self.codes[self.image_index], self.x)
+        else:
+            self.x = torch.where(rows[:, None], torch.zeros_like(self.x), self.x)
+        self.revealed[rows] = False
+        self.history[rows] = -1
+        self.steps[rows] = 0
+        self.hidden_tok[rows] = 0
+        self.state.reset_rows_(rows, self.label[rows])
+        if self.ustate is not None:
+            self.ustate.reset_rows_(rows, torch.full_like(self.label[rows], self.gpt.cfg.null_class))
+        losses, _ = self._query_losses()
+        self.token_loss = torch.where(rows[:, None], losses, self.token_loss)
+        self.needs_reset = self.needs_reset & ~rows
+
+    # -- actions ----------------------------------------------------------------------------------
+
+    def parse_action(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate an action without touching the state. Plain: block ids [B]. Router:
+        [B, 1 + K] = (budget index, K ordered block choices; entries past the clipped budget are
+        ignored). Returns blocks [B, K] (-1 past each row's count) and counts k [B].
+        Raises ValueError naming the offending rows."""
+        B, N = self.B, self.N
+        if not isinstance(action, torch.Tensor):
+            raise ValueError(f"action must be a torch.Tensor, got {type(action).__name__}")
+        if action.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+            raise ValueError(f"action must be an integer tensor, got dtype {action.dtype}")
+        action = action.to(self.device).long()
+        want = (B, 1 + self.K) if self.router else (B,)
+        if self.router and action.shape != want:
+            raise ValueError(f"router action must have shape {want} (budget index, {self.K} blocks), "
+                             f"got {tuple(action.shape)}")
+        if not self.router:
+            if action.shape == (B, 1):
+                action = action[:, 0]
+            if action.shape != want:
+                raise ValueError(f"action must have shape {want} (one block index per row), got {tuple(action.shape)}")
+        stale = self.needs_reset | self.done
+        if bool(stale.any()):
+            raise ValueError(f"rows {_rows(stale)} have finished episodes (or were never reset); reset them first")
+        if self.router:
+            bidx, choice = action[:, 0], action[:, 1:]
+            bad = (bidx < 0) | (bidx >= len(self.budgets))
+            if bool(bad.any()):
+                raise ValueError(f"rows {_rows(bad)}: budget index out of range [0, {len(self.budgets)})")
+            left = (~self.revealed).sum(-1)
+            k = torch.minimum(self.budgets[bidx], left)
+        else:
+            choice, k = action[:, None], torch.ones(B, dtype=torch.long, device=self.device)
+        used = torch.arange(choice.shape[1], device=self.device)[None, :] < k[:, None]  # [B, K]
+        out_of_range = used & ((choice < 0) | (choice >= N))
+        if bool(out_of_range.any()):
+            raise ValueError(f"rows {_rows(out_of_range.any(-1))}: block index out of range [0, {N})")
+        safe = choice.clamp(0, N - 1)
+        revealed = used & self.revealed.gather(1, safe)
+        if bool(revealed.any()):
+            raise ValueError(f"rows {_rows(revealed.any(-1))}: block already revealed")
+        dup = used[:, :, None] & used[:, None, :] & (safe[:, :, None] == safe[:, None, :])
+        dup = dup & ~torch.eye(choice.shape[1], dtype=torch.bool, device=self.device)
+        if bool(dup.any()):
+            raise ValueError(f"rows {_rows(dup.flatten(1).any(-1))}: the same block chosen twice in one decision")
+        return torch.where(used, safe, -1), k
+
+    # -- step -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply an action to every row. Returns reward [B] (float32, nats) and done [B] bool.
+        Invalid actions raise ValueError before anything changes."""
+        blocks, k = self.parse_action(action)
+        unseen_before = self.unseen
+        loss_before = self.token_loss
+        loglik = torch.zeros(self.B, device=self.device)
+        for i in range(blocks.shape[1]):
+            active = blocks[:, i] >= 0
+            if not bool(active.any()):
+                break
+            blk = blocks[:, i].clamp(min=0)
+            positions = self.block_tokens[blk]  # [B, T]
+            if self.cfg.mode == "teacher_forced":
+                loglik += self._reveal_teacher_forced(positions, active)
+            else:
+                self._reveal_generated(positions, active)
+            self.revealed[active, blk[active]] = True
+            self.history[active, self.steps[active] + i] = blk[active]
+        self.steps += k
+        losses, hid = self._query_losses()
+        pend = self.state.pending_pos
+        rows = torch.arange(self.B, device=self.device)
+        self.hidden_tok[rows, pend.clamp(min=0)] = torch.where((pend >= 0)[:, None], hid, self.hidden_tok[rows, pend.clamp(min=0)])
+        unseen_after = self.unseen
+        reward = self._reward(blocks, k, unseen_before, loss_before, unseen_after, losses, loglik)
+        self.token_loss = losses
+        return reward, self.done
+
+    def _reveal_teacher_forced(self, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Append the ground-truth tokens of one block per active row; returns their log-likelihood [B]."""
+        tokens = self.x.gather(1, positions)
+        prev = self.state.pending_pos.clone()
+        logits, hid = self.gpt.append(self.state, tokens, positions, active=active)
+        # input 0 was the previously pending token (the class token at the start: no spatial slot)
+        in_pos = torch.cat([prev[:, None], positions[:, :-1]], 1)
+        self._store_hidden(in_pos, hid, active)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0].sum(-1)
+        return torch.where(active, logp, 0.0)
+
+    def _reveal_generated(self, positions: torch.Tensor, active: torch.Tensor) -> None:
+        """Sample one block per active row token by token (in-block raster order) with CFG."""
+        for t in range(positions.shape[1]):
+            pos = positions[:, t]
+            prev = self.state.pending_pos.clone()
+            logits, hid = self.gpt.advance(self.state, pos, active=active)
+            if self.ustate is not None:
+                ulogits, _ = self.gpt.advance(self.ustate, pos, active=active)
+                logits = guided(torch.cat([logits, ulogits]), self.sc.cfg_scale)
+            tok = sample_logits(logits, self.sc, self.sample_generator)
+            self._store_hidden(prev[:, None], hid[:, None], active)
+            self.gpt.feed(self.state, tok, pos, active=active)
+            if self.ustate is not None:
+                self.gpt.feed(self.ustate, tok, pos, active=active)
+            rows = torch.arange(self.B, device=self.device)
+            self.x[rows, pos] = torch.where(active, tok, self.x[rows, pos])
+
+    def _store_hidden(self, positions: torch.Tensor, hidden: torch.Tensor, active: torch.Tensor) -> None:
+        """hidden_tok[b, positions[b, t]] := hidden[b, t] on active rows (positions < 0 skipped)."""
+        ok = active[:, None] & (positions >= 0)
+        b, t = torch.nonzero(ok, as_tuple=True)
+        self.hidden_tok[b, positions[b, t]] = hidden[b, t].to(self.dtype)
+
+    def _query_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query over every unseen token plus one target-free row per image. Returns per-token
+        losses [B, L] (l_j(S) in nats, or H_j(S) in generation mode; 0 on revealed tokens) and the
+        pending token's target-free hidden state [B, D]."""
+        unseen = self.unseen
+        Q = int(unseen.sum(-1).max())
+        # unseen positions first (ascending), padding and the summary row carry target -1
+        key = torch.where(unseen, torch.arange(self.L, device=self.device), self.L)
+        targets = key.sort(-1).values[:, :Q]
+        targets = torch.cat([torch.where(targets < self.L, targets, -1),
+                             torch.full((self.B, 1), -1, device=self.device, dtype=torch.long)], 1)
+        logits, hid = self.gpt.query(self.state, targets)
+        if self.ustate is not None:
+            ulogits, _ = self.gpt.query(self.ustate, targets)
+            logits = ulogits + self.sc.cfg_scale * (logits - ulogits)
+        logp = torch.log_softmax(logits[:, :Q].float(), -1)
+        valid = targets[:, :Q] >= 0
+        if self.cfg.mode == "teacher_forced":
+            per = -logp.gather(-1, self.x.gather(1, targets[:, :Q].clamp(min=0))[..., None])[..., 0]
+        else:
+            per = -(logp.exp() * logp).sum(-1)
+        losses = torch.zeros(self.B, self.L, device=self.device)
+        losses.scatter_(1, targets[:, :Q].clamp(min=0), torch.where(valid, per, 0.0))
+        losses = torch.where(unseen, losses, 0.0)
+        return losses, hid[:, -1]
+
+    def _reward(self, blocks, k, unseen_before, loss_before, unseen_after, loss_after, loglik) -> torch.Tensor:
+        rest_before = (loss_before * unseen_before).sum(-1)
+        rest_after = (loss_after * unseen_after).sum(-1)
+        kind = self.cfg.reward
+        if kind in ("future_loss", "entropy"):
+            r = rest_before - rest_after
+        elif kind == "extrapolative":
+            w = self.weights[blocks.clamp(min=0)]  # [B, K, L]
+            w = torch.where((blocks >= 0)[..., None], w, float("inf")).min(1).values
+            r = (w * (loss_before - loss_after) * unseen_after).sum(-1)
+        elif kind == "anytime":
+            r = -k.float() * rest_after / self.L
+        else:  # likelihood
+            r = loglik
+        return (r - self.cfg.decision_cost).float()
+
+    # -- oracle -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def oracle_utilities(self, kind: str = "future_loss", weight: str | None = None,
+                         candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N] utility of revealing each block next (nats; -inf for revealed blocks and finished
+        rows), from the current state in one batched pass sharing the prefix cache."""
+        if self.cfg.mode != "teacher_forced":
+            raise ValueError("oracle utilities need ground truth: use env.mode=teacher_forced")
+        live = ~self.done
+        util = torch.full((self.B, self.N), float("-inf"), device=self.device)
+        if not bool(live.any()):
+            return util
+        if candidates is not None:
+            candidates = candidates.to(self.device)
+            candidates = torch.where((candidates >= 0) & ~self.revealed.gather(1, candidates.clamp(min=0)), candidates, -1)
+        out = oracle_utilities(self.gpt, self.state, self.x, self.revealed, self.geom, kind=kind,
+                               weight=weight or self.cfg.weight, candidates=candidates,
+                               chunk=self.cfg.oracle_chunk, neighbour_weight=self.cfg.neighbour_weight)
+        return torch.where(live[:, None], out, util)
+
+
+def _rows(mask: torch.Tensor) -> list[int]:
+    return torch.nonzero(mask.flatten()).flatten().tolist()
