@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -73,8 +74,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it onto ``path``."""
+def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it onto ``path``.
+    Streams: ``write`` may emit a large array without an in-memory copy."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same directory => same filesystem => os.replace is an atomic rename. A leading dot keeps
@@ -95,9 +97,18 @@ def _atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     return path
 
 
+def sha256_file(path: PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
     """Atomically write ``data`` to ``path`` (parent directories are created)."""
-    return _atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_json(path: PathLike, data: Any) -> Path:
@@ -108,7 +119,7 @@ def atomic_write_json(path: PathLike, data: Any) -> Path:
 
 def atomic_torch_save(obj: Any, path: PathLike) -> Path:
     """Atomically ``torch.save(obj, path)``."""
-    return _atomic_write(path, lambda f: torch.save(obj, f))
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # ---------------------------------------------------------------------------- safetensors

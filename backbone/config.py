@@ -40,9 +40,9 @@ class BackboneConfig:
 
     name: str = "tiny_mnist"
     gpt: GPTSpec = field(default_factory=GPTSpec)
-    gpt_weights: str | None = None
+    gpt_weights: str | None = "artifacts/tiny_mnist/gpt.safetensors"
     vq: VQSpec = field(default_factory=VQSpec)
-    vq_weights: str | None = None
+    vq_weights: str | None = "artifacts/tiny_mnist/vq.safetensors"
     data: DataSpec = field(default_factory=DataSpec)
     block_size: int = 2
 
@@ -82,7 +82,7 @@ class TrainBackboneRun:
     """Top-level config of `scripts/train_backbone.py`."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    run_dir: str = "runs/train_backbone"
+    run_dir: str = "runs/train_backbone/tiny_mnist"
     device: str = "cpu"
     seed: int = 0
     logger: str = "none"

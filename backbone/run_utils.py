@@ -56,3 +56,15 @@ class Logger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar that redraws often on a terminal and rarely when writing to a log file
+    (so logs of long runs stay readable)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("dynamic_ncols", True)
+    kwargs.setdefault("mininterval", 0.2 if sys.stderr.isatty() else 30.0)
+    return tqdm(iterable, **kwargs)

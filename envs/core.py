@@ -27,11 +27,12 @@ Shapes: B batch rows, L tokens, N blocks, T tokens per block, K max blocks per d
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
 
-from backbone.future_loss import extrapolative_weights, oracle_utilities
+from backbone.future_loss import _scatter_targets, extrapolative_weights, oracle_utilities
 from backbone.loading import Backbone
 from backbone.sampling import SamplingConfig, guided, sample_logits
 
@@ -129,7 +130,8 @@ class OrderPlanningCore:
 
     def seed(self, seed: int | None) -> int:
         """Seed image selection and generation-mode sampling; returns the seed used."""
-        seed = int(torch.seed() % (2**62)) if seed is None else int(seed)
+        # os.urandom, not torch.seed(): that would reseed torch's global generator as a side effect
+        seed = int.from_bytes(os.urandom(8), "little") % (2**62) if seed is None else int(seed)
         self.generator.manual_seed(seed)
         self.sample_generator.manual_seed(seed + 1)
         return seed
@@ -162,8 +164,8 @@ class OrderPlanningCore:
         vq = self.bb.vq
         if vq is None:
             return (1, 1, 1)
-        down = 2 ** (len(vq.cfg.encoder_ch_mult) - 1)
-        return (vq.cfg.in_channels, self.gpt.cfg.grid_h * down, self.gpt.cfg.grid_w * down)
+        down = vq.config.downsample_factor
+        return (vq.config.in_channels, self.gpt.cfg.grid_h * down, self.gpt.cfg.grid_w * down)
 
     @torch.no_grad()
     def decode_images(self, rows: torch.Tensor) -> torch.Tensor:
@@ -187,8 +189,11 @@ class OrderPlanningCore:
             image_index = torch.randint(self.num_images, (self.B,), generator=self.generator).to(dev)
         else:
             image_index = torch.as_tensor(image_index, device=dev).long()
-            if image_index.shape != (self.B,) or bool(((image_index < 0) | (image_index >= self.num_images)).any()):
-                raise ValueError(f"image_index must be [B={self.B}] in [0, {self.num_images})")
+            if image_index.shape != (self.B,):
+                raise ValueError(f"image_index must have shape [B={self.B}], got {tuple(image_index.shape)}")
+            bad = rows & ((image_index < 0) | (image_index >= self.num_images))
+            if bool(bad.any()):
+                raise ValueError(f"rows {_rows(bad)}: image_index out of range [0, {self.num_images})")
         self.image_index = torch.where(rows, image_index, self.image_index)
         self.label = torch.where(rows, self.labels[self.image_index], self.label)
         if self.cfg.mode == "teacher_forced":
@@ -208,10 +213,11 @@ class OrderPlanningCore:
 
     # -- actions ----------------------------------------------------------------------------------
 
-    def parse_action(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def parse_action(self, action: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Validate an action without touching the state. Plain: block ids [B]. Router:
         [B, 1 + K] = (budget index, K ordered block choices; entries past the clipped budget are
-        ignored). Returns blocks [B, K] (-1 past each row's count) and counts k [B].
+        ignored). Rows outside `active` ([B] bool, default all) are not checked and reveal nothing.
+        Returns blocks [B, K] (-1 past each row's count) and counts k [B].
         Raises ValueError naming the offending rows."""
         B, N = self.B, self.N
         if not isinstance(action, torch.Tensor):
@@ -228,18 +234,20 @@ class OrderPlanningCore:
                 action = action[:, 0]
             if action.shape != want:
                 raise ValueError(f"action must have shape {want} (one block index per row), got {tuple(action.shape)}")
-        stale = self.needs_reset | self.done
+        act = torch.ones(B, dtype=torch.bool, device=self.device) if active is None else active.to(self.device).bool()
+        stale = act & (self.needs_reset | self.done)
         if bool(stale.any()):
             raise ValueError(f"rows {_rows(stale)} have finished episodes (or were never reset); reset them first")
         if self.router:
             bidx, choice = action[:, 0], action[:, 1:]
-            bad = (bidx < 0) | (bidx >= len(self.budgets))
+            bad = act & ((bidx < 0) | (bidx >= len(self.budgets)))
             if bool(bad.any()):
                 raise ValueError(f"rows {_rows(bad)}: budget index out of range [0, {len(self.budgets)})")
             left = (~self.revealed).sum(-1)
-            k = torch.minimum(self.budgets[bidx], left)
+            k = torch.minimum(self.budgets[bidx.clamp(0, len(self.budgets) - 1)], left)
         else:
             choice, k = action[:, None], torch.ones(B, dtype=torch.long, device=self.device)
+        k = torch.where(act, k, 0)
         used = torch.arange(choice.shape[1], device=self.device)[None, :] < k[:, None]  # [B, K]
         out_of_range = used & ((choice < 0) | (choice >= N))
         if bool(out_of_range.any()):
@@ -257,10 +265,11 @@ class OrderPlanningCore:
     # -- step -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply an action to every row. Returns reward [B] (float32, nats) and done [B] bool.
+    def step(self, action: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply an action to every row (or only to `active` rows [B] bool: the others keep their
+        state and get reward 0). Returns reward [B] (float32, nats) and done [B] bool.
         Invalid actions raise ValueError before anything changes."""
-        blocks, k = self.parse_action(action)
+        blocks, k = self.parse_action(action, active)
         unseen_before = self.unseen
         loss_before = self.token_loss
         loglik = torch.zeros(self.B, device=self.device)
@@ -283,8 +292,9 @@ class OrderPlanningCore:
         self.hidden_tok[rows, pend.clamp(min=0)] = torch.where((pend >= 0)[:, None], hid, self.hidden_tok[rows, pend.clamp(min=0)])
         unseen_after = self.unseen
         reward = self._reward(blocks, k, unseen_before, loss_before, unseen_after, losses, loglik)
-        self.token_loss = losses
-        return reward, self.done
+        moved = k > 0
+        self.token_loss = torch.where(moved[:, None], losses, self.token_loss)
+        return torch.where(moved, reward, 0.0), self.done
 
     def _reveal_teacher_forced(self, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Append the ground-truth tokens of one block per active row; returns their log-likelihood [B]."""
@@ -341,8 +351,8 @@ class OrderPlanningCore:
             per = -logp.gather(-1, self.x.gather(1, targets[:, :Q].clamp(min=0))[..., None])[..., 0]
         else:
             per = -(logp.exp() * logp).sum(-1)
-        losses = torch.zeros(self.B, self.L, device=self.device)
-        losses.scatter_(1, targets[:, :Q].clamp(min=0), torch.where(valid, per, 0.0))
+        # padding rows (target -1) land in a dropped extra column, never on token 0
+        losses = _scatter_targets(torch.where(valid, per, 0.0), targets[:, :Q], self.L)
         losses = torch.where(unseen, losses, 0.0)
         return losses, hid[:, -1]
 

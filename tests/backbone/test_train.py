@@ -106,3 +106,12 @@ def test_orders_are_block_orders_with_raster_inside_blocks():
             assert torch.equal(blk, geom.block_tokens[geom.token_block[blk[0]]])
     raster = make_orders(geom, 4, 0.0, torch.Generator().manual_seed(0))
     assert torch.equal(raster[0], geom.token_order(torch.arange(16)))
+
+
+def test_train_backbone_yaml_matches_its_schema():
+    """Every YAML key exists in the dataclass and the defaults agree, so library and CLI runs match."""
+    from backbone.config import TrainBackboneRun, compose, to_typed
+
+    assert to_typed(compose("train_backbone"), TrainBackboneRun) == TrainBackboneRun()
+    with pytest.raises(Exception, match="max_step"):
+        to_typed(compose("train_backbone", ["+train.max_step=3"]), TrainBackboneRun)
