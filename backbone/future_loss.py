@@ -40,6 +40,7 @@ __all__ = [
     "oracle_utilities",
     "naive_candidate_nll",
     "naive_oracle_utilities",
+    "generic_candidate_chunk_nll",
 ]
 
 UtilityKind = Literal["future_loss", "extrapolative"]
@@ -268,11 +269,37 @@ def candidate_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, unseen: torch.T
         sl = slice(c0, c0 + step)
         if not bool(is_cand[:, sl].any()):
             continue
-        nll = _candidate_chunk_nll(gpt, state, x, targets, blocks[:, sl], geom)  # [B, c, Q]
+        # a model that is not our GPT (agents/toy.py) takes the generic path: no shared-prefix kernel
+        chunk_nll = _candidate_chunk_nll if isinstance(gpt, GPT) else generic_candidate_chunk_nll
+        nll = chunk_nll(gpt, state, x, targets, blocks[:, sl], geom)  # [B, c, Q]
         out[:, sl] = _scatter_targets(nll, targets, L)
     # keep j in R \ a only, and nothing for padded candidates
     keep = unseen[:, None, :] & (token_block[None, None, :] != candidates[:, :, None]) & is_cand[:, :, None]
     return out * keep
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic path: any backbone with init_state / append / query whose state has select()
+# ----------------------------------------------------------------------------------------------
+
+
+def generic_candidate_chunk_nll(gpt, state, x: torch.Tensor, targets: torch.Tensor, blocks: torch.Tensor,
+                                geom: BlockGeometry) -> torch.Tensor:
+    """`_candidate_chunk_nll` for a model that is not a `GPT` (e.g. the exact toy model of
+    agents/toy.py), through its public interface only: branch the state once per candidate
+    (`state.select`), `append` the candidate block, `query` the targets. Copies the state per
+    candidate, so it is slower than the shared-prefix kernel; same contract: blocks [B, C] (valid
+    ids), targets [B, Q] (-1 = padding) -> [B, C, Q] float32 (meaningless at padding and at j in a)."""
+    B, C = blocks.shape
+    Q = targets.shape[1]
+    block_tokens, _ = geom._on(x.device)
+    rows = torch.arange(B, device=x.device).repeat_interleave(C)  # [B * C]: row b once per candidate
+    branch = state.select(rows)
+    pos = block_tokens[blocks.reshape(-1)]  # [B * C, T]
+    gpt.append(branch, x[rows].gather(1, pos), pos)
+    logits, _ = gpt.query(branch, targets[rows])  # [B * C, Q, V]
+    nll = _nll_from_logits(logits, x[rows].gather(1, targets[rows].clamp(min=0)))
+    return nll.view(B, C, Q)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ Rewards (nats per decision; `reward=`):
                  remaining-loss curve, each block counted at the loss left after the decision).
 * likelihood:    log p(revealed blocks | S_t), teacher-forced (the return is the image log-likelihood
                  under the chosen order).
-* entropy:       H_rest(S_t) - H_rest(S_t+1), the only reward of generation mode (no ground truth).
+* entropy:       H_rest(S_t) - H_rest(S_t+1), the only reward of generation mode (no ground truth);
+                 H is the entropy of the model's (CFG-guided) predictive distribution, before the
+                 sampler's temperature / top-k / top-p filters.
 Every decision also costs `decision_cost`.
 
 Shapes: B batch rows, L tokens, N blocks, T tokens per block, K max blocks per decision, D model dim.

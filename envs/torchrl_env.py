@@ -5,7 +5,9 @@ Observation keys: hidden [B, L, D] (or [B, N, D] with env.hidden=block), block_m
 action_mask [B, N] bool, label [B], step [B], image_index [B]; generation mode adds tokens [B, L]
 and image [B, C, H, W]. Action: `action` [B] (a block index, masked to unrevealed blocks), or with
 the budget router [B, 1 + K] (budget index, then K ordered blocks). Reward [B, 1] in nats.
-A reset tensordict may carry `image_index` [B] to choose the images (evaluation on fixed images).
+A reset tensordict may carry `reset_image_index` [B] to choose the images (evaluation on fixed
+images); it is a separate key from the `image_index` observation, so the usual
+`td["_reset"] = td["done"]; env.reset(td)` loop draws new images.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ class OrderPlanningEnv(EnvBase):
         if tensordict is not None:
             if "_reset" in tensordict.keys():
                 rows = tensordict.get("_reset").reshape(self.core.B)
-            if "image_index" in tensordict.keys():
-                image_index = tensordict.get("image_index")
+            if "reset_image_index" in tensordict.keys():
+                image_index = tensordict.get("reset_image_index")
         self.core.reset(rows, image_index)
         self._update_mask()
         return self._output(self.core.observation(), self.core.done)

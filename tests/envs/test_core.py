@@ -119,8 +119,8 @@ def assert_same_snapshot(a: dict, b: dict) -> None:
 
 
 def play(core: OrderPlanningCore, pick, max_steps: int | None = None, reset: bool = True):
-    """Reset (unless `reset=False`), then step with `pick(core, t)` until every row is done. Returns rewards [steps, B]
-    and the per-step `done` [steps, B]. Rows must finish together (plain actions)."""
+    """Reset (unless `reset=False`), then step with `pick(core, t)` until every row is done.
+    Returns rewards [steps, B] and the per-step `done` [steps, B] (plain actions: rows finish together)."""
     if reset:
         core.reset()
     rewards, dones = [], []
@@ -514,12 +514,58 @@ def test_partial_reset_only_touches_those_rows():
     assert abs(float(ret[keep]) - first[keep]) < RET_ATOL
 
 
+def test_step_on_active_rows_only():
+    """`step(action, active)`: inactive rows keep their whole state (cache included) and get reward 0,
+    whatever their action entry and even when their episode is finished; the active rows' rewards
+    are those of a naive reference."""
+    core = toy_core(3, seed=17, reward="future_loss", decision_cost=0.5)
+    core.reset()
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(2):
+        core.step(random_valid_action(core, gen))
+    active = torch.tensor([True, False, True])
+    a = random_valid_action(core, gen)
+    a[1] = core.history[1, 0]  # invalid, but row 1 is inactive: not checked
+    rest = [naive_rest(core, b) for b in range(core.B)]
+    before = snapshot(core)
+    r, done = core.step(a, active=active)
+    after = snapshot(core)
+    assert r[1] == 0 and not bool(done.any())
+    for key, value in before.items():
+        if key.endswith(".rng") or value.dim() == 0 or value.shape[0] != core.B:
+            continue
+        old, new = value[1], after[key][1]
+        if key.startswith("state.") and old.dim() == 3:  # KV [Hkv, L + 1, Dh]: the last slot is scratch
+            old, new = old[:, :-1], new[:, :-1]
+        torch.testing.assert_close(new, old, atol=1e-6, rtol=0, msg=lambda m: f"{key}: {m}")
+    for b in (0, 2):
+        assert abs(float(r[b]) - (rest[b] - naive_rest(core, b) - 0.5)) < ATOL * 10
+    assert core.steps.tolist() == [3, 2, 3]
+    a2 = random_valid_action(core, gen)
+    a2[1] = a[1]
+    with pytest.raises(ValueError, match=r"rows \[1\].*already revealed"):
+        core.step(a2)  # active by default: row 1's entry is checked now
+    # finished rows may sit out while the others play
+    while not bool(core.done[0]):
+        core.step(random_valid_action(core, gen), active=torch.tensor([True, False, True]))
+    core.reset(torch.tensor([True, False, False]))
+    while int(core.steps[1]) < core.N:
+        core.step(random_valid_action(core, gen), active=torch.tensor([False, True, False]))
+    assert bool(core.done[1:].all()) and int(core.steps[0]) == 0
+    r, done = core.step(random_valid_action(core, gen), active=torch.tensor([True, False, False]))
+    assert r[1:].tolist() == [0.0, 0.0] and done.tolist() == [False, True, True]
+
+
 def test_reset_rejects_bad_image_index():
     core = toy_core(2, n_images=20)
-    with pytest.raises(ValueError, match="image_index"):
+    with pytest.raises(ValueError, match=r"rows \[1\]: image_index"):
         core.reset(image_index=torch.tensor([0, 20]))
     with pytest.raises(ValueError, match="image_index"):
         core.reset(image_index=torch.tensor([0, 1, 2]))
+    assert bool(core.needs_reset.all())  # nothing was reset
+    core.reset(image_index=torch.tensor([4, 5]))
+    core.reset(torch.tensor([True, False]), image_index=torch.tensor([3, -1]))  # row 1 not reset: ignored
+    assert core.image_index.tolist() == [3, 5]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -137,9 +137,23 @@ def test_partial_reset_key():
 
 def test_reset_with_image_index():
     env = make(2, seed=4)
-    td = env.reset(TensorDict({"image_index": torch.tensor([5, 11])}, batch_size=[2]))
+    td = env.reset(TensorDict({"reset_image_index": torch.tensor([5, 11])}, batch_size=[2]))
     assert td["image_index"].tolist() == [5, 11]
-    assert torch.equal(env.core.x, env.core.codes[[5, 11]]) and td["label"].tolist() == env.core.labels[[5, 11]].tolist()
+    assert torch.equal(env.core.x, env.core.codes[[5, 11]])
+    assert td["label"].tolist() == env.core.labels[[5, 11]].tolist()
+
+
+def test_manual_reset_loop_draws_new_images():
+    """Feeding the last observation (which holds `image_index`) back into reset must not pin the
+    images: only `reset_image_index` chooses them."""
+    env = make(3, seed=0)
+    td = env.reset()
+    first = td["image_index"].clone()
+    while not bool(td["done"].all()):
+        td = step_mdp(env.step(env.rand_action(td)))
+    td["_reset"] = td["done"].clone()
+    td = env.reset(td)
+    assert not torch.equal(td["image_index"], first)
 
 
 def test_action_mask_on_spec():
@@ -155,7 +169,8 @@ def test_action_mask_on_spec():
         td = step_mdp(td)
 
 
-@pytest.mark.parametrize("fields", [{}, CONFIGS["router"], CONFIGS["generate_cfg"]], ids=["plain", "router", "generate"])
+@pytest.mark.parametrize("fields", [{}, CONFIGS["router"], CONFIGS["generate_cfg"]],
+                         ids=["plain", "router", "generate"])
 def test_same_seed_same_rollout(fields):
     tds = []
     for seed in (7, 7, 8):

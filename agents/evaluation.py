@@ -1,0 +1,95 @@
+"""The held-out report shared by BC and PPO: every policy plays the same held-out images under the
+same reward, and the learned policy is compared with the oracle at the states it visits.
+
+Numbers (nats unless stated):
+* returns[name]: mean discounted return (gamma of the run) per episode; `returns_undiscounted` too.
+  With reward=future_loss the undiscounted return is L_rest(empty) for every order, so only the
+  discounted one ranks orders.
+* oracle_agreement: fraction of the learned policy's decisions that pick the oracle's argmax block.
+* regret: mean over those decisions of max_a u(a|S) - u(chosen|S) (u: the oracle utility of
+  `oracle_kind`), in nats.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from agents.policies import BlockPolicy, run_episodes
+from envs.core import OrderPlanningCore
+
+
+def heldout_images(core: OrderPlanningCore, num_images: int) -> torch.Tensor:
+    """The first `num_images` image indices of the core's split (the same set for every policy)."""
+    return torch.arange(min(num_images, core.num_images))
+
+
+def _batches(image_index: torch.Tensor, batch: int):
+    """Chunks of exactly `batch` indices (the last chunk padded by repeating its last index);
+    yields (indices [batch], number of real entries)."""
+    for i in range(0, len(image_index), batch):
+        chunk = image_index[i:i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch - n)])
+        yield chunk, n
+
+
+@torch.no_grad()
+def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
+                   gamma: float) -> dict[str, float]:
+    """Mean discounted / undiscounted return and decisions per episode of `policy` on `image_index`."""
+    disc, undisc, decisions = [], [], []
+    for chunk, n in _batches(image_index, core.B):
+        out = run_episodes(policy, core, chunk.to(core.device), gamma=gamma)
+        disc.append(out["discounted_return"][:n].double().cpu())
+        undisc.append(out["return"][:n].double().cpu())
+        decisions.append(out["decisions"][:n].double().cpu())
+    return {"discounted": float(torch.cat(disc).mean()), "undiscounted": float(torch.cat(undisc).mean()),
+            "decisions": float(torch.cat(decisions).mean())}
+
+
+@torch.no_grad()
+def oracle_comparison(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
+                      kind: str = "future_loss") -> dict[str, float]:
+    """Agreement with the oracle argmax and regret at the states the policy visits (plain actions:
+    the first block of a router decision is compared)."""
+    agree, regret = [], []
+    for chunk, n in _batches(image_index, core.B):
+        core.reset(None, chunk.to(core.device))
+        real = torch.arange(core.B, device=core.device) < n
+        while not bool(core.done.all()):
+            active = ~core.done
+            util = core.oracle_utilities(kind)  # [B, N], -inf on revealed
+            action = policy.act(core.observation())
+            first = action if action.dim() == 1 else action[:, 1]
+            chosen = util.gather(1, first[:, None])[:, 0]
+            best, best_idx = util.max(-1)
+            rows = active & real
+            agree.append((first == best_idx)[rows].double().cpu())
+            regret.append((best - chosen)[rows].double().cpu())
+            core.step(action, active=active)
+    return {"oracle_agreement": float(torch.cat(agree).mean()), "regret": float(torch.cat(regret).mean())}
+
+
+def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_images: int, gamma: float,
+             learned: str | None = "learned", oracle_kind: str = "future_loss") -> dict:
+    """The held-out report: returns of every policy on the same images, and the learned policy's
+    agreement with the oracle and regret. The core must be teacher-forced on the held-out split."""
+    images = heldout_images(core, num_images)
+    stats = {name: policy_returns(p, core, images, gamma) for name, p in policies.items()}
+    report = {
+        "num_images": len(images),
+        "split": core.cfg.split,
+        "reward": core.cfg.reward,
+        "gamma": gamma,
+        "returns": {k: v["discounted"] for k, v in stats.items()},
+        "returns_undiscounted": {k: v["undiscounted"] for k, v in stats.items()},
+        "decisions_per_episode": {k: v["decisions"] for k, v in stats.items()},
+    }
+    if learned is not None and learned in policies:
+        report.update(oracle_comparison(policies[learned], core, images, oracle_kind))
+        r = report["returns"]
+        if {"random", "oracle"} <= r.keys():
+            gap = r["oracle"] - r["random"]
+            report["gap_closed"] = (r[learned] - r["random"]) / gap if abs(gap) > 1e-12 else float("nan")
+    return report

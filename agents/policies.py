@@ -1,0 +1,279 @@
+"""One policy interface for the TorchRL env, the Gymnasium API and plain loops over the core.
+
+Every policy is a `tensordict.nn.TensorDictModuleBase`: `forward(td)` reads its `in_keys` from a
+TensorDict with batch [B] and writes `action`; `act(obs)` does the same on a dict of tensors and
+returns the action. A policy decides by scoring blocks and, in router mode, picking a budget:
+
+    scores [B, N] (higher = preferred; revealed blocks are masked to -inf here, whatever the scores)
+    plain action:  the best block                                     [B] long
+    router action: (budget index, the K best blocks in score order)   [B, 1 + K] long, K = max(budgets)
+
+Ties go to the lowest block id (stable sort), so actions are always unrevealed, distinct blocks.
+Rows whose episode is over (no unrevealed block) get an arbitrary in-range action, which the env
+ignores for inactive rows.
+
+Policies: `FixedOrderPolicy` (raster and the heuristic orders of `backbone.orders`), `RandomPolicy`,
+`OraclePolicy` (argmax of the core's oracle utilities), `OrderHeadPolicy` (the learned planner).
+`make_policy(name, core, **kwargs)` builds any of them for a core; `GymPolicy` adapts one to numpy
+observations; `run_episodes` plays full episodes on chosen images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+
+from agents.orderhead import OrderHead, load_orderhead
+from backbone.blocks import BlockGeometry
+from backbone.orders import ORDER_NAMES, block_order
+from envs.core import OrderPlanningCore
+
+__all__ = [
+    "BlockPolicy",
+    "FixedOrderPolicy",
+    "RandomPolicy",
+    "OraclePolicy",
+    "OrderHeadPolicy",
+    "GymPolicy",
+    "POLICY_NAMES",
+    "FIXED_ORDERS",
+    "make_policy",
+    "run_episodes",
+]
+
+Obs = Mapping[str, torch.Tensor]  # a dict of tensors or a TensorDict, batch [B]
+
+FIXED_ORDERS: tuple[str, ...] = tuple(n for n in ORDER_NAMES if n != "random")
+POLICY_NAMES: tuple[str, ...] = (*ORDER_NAMES, "oracle", "oracle_extrapolative", "orderhead")
+
+
+class BlockPolicy(TensorDictModuleBase):
+    """Base class. Subclasses implement `decide(obs) -> (scores [B, N], budget index [B] or None)`;
+    None means the fixed budget `budget` (a block count from `budgets`, default the smallest).
+
+    budgets: the env's budget list (e.g. [1, 2, 4]) for router actions, None for plain actions.
+    """
+
+    def __init__(self, in_keys: Sequence[str], budgets: Sequence[int] | None = None, budget: int | None = None):
+        super().__init__()
+        self.in_keys = list(dict.fromkeys([*in_keys, "action_mask"]))
+        self.out_keys = ["action"]
+        self.budgets = None if budgets is None else [int(k) for k in budgets]
+        if self.budgets is None:
+            if budget is not None:
+                raise ValueError(f"budget={budget} needs router mode (budgets=[...])")
+            self.budget_default = 0
+        else:
+            budget = min(self.budgets) if budget is None else int(budget)
+            if budget not in self.budgets:
+                raise ValueError(f"budget={budget} is not one of the env's budgets {self.budgets}")
+            self.budget_default = self.budgets.index(budget)
+
+    @property
+    def router(self) -> bool:
+        return self.budgets is not None
+
+    @property
+    def K(self) -> int:
+        return max(self.budgets) if self.budgets else 1
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def act(self, obs: Obs) -> torch.Tensor:
+        """obs with batch [B] -> action [B] long, or [B, 1 + K] in router mode (on obs' device)."""
+        legal = obs["action_mask"].bool()  # [B, N] True = unrevealed
+        scores, bidx = self.decide(obs)
+        scores = scores.to(legal.device).float().masked_fill(~legal, float("-inf"))
+        ranked = scores.sort(dim=-1, descending=True, stable=True).indices  # ties -> lowest block id
+        if not self.router:
+            return ranked[:, 0]
+        if bidx is None:
+            bidx = torch.full((legal.shape[0],), self.budget_default, dtype=torch.long)
+        return torch.cat([bidx.to(legal.device).long()[:, None], ranked[:, : self.K]], 1)
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        tensordict.set("action", self.act(tensordict))
+        return tensordict
+
+
+class FixedOrderPolicy(BlockPolicy):
+    """A named block order (every `backbone.orders.ORDER_NAMES` entry but random), played dynamically:
+    the first still-unrevealed block in that order (router mode: the first K, with a fixed budget)."""
+
+    def __init__(self, order_name: str, geometry: BlockGeometry, budgets: Sequence[int] | None = None,
+                 budget: int | None = None):
+        if order_name not in FIXED_ORDERS:
+            raise ValueError(f"unknown fixed order {order_name!r}; choose from {FIXED_ORDERS} (random: RandomPolicy)")
+        super().__init__([], budgets, budget)
+        self.order_name = order_name
+        order = block_order(order_name, geometry)  # [N]
+        self.register_buffer("rank", geometry.block_rank_map(order), persistent=False)  # [N] step of each block
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
+        B = obs["action_mask"].shape[0]
+        return (-self.rank.float()).expand(B, -1), None
+
+
+class RandomPolicy(BlockPolicy):
+    """Uniform over the unrevealed blocks (router mode: a uniform budget index and K distinct
+    blocks), from its own CPU generator: the same seed gives the same actions."""
+
+    def __init__(self, seed: int = 0, budgets: Sequence[int] | None = None):
+        super().__init__([], budgets)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, N = obs["action_mask"].shape
+        scores = torch.rand(B, N, generator=self.generator)
+        bidx = torch.randint(len(self.budgets), (B,), generator=self.generator) if self.router else None
+        return scores, bidx
+
+
+class OraclePolicy(BlockPolicy):
+    """argmax of `core.oracle_utilities(kind, weight)` (ties -> lowest block id; router mode: the K
+    blocks of highest utility, with a fixed budget). Reads the core's current state, so it must act on
+    that core's own observations (teacher-forced mode only)."""
+
+    def __init__(self, core: OrderPlanningCore, kind: str = "future_loss", weight: str | None = None,
+                 budget: int | None = None):
+        if core.cfg.mode != "teacher_forced":
+            raise ValueError("the oracle needs ground truth: use it on an env.mode=teacher_forced core")
+        super().__init__([], core.cfg.budget, budget)
+        self.core, self.kind, self.weight = core, kind, weight
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
+        if not torch.equal(obs["action_mask"].bool().to(self.core.device), ~self.core.revealed):
+            raise ValueError("OraclePolicy: the observation is not the current state of its core")
+        return self.core.oracle_utilities(self.kind, self.weight), None
+
+
+class OrderHeadPolicy(BlockPolicy):
+    """The learned planner. greedy: argmax of the masked logits (router: argmax budget, then the
+    top-K logits); otherwise sampled: the budget from softmax(budget_logits) and the blocks by
+    Gumbel-top-K (sampling without replacement from softmax(logits)), from its own generator.
+    router: None = whether the model has a router head."""
+
+    def __init__(self, model: OrderHead, greedy: bool = True, R: int | None = None, router: bool | None = None,
+                 seed: int = 0):
+        router = model.has_router if router is None else bool(router)
+        if router and not model.has_router:
+            raise ValueError("router mode needs an OrderHead with a router head (model.enable_router(budgets))")
+        keys = ["hidden", "block_mask"] + (["label"] if model.class_emb is not None else [])
+        super().__init__(keys, model.cfg.budgets if router else None)
+        self.model, self.greedy, self.R = model, bool(greedy), R
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def _gumbel(self, shape: torch.Size) -> torch.Tensor:
+        u = torch.rand(shape, generator=self.generator).clamp_(1e-9, 1 - 1e-9)
+        return -torch.log(-torch.log(u))
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        dev = next(self.model.parameters()).device
+        label = obs["label"].to(dev) if self.model.class_emb is not None else None
+        out = self.model.plan(obs["hidden"].to(dev), obs["block_mask"].to(dev), self.R, label)
+        scores, blog = out.logits, out.budget_logits
+        if not self.greedy:
+            scores = scores + self._gumbel(scores.shape).to(dev)
+            if blog is not None:
+                blog = blog + self._gumbel(blog.shape).to(dev)
+        bidx = blog.argmax(-1) if self.router else None
+        return scores, bidx
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+
+def make_policy(name: str, core: OrderPlanningCore, **kwargs: Any) -> BlockPolicy:
+    """A policy for `core` (plain or router actions as the core's env.budget says).
+
+    name: raster | random | zigzag | diagonal | spiral | center_spiral | column_major | reverse |
+    oracle | oracle_extrapolative | orderhead. kwargs: `budget=` (fixed orders, oracles), `seed=`
+    (random, sampled orderhead), `weight=` (oracles), and for orderhead exactly one of
+    `checkpoint=path` / `model=OrderHead`, plus `greedy=`, `R=`.
+    """
+    budgets = core.cfg.budget
+    if name in FIXED_ORDERS:
+        return FixedOrderPolicy(name, core.geom, budgets, **kwargs).to(core.device)
+    if name == "random":
+        return RandomPolicy(budgets=budgets, **kwargs)
+    if name in ("oracle", "oracle_extrapolative"):
+        return OraclePolicy(core, "future_loss" if name == "oracle" else "extrapolative", **kwargs)
+    if name == "orderhead":
+        model, path = kwargs.pop("model", None), kwargs.pop("checkpoint", None)
+        if (model is None) == (path is None):
+            raise ValueError("make_policy('orderhead') needs exactly one of checkpoint=path or model=OrderHead")
+        if path is not None:
+            model = load_orderhead(Path(path), hidden_dim=core.D, geometry=core.geom)
+        model.check_compatible(core.D, core.geom)
+        if core.router and model.cfg.budgets != list(budgets):
+            raise ValueError(f"the env's budgets are {list(budgets)}, the OrderHead's router has {model.cfg.budgets}")
+        return OrderHeadPolicy(model.to(core.device), router=core.router, **kwargs)
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+
+
+# -- Gymnasium adapter ----------------------------------------------------------------------------
+
+
+class GymPolicy:
+    """Calls a policy on Gymnasium observations (`envs.gym_api`): a numpy dict of one env (no batch
+    axis) or of a vector env (leading [B]). Returns np.int64 (plain, single), int64 [1 + K] (router,
+    single), or int64 [B] / [B, 1 + K] (vector)."""
+
+    def __init__(self, policy: BlockPolicy, core: OrderPlanningCore):
+        self.policy, self.core = policy, core
+
+    def __call__(self, obs: Mapping[str, np.ndarray]) -> np.ndarray | np.int64:
+        single = np.asarray(obs["action_mask"]).ndim == 1
+        tensors = {}
+        for key in self.policy.in_keys:
+            arr = np.asarray(obs[key])
+            t = torch.from_numpy(arr[None] if single else arr).to(self.core.device)
+            tensors[key] = t.bool() if key in ("action_mask", "block_mask") else t
+        action = self.policy.act(tensors).cpu().numpy().astype(np.int64)
+        if not single:
+            return action
+        return action[0] if self.policy.router else np.int64(action[0])
+
+
+# -- episodes -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def run_episodes(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
+                 gamma: float = 0.99) -> dict[str, torch.Tensor]:
+    """Reset every row of `core` on `image_index` [B] and play until all episodes are done (a finished
+    row is left alone while the others go on). Returns, on the core's device:
+        return [B]             undiscounted return (nats)
+        discounted_return [B]  sum_t gamma^t r_t over the row's decisions
+        rewards [B, S]         reward of decision t (0 after the row finished), S = most decisions
+        live [B, S] bool       whether the row made decision t
+        decisions [B]          number of decisions of each row
+        blocks [B, N]          blocks in the order they were revealed
+    """
+    core.reset(None, image_index)
+    rewards, live = [], []
+    for _ in range(core.N):  # every live row reveals at least one block per decision
+        active = ~core.done
+        if not bool(active.any()):
+            break
+        reward, _ = core.step(policy.act(core.observation()), active=active)
+        rewards.append(reward)
+        live.append(active)
+    r, lv = torch.stack(rewards, 1), torch.stack(live, 1)  # [B, S]
+    discount = gamma ** torch.arange(r.shape[1], device=r.device, dtype=torch.float64)
+    return {
+        "return": r.sum(1),
+        "discounted_return": (r.double() * discount).sum(1).float(),
+        "rewards": r,
+        "live": lv,
+        "decisions": lv.sum(1),
+        "blocks": core.history.clone(),
+    }

@@ -1,0 +1,467 @@
+"""PPO for the OrderHead planner with TorchRL components (the layout of TorchRL's
+`sota-implementations/ppo`, the reading order of CleanRL's `ppo.py`).
+
+    make_actor_critic(model, router, budgets)  ProbabilisticActor + ValueOperator over ONE OrderHead
+    PPOConfig                                  every knob, with the derived sizes checked up front
+    train_ppo(env, model, cfg, run_dir, ...)   Collector -> GAE -> ClipPPOLoss minibatch epochs
+                                               (ReplayBuffer + SamplerWithoutReplacement), Adam,
+                                               grad clipping, diagnostics, checkpoints, resume
+
+Actions: plain mode samples one block from `MaskedCategorical(logits, mask=action_mask)`; router
+mode samples (budget index, K ordered blocks) from `agents.distributions.RouterDistribution`.
+With the router, the decision cost is the env's business (`env.decision_cost` / env.decision_cost
+config): this module only handles the action format.
+
+Initialising from a BC checkpoint is the caller's job: pass the loaded OrderHead as `model` (call
+`model.enable_router(budgets)` first for router mode). The model is trained in place.
+
+Exact resume. A checkpoint after iteration i holds the model, the Adam state, i, the frames so far,
+the reward scale and every RNG state. Collection is made a function of (weights, RNG state,
+iteration) only:
+* the collector resets the env at the start of every iteration (`reset_at_each_iter=True`; an
+  episode cut by the end of a batch is truncated and bootstrapped by GAE from the value of its
+  last observation; in plain mode every episode has N decisions, so with frames_per_batch a
+  multiple of B * N no episode is ever cut), and
+* just before that reset the env is seeded from (cfg.seed, iteration) (the collector's
+  `pre_collect_hook`), so the images drawn do not depend on what happened before;
+* the torch RNG (action sampling, minibatch permutations) is restored after the collector is built.
+So a run stopped after iteration i and restarted reproduces the uninterrupted run bit for bit on
+the CPU (tested: identical weights). On a GPU the same holds up to the non-determinism of CUDA
+kernels (same iterations, frames and images; weights equal up to float rounding).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModule
+from torch import nn
+from torchrl.collectors import Collector
+from torchrl.data import LazyTensorStorage, ReplayBuffer, SamplerWithoutReplacement
+from torchrl.envs import EnvBase, RewardSum, StepCounter, TransformedEnv
+from torchrl.modules import MaskedCategorical, ProbabilisticActor, ValueOperator
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+
+from agents.distributions import RouterDistribution
+from agents.orderhead import OrderHead, save_orderhead
+from backbone.checkpoint import CheckpointManager, rng_state, set_rng_state
+from backbone.run_utils import progress
+
+__all__ = ["OBS_KEYS", "PPOConfig", "make_actor_critic", "make_loss", "train_ppo", "iteration_seed",
+           "discounted_episode_returns"]
+
+OBS_KEYS = ["hidden", "block_mask"]  # what the OrderHead reads; the distribution also reads action_mask
+
+EvalFn = Callable[[OrderHead, int], dict[str, float]]
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyperparameters (the `ppo` config group). Sizes are in frames: one frame is one planner
+    decision of one env row, so an iteration of a batched env with B rows runs
+    frames_per_batch / B steps."""
+
+    # collection
+    frames_per_batch: int = 512  # decisions per iteration over all env rows (a multiple of B)
+    total_frames: int = 51_200  # run length; iterations = total_frames // frames_per_batch
+    R: int | None = None  # latent reasoning steps of the OrderHead (None = model.cfg.R)
+    seed: int = 0  # torch RNG (actions, minibatches) and per-iteration env seeds
+    # advantages
+    gamma: float = 0.9  # < 1 on purpose: future_loss rewards telescope, so with gamma = 1 every
+    #                     order has the same return (L_rest(empty)) and there is nothing to learn
+    gae_lambda: float = 0.95
+    reward_scale: float | None = None  # rewards are multiplied by this before GAE (logged returns
+    #                                    stay in nats); None = 1 / RMS of the first batch's rewards
+    gae_every_epoch: bool = False  # recompute advantages with the current critic before every epoch
+    # loss
+    clip_epsilon: float = 0.2
+    entropy_coef: float = 0.01  # router mode: on H(budget) + H(first block), see RouterDistribution
+    critic_coef: float = 0.5
+    loss_critic_type: str = "l2"  # l1 | l2 | smooth_l1
+    clip_value: float | None = None  # PPO value clipping radius (CleanRL clip_vloss), None = off
+    normalize_advantage: bool = True  # per minibatch, as CleanRL and TorchRL do
+    # optimisation
+    lr: float = 3e-4
+    adam_eps: float = 1e-5
+    anneal_lr: bool = False  # linear decay to 0 over the run
+    max_grad_norm: float = 0.5
+    epochs: int = 4  # passes over each batch
+    minibatch_size: int = 128  # frames per gradient step (frames_per_batch must be a multiple)
+    target_kl: float | None = None  # stop the epochs of an iteration once approx_kl exceeds this
+    # bookkeeping
+    eval_every: int = 10  # iterations between eval_fn calls (and after the last); 0 = never
+    ckpt_every: int = 10  # iterations between checkpoints (the last iteration is always saved)
+    keep_checkpoints: int = 3
+    resume: bool = True  # continue from run_dir/checkpoints when a checkpoint is there
+    stop_at: int | None = None  # stop after this iteration as if interrupted (checkpoint kept)
+
+    def validate(self, batch: int) -> None:
+        """Check the derived sizes against an env with `batch` rows; raises ValueError."""
+        if self.frames_per_batch <= 0 or self.frames_per_batch % batch:
+            raise ValueError(f"frames_per_batch={self.frames_per_batch} must be a positive multiple of the env's "
+                             f"batch size {batch}")
+        if self.total_frames < self.frames_per_batch:
+            raise ValueError(f"total_frames={self.total_frames} is less than one batch ({self.frames_per_batch})")
+        if self.minibatch_size <= 0 or self.frames_per_batch % self.minibatch_size:
+            raise ValueError(f"frames_per_batch={self.frames_per_batch} must be a multiple of "
+                             f"minibatch_size={self.minibatch_size}")
+        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
+            raise ValueError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma}, {self.gae_lambda}")
+        if self.epochs < 1 or self.ckpt_every < 1 or self.eval_every < 0:
+            raise ValueError("need epochs >= 1, ckpt_every >= 1, eval_every >= 0")
+        if self.reward_scale is not None and self.reward_scale <= 0:
+            raise ValueError(f"reward_scale must be positive (or None = auto), got {self.reward_scale}")
+        if self.loss_critic_type not in ("l1", "l2", "smooth_l1"):
+            raise ValueError(f"loss_critic_type must be l1, l2 or smooth_l1, got {self.loss_critic_type!r}")
+
+    @property
+    def num_iterations(self) -> int:
+        return self.total_frames // self.frames_per_batch
+
+    @property
+    def num_minibatches(self) -> int:
+        return self.frames_per_batch // self.minibatch_size
+
+
+# -- actor and critic -----------------------------------------------------------------------------
+
+
+def _plan(model: OrderHead, hidden: torch.Tensor, block_mask: torch.Tensor, R: int | None):
+    """OrderHead.plan on any leading batch dims: hidden [*, L|N, D], block_mask [*, N]. (GAE calls
+    the critic on [2, B, T, ...] stacks of root and next observations.)"""
+    lead = block_mask.shape[:-1]
+    out = model.plan(hidden.reshape(-1, *hidden.shape[-2:]), block_mask.reshape(-1, block_mask.shape[-1]), R)
+    return out, lead
+
+
+class _PolicyHead(nn.Module):
+    """(hidden, block_mask) -> logits [*, N] (router: budget_logits [*, nb], logits [*, N])."""
+
+    def __init__(self, model: OrderHead, R: int | None, router: bool):
+        super().__init__()
+        self.model, self.R, self.router = model, R, router
+
+    def forward(self, hidden: torch.Tensor, block_mask: torch.Tensor):
+        out, lead = _plan(self.model, hidden, block_mask, self.R)
+        logits = out.logits.reshape(*lead, -1)
+        if not self.router:
+            return logits
+        return out.budget_logits.reshape(*lead, -1), logits
+
+
+class _ValueHead(nn.Module):
+    """(hidden, block_mask) -> state_value [*, 1]."""
+
+    def __init__(self, model: OrderHead, R: int | None):
+        super().__init__()
+        self.model, self.R = model, R
+
+    def forward(self, hidden: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
+        out, lead = _plan(self.model, hidden, block_mask, self.R)
+        return out.value.reshape(*lead, 1)
+
+
+def make_actor_critic(model: OrderHead, router: bool = False, budgets: list[int] | None = None,
+                      R: int | None = None) -> tuple[ProbabilisticActor, ValueOperator]:
+    """The PPO actor and critic over one shared OrderHead (both update the same weights).
+
+    actor: reads hidden, block_mask, action_mask; writes logits (router: also budget_logits),
+        action ([B] block, or router [B, 1 + K]) and action_log_prob. Samples under the
+        collector's RANDOM exploration; under `set_exploration_type(DETERMINISTIC)` it is greedy
+        (argmax block; router: argmax budget and the top-K blocks).
+    critic: writes state_value [B, 1].
+    R: latent reasoning steps (None = model.cfg.R). Each of actor and critic runs the OrderHead, so
+    a PPO minibatch costs two planner forwards (cheap next to the backbone's env steps).
+    """
+    if router:
+        if not model.has_router:
+            raise ValueError("router mode needs an OrderHead with a router head: call model.enable_router(budgets)")
+        budgets = list(model.cfg.budgets) if budgets is None else [int(k) for k in budgets]
+        if budgets != model.cfg.budgets:
+            raise ValueError(f"budgets {budgets} differ from the OrderHead router's {model.cfg.budgets}")
+        module = TensorDictModule(_PolicyHead(model, R, True), in_keys=OBS_KEYS, out_keys=["budget_logits", "logits"])
+        actor = ProbabilisticActor(
+            module, in_keys={"budget_logits": "budget_logits", "block_logits": "logits", "mask": "action_mask"},
+            out_keys=["action"], distribution_class=RouterDistribution, distribution_kwargs={"budgets": budgets},
+            return_log_prob=True)
+    else:
+        module = TensorDictModule(_PolicyHead(model, R, False), in_keys=OBS_KEYS, out_keys=["logits"])
+        actor = ProbabilisticActor(module, in_keys={"logits": "logits", "mask": "action_mask"}, out_keys=["action"],
+                                   distribution_class=MaskedCategorical, return_log_prob=True)
+    critic = ValueOperator(_ValueHead(model, R), in_keys=OBS_KEYS)
+    return actor, critic
+
+
+def make_loss(actor: ProbabilisticActor, critic: ValueOperator, cfg: PPOConfig) -> tuple[ClipPPOLoss, GAE]:
+    """ClipPPOLoss (non-functional: it calls the shared modules directly, so an optimiser over
+    model.parameters() is all it needs) and its GAE value estimator."""
+    loss = ClipPPOLoss(
+        actor, critic, clip_epsilon=cfg.clip_epsilon, entropy_bonus=cfg.entropy_coef > 0,
+        entropy_coeff=cfg.entropy_coef, critic_coeff=cfg.critic_coef, loss_critic_type=cfg.loss_critic_type,
+        normalize_advantage=cfg.normalize_advantage, clip_value=cfg.clip_value, functional=False)
+    # deactivate_vmap: the critic is called on root and next observations in turn; vmap has no
+    # batching rule for the attention kernels and would fall back to a slow path
+    gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False, deactivate_vmap=True)
+    return loss, gae
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The env seed of an iteration: a function of (seed, iteration) only (for exact resume)."""
+    return int(np.random.SeedSequence([int(seed), int(iteration)]).generate_state(1, np.uint64)[0] % (2**62))
+
+
+def _router_of(env: EnvBase) -> bool:
+    """Router actions are [B, 1 + K], plain ones [B]."""
+    return len(env.action_spec.shape) > len(env.batch_size)
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Path, logger: Any = None,
+              eval_fn: EvalFn | None = None) -> dict[str, Any]:
+    """Train `model` in place with PPO on the batched TorchRL `env` (an `OrderPlanningEnv`, plain or
+    router actions, on the model's device).
+
+    run_dir gets checkpoints/ (`CheckpointManager`: model, optimizer, iteration, frames, reward
+    scale, RNG states) and orderhead.safetensors (the final weights, `load_orderhead` format).
+    logger: anything with `log(metrics, step)` (`backbone.run_utils.Logger`); step = frames.
+    eval_fn(model, iteration) -> metrics, logged under eval/ every cfg.eval_every iterations and
+    after the last one. It runs with its own RNG stream (fork_rng), in eval mode, without grad,
+    and may use `env` itself: the collector resets the env before the next iteration anyway.
+
+    Returns {"iterations", "frames", "num_iterations", "finished", "metrics" (the last
+    iteration's train/ and time/ metrics), "eval" (the last eval metrics), "checkpoint",
+    "orderhead" (paths)}.
+    """
+    # -- derived sizes, checked once --------------------------------------------------------------
+    run_dir = Path(run_dir)
+    B = int(env.batch_size.numel())
+    cfg.validate(B)
+    num_iterations, F = cfg.num_iterations, cfg.frames_per_batch
+    last_iteration = num_iterations if cfg.stop_at is None else min(cfg.stop_at, num_iterations)
+    router = _router_of(env)
+    if router and not model.has_router:
+        raise ValueError("the env takes router actions but the OrderHead has no router head (model.enable_router)")
+    budgets = list(model.cfg.budgets) if router else None
+    env_cfg = getattr(getattr(env, "core", None), "cfg", None)  # an OrderPlanningEnv's EnvConfig
+    if router and env_cfg is not None and list(env_cfg.budget or []) != budgets:
+        raise ValueError(f"the env's budgets {env_cfg.budget} differ from the OrderHead router's {budgets}")
+    N = int(env.observation_spec["action_mask"].shape[-1])
+    if F // B < N:
+        warnings.warn(f"frames_per_batch={F} gives {F // B} decisions per env row and iteration, fewer than the "
+                      f"N={N} of a one-block-per-decision episode: the env is reset at every iteration, so the "
+                      f"later decisions of longer episodes are never collected; use frames_per_batch >= {B * N}",
+                      stacklevel=2)
+    device = next(model.parameters()).device
+    # The behaviour policy and the policy inside the loss must be the same function: no dropout.
+    model.eval()
+
+    # -- env, agent, loss, optimiser, storage -----------------------------------------------------
+    train_env = TransformedEnv(env, RewardSum())  # episode_reward: the undiscounted return, in nats
+    train_env.append_transform(StepCounter())  # step_count: decisions so far
+    actor, critic = make_actor_critic(model, router, budgets, cfg.R)
+    loss_module, gae = make_loss(actor, critic, cfg)
+    optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    storage = LazyTensorStorage(F, device=env.device or device)  # one batch of frames, reused every iteration
+
+    # -- resume -----------------------------------------------------------------------------------
+    manager = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_checkpoints)
+    state = manager.load_latest() if cfg.resume else None
+    iteration, frames, reward_scale = 0, 0, cfg.reward_scale
+    if state is not None:
+        if int(state["frames_per_batch"]) != F:
+            raise ValueError(f"the checkpoint in {manager.ckpt_dir} was made with frames_per_batch="
+                             f"{state['frames_per_batch']}, this run has {F}: resume needs the same batches")
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optimizer"])
+        iteration, frames = int(state["iteration"]), int(state["frames"])
+        reward_scale = state["reward_scale"]
+
+    # -- collector: env seeded per iteration, reset at every iteration (see the module doc) ------
+    counter = {"iteration": iteration}
+
+    def seed_env() -> None:
+        counter["iteration"] += 1
+        train_env.set_seed(iteration_seed(cfg.seed, counter["iteration"]), static_seed=True)
+
+    remaining = max(last_iteration - iteration, 0)
+    collector = Collector(train_env, actor, frames_per_batch=F, total_frames=max(remaining, 1) * F,
+                          reset_at_each_iter=True, pre_collect_hook=seed_env,
+                          auto_register_policy_transforms=False)
+    # Building the collector ran the policy once; the RNG streams start (or resume) here.
+    if state is not None:
+        set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(cfg.seed)
+
+    metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    ckpt_path = manager.latest()
+    bar = progress(total=num_iterations, initial=iteration, desc="ppo")
+    t_start = time.perf_counter()
+    data_iter = iter(collector) if remaining > 0 else iter(())
+    try:
+        for data in data_iter:  # data [B, F / B]
+            # -- rollout done ---------------------------------------------------------------------
+            iteration += 1
+            frames += data.numel()
+            t_collect = time.perf_counter() - t_start
+            t_train0 = time.perf_counter()
+            if cfg.anneal_lr:
+                for group in optim.param_groups:
+                    group["lr"] = cfg.lr * (1.0 - (iteration - 1) / num_iterations)
+            next_td = data.get("next")
+            raw_reward = next_td.get("reward")
+            if reward_scale is None:  # auto: per-decision rewards of order 1
+                rms = float(raw_reward.float().pow(2).mean().sqrt())
+                reward_scale = 1.0 / rms if rms > 0 and math.isfinite(rms) else 1.0
+            next_td.set("reward", raw_reward * reward_scale)
+
+            # -- advantages -----------------------------------------------------------------------
+            with torch.no_grad():
+                data = gae(data)
+            explained_var = _explained_variance(data.get("state_value"), data.get("value_target"))
+
+            # -- minibatch epochs -----------------------------------------------------------------
+            # A fresh sampler per iteration: SamplerWithoutReplacement draws the next permutation as
+            # soon as one runs out, so a sampler kept across iterations would carry a draw made
+            # before the checkpoint into the next iteration (a resume could not reproduce it).
+            buffer = ReplayBuffer(storage=storage, sampler=SamplerWithoutReplacement(), batch_size=cfg.minibatch_size)
+            sums: dict[str, torch.Tensor] = {}  # summed on the device, read once per epoch (no sync per update)
+            n_updates = 0
+            for epoch in range(cfg.epochs):
+                if cfg.gae_every_epoch and epoch > 0:
+                    with torch.no_grad():
+                        data = gae(data)
+                buffer.extend(data.exclude("next").reshape(-1))  # the loss needs no next obs
+                kl_before = sums.get("approx_kl", 0.0)
+                for _ in range(cfg.num_minibatches):
+                    batch = buffer.sample()
+                    loss = loss_module(batch)
+                    total = loss["loss_objective"] + loss["loss_critic"]
+                    if "loss_entropy" in loss.keys():
+                        total = total + loss["loss_entropy"]
+                    optim.zero_grad(set_to_none=True)
+                    total.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optim.step()
+                    for k, v in _minibatch_stats(loss, grad_norm).items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_updates += 1
+                if cfg.target_kl is not None:
+                    epoch_kl = float(sums["approx_kl"] - kl_before) / cfg.num_minibatches
+                    if epoch_kl > cfg.target_kl:
+                        break
+
+            # -- diagnostics ----------------------------------------------------------------------
+            t_train = time.perf_counter() - t_train0
+            metrics = {f"train/{k}": float(v) / n_updates for k, v in sums.items()}
+            metrics["train/explained_variance"] = explained_var
+            metrics["train/epochs"] = float(epoch + 1)
+            metrics["train/lr"] = float(optim.param_groups[0]["lr"])
+            metrics["train/reward_scale"] = float(reward_scale)
+            done = next_td.get("done")[..., 0]
+            if bool(done.any()):
+                metrics["train/mean_return"] = float(next_td.get("episode_reward")[..., 0][done].mean())
+                # what PPO maximises; with reward=future_loss the undiscounted return is the same
+                # for every order (it telescopes), so this is the one that shows learning
+                metrics["train/mean_discounted_return"] = float(discounted_episode_returns(
+                    raw_reward[..., 0], data.get("step_count")[..., 0], done, cfg.gamma).mean())
+                metrics["train/mean_decisions"] = float(next_td.get("step_count")[..., 0][done].float().mean())
+                metrics["train/episodes"] = float(done.sum())
+            if router:
+                budget_sizes = torch.as_tensor(budgets, device=data.device)[data.get("action")[..., 0]]
+                metrics["train/mean_budget"] = float(budget_sizes.float().mean())
+            metrics["time/fps"] = F / max(t_collect + t_train, 1e-9)
+            metrics["time/collect_s"] = t_collect
+            metrics["time/train_s"] = t_train
+            metrics["train/iteration"] = float(iteration)
+
+            # -- evaluation, logging, checkpoint --------------------------------------------------
+            final = iteration == last_iteration
+            eval_now = cfg.eval_every > 0 and (iteration % cfg.eval_every == 0 or iteration == num_iterations)
+            if eval_fn is not None and eval_now:
+                eval_metrics = _run_eval(eval_fn, model, iteration, device)
+                metrics.update(eval_metrics)
+            if logger is not None:
+                logger.log(metrics, step=frames)
+            if iteration % cfg.ckpt_every == 0 or final:
+                ckpt_path = manager.save(iteration, {
+                    "model": model.state_dict(), "optimizer": optim.state_dict(), "iteration": iteration,
+                    "frames": frames, "frames_per_batch": F, "reward_scale": float(reward_scale),
+                    "rng": rng_state(), "config": asdict(cfg), "orderhead_config": model.cfg.to_dict(),
+                })
+            bar.update(1)
+            bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in
+                             ("train/mean_return", "train/approx_kl", "train/entropy") if k in metrics})
+            t_start = time.perf_counter()
+            if final:
+                break
+    finally:
+        bar.close()
+        collector.shutdown(close_env=False)  # the env is the caller's
+
+    orderhead_path = save_orderhead(model, run_dir / "orderhead.safetensors",
+                                    {"iteration": iteration, "frames": frames, "algorithm": "ppo"})
+    return {"iterations": iteration, "frames": frames, "num_iterations": num_iterations,
+            "finished": iteration >= num_iterations, "metrics": metrics, "eval": eval_metrics,
+            "checkpoint": None if ckpt_path is None else str(ckpt_path), "orderhead": str(orderhead_path)}
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _minibatch_stats(loss: TensorDictBase, grad_norm: torch.Tensor) -> dict[str, torch.Tensor]:
+    """CleanRL-named diagnostics of one update (detached 0-d tensors). approx_kl is CleanRL's k3
+    estimator E[(r - 1) - log r] = mean_ratio - 1 + kl_approx (TorchRL's kl_approx is E[-log r])."""
+    keys = ["loss_objective", "loss_critic", "clip_fraction"]
+    if "entropy" in loss.keys():
+        keys += ["entropy", "loss_entropy"]
+    out = {k: loss[k].detach().float() for k in keys}
+    out["approx_kl"] = (loss["mean_ratio"] - 1.0 + loss["kl_approx"]).detach().float()
+    out["grad_norm"] = grad_norm.detach().float()
+    return out
+
+
+def discounted_episode_returns(reward: torch.Tensor, step: torch.Tensor, done: torch.Tensor,
+                               gamma: float) -> torch.Tensor:
+    """sum_t gamma^t r_t of every episode that ends in a rollout [B, T] whose episodes all start
+    inside it (the collector resets the env at every iteration). reward [B, T] (nats), step [B, T]
+    decisions made before each one (StepCounter's root step_count), done [B, T] bool. Returns the
+    returns of the finished episodes, in (row, time) order."""
+    c = reward.double() * gamma ** step.double()  # [B, T]
+    cs = c.cumsum(-1)
+    t = torch.arange(reward.shape[-1], device=reward.device).expand_as(done)
+    last_end = torch.where(done, t, -1).cummax(-1).values  # last episode end at or before t
+    prev_end = torch.cat([torch.full_like(last_end[..., :1], -1), last_end[..., :-1]], -1)  # strictly before t
+    base = torch.where(prev_end >= 0, cs.gather(-1, prev_end.clamp(min=0)), 0.0)
+    return (cs - base)[done].float()
+
+
+def _explained_variance(value: torch.Tensor, target: torch.Tensor) -> float:
+    """1 - Var[target - value] / Var[target] over the batch (CleanRL); nan when Var[target] = 0."""
+    value, target = value.detach().flatten().double(), target.detach().flatten().double()
+    var = target.var(unbiased=False)
+    return float("nan") if float(var) == 0 else float(1.0 - (target - value).var(unbiased=False) / var)
+
+
+def _run_eval(eval_fn: EvalFn, model: OrderHead, iteration: int, device: torch.device) -> dict[str, float]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        out = eval_fn(model, iteration)
+    model.eval()
+    return {(k if "/" in k else f"eval/{k}"): float(v) for k, v in out.items()}
