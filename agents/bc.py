@@ -17,7 +17,7 @@ checkpointed atomically.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -189,7 +189,7 @@ def r_at(step: int, steps: int, schedule: list[int]) -> int:
 
 def _oracle_run(run: BCRun) -> BuildOracleRun:
     o = run.oracle
-    return BuildOracleRun(backbone=run.backbone, env=EnvConfig(**{**asdict(run.env), "split": "train", "budget": None}),
+    return BuildOracleRun(backbone=run.backbone, env=replace(run.env, split="train", budget=None),
                           out_dir=o.out_dir, device=run.device, seed=run.seed, split="train",
                           num_images=o.num_images, behaviour=o.behaviour, kind=o.kind, weight=o.weight,
                           states_per_image=o.states_per_image, batch_size=o.batch_size, chunk_images=o.chunk_images)
@@ -215,7 +215,7 @@ def train_bc(run: BCRun) -> dict:
     run_dir = Path(run.run_dir)
     bc = run.bc
     ds = load_or_build_oracle(run)
-    train_env = EnvConfig(**{**asdict(run.env), "split": "train", "budget": None})
+    train_env = replace(run.env, split="train", budget=None)
     core = make_core(run.backbone, env=train_env, batch_size=bc.replay_batch, device=device, seed=run.seed)
     print(f"oracle data: {len(ds)} states from {ds.manifest['counts']['images']} images ({ds.kind}); "
           f"recomputing hidden states with the frozen backbone")
@@ -289,7 +289,7 @@ def train_bc(run: BCRun) -> dict:
     save_orderhead(model, weights, {"stage": "bc", "steps": bc.steps, "oracle_kind": ds.kind,
                                     "backbone": run.backbone.name})
 
-    report = heldout_report(run, model, device)
+    report = heldout_report(run.backbone, run.env, run.eval, model, device, run.seed, run.oracle.kind)
     logger.log({f"eval/return_{k}": v for k, v in report["returns"].items()}, bc.steps)
     logger.close()
     summary = {**report, "stage": "bc", "weights": str(weights), "params": sum(p.numel() for p in model.parameters()),
@@ -300,14 +300,17 @@ def train_bc(run: BCRun) -> dict:
     return summary
 
 
-def heldout_report(run: BCRun, model: OrderHead, device: torch.device, router_budgets: list[int] | None = None) -> dict:
-    """Learned policy next to the baselines on the same held-out images, reward and gamma."""
-    ev = run.eval
-    env = EnvConfig(**{**asdict(run.env), "split": "heldout", "budget": router_budgets})
-    core = make_core(run.backbone, env=env, batch_size=ev.batch_size, device=device, seed=run.seed)
+def heldout_report(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, model: OrderHead, device: torch.device,
+                   seed: int = 0, oracle_kind: str = "future_loss", router_budgets: list[int] | None = None) -> dict:
+    """Learned policy next to the baselines on the same held-out images, reward and gamma (with the
+    budget router when `router_budgets` is given; baselines then reveal one block per decision)."""
+    env = replace(env_cfg, split="heldout", budget=router_budgets)
+    if router_budgets is None:
+        env.decision_cost = env_cfg.decision_cost
+    core = make_core(backbone, env=env, batch_size=ev.batch_size, device=device, seed=seed)
     policies = {name: make_policy(name, core) for name in ev.baselines}
-    policies["learned"] = OrderHeadPolicy(model.eval(), greedy=True)
-    return evaluate(policies, core, ev.num_images, ev.gamma, learned="learned", oracle_kind=run.oracle.kind)
+    policies["learned"] = OrderHeadPolicy(model.eval(), greedy=True, router=router_budgets is not None)
+    return evaluate(policies, core, ev.num_images, ev.gamma, learned="learned", oracle_kind=oracle_kind)
 
 
 def print_report(summary: dict) -> None:

@@ -37,15 +37,19 @@ def _batches(image_index: torch.Tensor, batch: int):
 @torch.no_grad()
 def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
                    gamma: float) -> dict[str, float]:
-    """Mean discounted / undiscounted return and decisions per episode of `policy` on `image_index`."""
-    disc, undisc, decisions = [], [], []
+    """Mean discounted / undiscounted return and decisions per episode of `policy` on `image_index`;
+    `discounted_no_cost` adds the env's decision cost back (the information part of the return)."""
+    disc, undisc, decisions, no_cost = [], [], [], []
     for chunk, n in _batches(image_index, core.B):
         out = run_episodes(policy, core, chunk.to(core.device), gamma=gamma)
         disc.append(out["discounted_return"][:n].double().cpu())
         undisc.append(out["return"][:n].double().cpu())
         decisions.append(out["decisions"][:n].double().cpu())
+        discount = gamma ** torch.arange(out["rewards"].shape[1], dtype=torch.float64)
+        refund = (out["live"].double().cpu() * core.cfg.decision_cost * discount).sum(1)
+        no_cost.append(disc[-1] + refund[:n])
     return {"discounted": float(torch.cat(disc).mean()), "undiscounted": float(torch.cat(undisc).mean()),
-            "decisions": float(torch.cat(decisions).mean())}
+            "decisions": float(torch.cat(decisions).mean()), "discounted_no_cost": float(torch.cat(no_cost).mean())}
 
 
 @torch.no_grad()
@@ -86,6 +90,9 @@ def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_imag
         "returns_undiscounted": {k: v["undiscounted"] for k, v in stats.items()},
         "decisions_per_episode": {k: v["decisions"] for k, v in stats.items()},
     }
+    if core.cfg.decision_cost:
+        report["decision_cost"] = core.cfg.decision_cost
+        report["returns_without_decision_cost"] = {k: v["discounted_no_cost"] for k, v in stats.items()}
     if learned is not None and learned in policies:
         report.update(oracle_comparison(policies[learned], core, images, oracle_kind))
         r = report["returns"]

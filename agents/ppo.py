@@ -139,12 +139,20 @@ class PPOConfig:
 # -- actor and critic -----------------------------------------------------------------------------
 
 
-def _plan(model: OrderHead, hidden: torch.Tensor, block_mask: torch.Tensor, R: int | None):
-    """OrderHead.plan on any leading batch dims: hidden [*, L|N, D], block_mask [*, N]. (GAE calls
-    the critic on [2, B, T, ...] stacks of root and next observations.)"""
+def _plan(model: OrderHead, hidden: torch.Tensor, block_mask: torch.Tensor, R: int | None,
+          label: torch.Tensor | None = None):
+    """OrderHead.plan on any leading batch dims: hidden [*, L|N, D], block_mask [*, N], label [*]
+    (class-conditioned planners). (GAE calls the critic on [2, B, T, ...] stacks of root and next
+    observations.)"""
     lead = block_mask.shape[:-1]
-    out = model.plan(hidden.reshape(-1, *hidden.shape[-2:]), block_mask.reshape(-1, block_mask.shape[-1]), R)
+    out = model.plan(hidden.reshape(-1, *hidden.shape[-2:]), block_mask.reshape(-1, block_mask.shape[-1]), R,
+                     None if label is None else label.reshape(-1))
     return out, lead
+
+
+def obs_keys(model: OrderHead) -> list[str]:
+    """The observation keys the OrderHead reads (the label only when it is class-conditioned)."""
+    return OBS_KEYS + (["label"] if model.class_emb is not None else [])
 
 
 class _PolicyHead(nn.Module):
@@ -154,8 +162,8 @@ class _PolicyHead(nn.Module):
         super().__init__()
         self.model, self.R, self.router = model, R, router
 
-    def forward(self, hidden: torch.Tensor, block_mask: torch.Tensor):
-        out, lead = _plan(self.model, hidden, block_mask, self.R)
+    def forward(self, hidden: torch.Tensor, block_mask: torch.Tensor, label: torch.Tensor | None = None):
+        out, lead = _plan(self.model, hidden, block_mask, self.R, label)
         logits = out.logits.reshape(*lead, -1)
         if not self.router:
             return logits
@@ -169,8 +177,8 @@ class _ValueHead(nn.Module):
         super().__init__()
         self.model, self.R = model, R
 
-    def forward(self, hidden: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
-        out, lead = _plan(self.model, hidden, block_mask, self.R)
+    def forward(self, hidden: torch.Tensor, block_mask: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        out, lead = _plan(self.model, hidden, block_mask, self.R, label)
         return out.value.reshape(*lead, 1)
 
 
@@ -192,16 +200,16 @@ def make_actor_critic(model: OrderHead, router: bool = False, budgets: list[int]
         budgets = list(model.cfg.budgets) if budgets is None else [int(k) for k in budgets]
         if budgets != model.cfg.budgets:
             raise ValueError(f"budgets {budgets} differ from the OrderHead router's {model.cfg.budgets}")
-        module = TensorDictModule(_PolicyHead(model, R, True), in_keys=OBS_KEYS, out_keys=["budget_logits", "logits"])
+        module = TensorDictModule(_PolicyHead(model, R, True), in_keys=obs_keys(model), out_keys=["budget_logits", "logits"])
         actor = ProbabilisticActor(
             module, in_keys={"budget_logits": "budget_logits", "block_logits": "logits", "mask": "action_mask"},
             out_keys=["action"], distribution_class=RouterDistribution, distribution_kwargs={"budgets": budgets},
             return_log_prob=True)
     else:
-        module = TensorDictModule(_PolicyHead(model, R, False), in_keys=OBS_KEYS, out_keys=["logits"])
+        module = TensorDictModule(_PolicyHead(model, R, False), in_keys=obs_keys(model), out_keys=["logits"])
         actor = ProbabilisticActor(module, in_keys={"logits": "logits", "mask": "action_mask"}, out_keys=["action"],
                                    distribution_class=MaskedCategorical, return_log_prob=True)
-    critic = ValueOperator(_ValueHead(model, R), in_keys=OBS_KEYS)
+    critic = ValueOperator(_ValueHead(model, R), in_keys=obs_keys(model))
     return actor, critic
 
 

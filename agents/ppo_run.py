@@ -1,0 +1,89 @@
+"""`scripts/ppo.py`: PPO fine-tuning of a behaviour-cloned OrderHead (seed 000 after Stage 4), with
+the budget router as an extra action head when `agent.router=true` (Stage 6). The held-out report
+is the one BC writes, plus the router's mean budget and decisions per episode."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from agents.bc import EvalSpec, heldout_report, print_report
+from agents.orderhead import load_orderhead
+from agents.ppo import PPOConfig, train_ppo
+from backbone.checkpoint import atomic_write_json
+from backbone.config import BackboneConfig, WandbConfig, resolve_path
+from backbone.run_utils import Logger, setup_device
+from envs.core import EnvConfig
+from envs.factory import make_core
+from envs.torchrl_env import OrderPlanningEnv
+
+
+@dataclass
+class PPOAgentSpec:
+    init_from: str = "runs/bc/tiny_mnist/orderhead.safetensors"  # the BC planner (scripts/bc.py output)
+    router: bool = False  # add the budget-router head and charge env.decision_cost per decision
+    budgets: list[int] = field(default_factory=lambda: [1, 2, 4])
+
+
+@dataclass
+class PPORun:
+    """Schema of configs/ppo.yaml."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: PPOAgentSpec = field(default_factory=PPOAgentSpec)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    batch_size: int = 16  # env rows collected together
+    oracle_kind: str = "future_loss"  # utility used for agreement / regret in the report
+    run_dir: str = "runs/ppo/tiny_mnist"
+    device: str = "cpu"
+    seed: int = 0
+    logger: str = "none"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def run_ppo(run: PPORun) -> dict:
+    """Fine-tune, evaluate on held-out images, write run_dir/{orderhead.safetensors, summary.json}."""
+    t0 = time.time()
+    device = setup_device(run.device)
+    init = resolve_path(run.agent.init_from, must_exist=False)
+    if init is None or not init.is_file():
+        raise FileNotFoundError(f"no BC planner at {run.agent.init_from}: run `python scripts/bc.py` first "
+                                "(or set agent.init_from=/path/to/orderhead.safetensors)")
+    budgets = list(run.agent.budgets) if run.agent.router else None
+    env_cfg = replace(run.env, split="train", budget=budgets)
+    core = make_core(run.backbone, env=env_cfg, batch_size=run.batch_size, device=device, seed=run.seed)
+    model = load_orderhead(init, hidden_dim=core.D, geometry=core.geom, device=device)
+    if budgets is not None:
+        model.enable_router(budgets)
+    print(f"PPO from {init} ({'router ' + str(budgets) + f', decision cost {env_cfg.decision_cost}' if budgets else 'one block per decision'}); "
+          f"{run.ppo.num_iterations} iterations of {run.ppo.frames_per_batch} decisions, gamma {run.ppo.gamma}")
+    logger = Logger(run, Path(run.run_dir), job="ppo")
+    result = train_ppo(OrderPlanningEnv(core), model, run.ppo, run.run_dir, logger=logger)
+
+    report = heldout_report(run.backbone, run.env, run.eval, model, device, run.seed, run.oracle_kind, budgets)
+    logger.log({f"eval/return_{k}": v for k, v in report["returns"].items()}, result["frames"])
+    logger.close()
+    summary = {**report, "stage": "ppo", "init_from": str(init), "weights": str(Path(run.run_dir) / "orderhead.safetensors"),
+               "iterations": result["iterations"], "frames": result["frames"], "finished": result["finished"],
+               "train_metrics": result["metrics"], "wall_time_s": time.time() - t0, "config": asdict(run)}
+    if budgets is not None:
+        d = report["decisions_per_episode"]["learned"]
+        summary["router"] = {"budgets": budgets, "decision_cost": env_cfg.decision_cost,
+                             "decisions_per_episode": d, "mean_budget": core.N / d}
+    bc_summary = init.parent / "summary.json"
+    if bc_summary.is_file():  # the BC numbers under the same images, reward and gamma, for comparison
+        bc = json.loads(bc_summary.read_text())
+        if bc.get("gamma") == report["gamma"] and bc.get("num_images") == report["num_images"]:
+            summary["bc_return"] = bc["returns"].get("learned")
+    atomic_write_json(Path(run.run_dir) / "summary.json", summary)
+    print_report(summary)
+    if "router" in summary:
+        r = summary["router"]
+        print(f"router: {r['decisions_per_episode']:.2f} decisions per episode, mean budget {r['mean_budget']:.2f} blocks")
+    return summary

@@ -1,0 +1,29 @@
+"""PPO fine-tuning of the behaviour-cloned OrderHead (run scripts/bc.py first).
+
+    python scripts/ppo.py                                     # embedded tiny default, CPU
+    python scripts/ppo.py agent.router=true env.decision_cost=1.0   # + budget router (1, 2 or 4 blocks)
+
+Writes run_dir/orderhead.safetensors and run_dir/summary.json (held-out returns of raster, random,
+oracle and the learned policy, oracle agreement, regret; with the router its mean budget and
+decisions per episode). Rerunning resumes from the last checkpoint.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from omegaconf import DictConfig
+
+from agents.ppo_run import PPORun, run_ppo
+from backbone.config import to_typed
+
+
+@hydra.main(config_path="../configs", config_name="ppo", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run_ppo(to_typed(cfg, PPORun))
+
+
+if __name__ == "__main__":
+    main()
