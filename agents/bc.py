@@ -39,7 +39,7 @@ class OracleSpec:
     """Which oracle data set to use (built into `out_dir` when missing)."""
 
     out_dir: str = "runs/oracle/tiny_mnist"
-    num_images: int | None = 192
+    num_images: int | None = 640
     behaviour: str = "random"
     kind: str = "future_loss"
     weight: str = "uniform"
@@ -56,12 +56,12 @@ class AgentSpec:
     n_heads: int = 4
     n_latents: int = 4
     mlp_ratio: float = 2.0
-    dropout: float = 0.0
+    dropout: float = 0.1
 
 
 @dataclass
 class BCConfig:
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -202,6 +202,12 @@ def load_or_build_oracle(run: BCRun) -> OracleDataset:
         print(f"oracle data not found in {root}: building it (scripts/build_oracle.py)")
         build_oracle(_oracle_run(run))
     ds = OracleDataset(root)
+    want = run.oracle.num_images
+    if want is not None and ds.manifest["counts"]["images"] < want:
+        # the same seeded subset, extended: finished images are skipped, the rest is built
+        print(f"{root} holds {ds.manifest['counts']['images']} images, oracle.num_images={want}: extending it")
+        build_oracle(_oracle_run(run))
+        ds = OracleDataset(root)
     if ds.kind != run.oracle.kind:
         raise ValueError(f"{root} holds {ds.kind} utilities but oracle.kind={run.oracle.kind}")
     return ds
@@ -229,8 +235,17 @@ def train_bc(run: BCRun) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=bc.lr, weight_decay=bc.weight_decay)
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=bc.keep_checkpoints)
     start, history, dagger_done = 0, [], 0
+    # what a resumed run must share with the checkpoint (bc.steps may grow: the run continues)
+    identity = {"agent": asdict(run.agent), "oracle_dir": str(Path(run.oracle.out_dir).resolve()),
+                "states": len(ds), "targets": bc.targets, "soft_tau": bc.soft_tau, "R_schedule": list(bc.R_schedule),
+                "batch_size": bc.batch_size, "lr": bc.lr, "seed": run.seed, "backbone": run.backbone.name}
     ckpt = ckpts.load_latest()
     if ckpt is not None:
+        diff = {k: (ckpt.get("identity", {}).get(k), v) for k, v in identity.items() if ckpt.get("identity", {}).get(k) != v}
+        if diff:
+            raise ValueError(f"{ckpts.latest()}: cannot resume, the run changed: "
+                             + "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+                             + f". Use a new run_dir or delete {run_dir / 'checkpoints'}.")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
@@ -282,7 +297,8 @@ def train_bc(run: BCRun) -> dict:
             logger.log({"train/loss": float(loss), "train/agreement": acc, "train/R": R}, done)
         if done % bc.ckpt_every == 0 or done == bc.steps:
             ckpts.save(done, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                              "rng": rng_state(), "history": history, "dagger_done": dagger_done})
+                              "rng": rng_state(), "history": history, "dagger_done": dagger_done,
+                              "identity": identity})
     bar.close()
     model.eval()
     weights = run_dir / "orderhead.safetensors"

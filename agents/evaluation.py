@@ -35,21 +35,44 @@ def _batches(image_index: torch.Tensor, batch: int):
 
 
 @torch.no_grad()
+@torch.no_grad()
+def order_returns(core: OrderPlanningCore, image_index: torch.Tensor, blocks: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted return [B] of fixed block sequences `blocks` [B, N] replayed one block per step
+    (gamma per block, no decision cost) in a plain copy of `core`. This scores the *order* a
+    router policy produced on the same scale as plain policies (with the router, discounting per
+    decision would pay a policy for revealing many blocks at once)."""
+    from dataclasses import replace
+
+    plain = OrderPlanningCore(core.bb, core.codes, core.labels, replace(core.cfg, budget=None, decision_cost=0.0),
+                              core.B, seed=0)
+    plain.reset(None, image_index.to(plain.device))
+    total = torch.zeros(core.B, dtype=torch.float64, device=plain.device)
+    for t in range(core.N):
+        r, _ = plain.step(blocks[:, t].to(plain.device))
+        total += (gamma ** t) * r.double()
+    return total
+
+
 def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
                    gamma: float) -> dict[str, float]:
     """Mean discounted / undiscounted return and decisions per episode of `policy` on `image_index`;
     `discounted_no_cost` adds the env's decision cost back (the information part of the return)."""
-    disc, undisc, decisions, no_cost = [], [], [], []
+    disc, undisc, decisions, no_cost, per_block = [], [], [], [], []
     for chunk, n in _batches(image_index, core.B):
         out = run_episodes(policy, core, chunk.to(core.device), gamma=gamma)
+        if core.router:
+            per_block.append(order_returns(core, chunk, out["blocks"], gamma)[:n].cpu())
         disc.append(out["discounted_return"][:n].double().cpu())
         undisc.append(out["return"][:n].double().cpu())
         decisions.append(out["decisions"][:n].double().cpu())
         discount = gamma ** torch.arange(out["rewards"].shape[1], dtype=torch.float64)
         refund = (out["live"].double().cpu() * core.cfg.decision_cost * discount).sum(1)
         no_cost.append(disc[-1] + refund[:n])
-    return {"discounted": float(torch.cat(disc).mean()), "undiscounted": float(torch.cat(undisc).mean()),
-            "decisions": float(torch.cat(decisions).mean()), "discounted_no_cost": float(torch.cat(no_cost).mean())}
+    out = {"discounted": float(torch.cat(disc).mean()), "undiscounted": float(torch.cat(undisc).mean()),
+           "decisions": float(torch.cat(decisions).mean()), "discounted_no_cost": float(torch.cat(no_cost).mean())}
+    if per_block:
+        out["per_block"] = float(torch.cat(per_block).mean())
+    return out
 
 
 @torch.no_grad()
@@ -90,6 +113,8 @@ def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_imag
         "returns_undiscounted": {k: v["undiscounted"] for k, v in stats.items()},
         "decisions_per_episode": {k: v["decisions"] for k, v in stats.items()},
     }
+    if core.router:
+        report["returns_per_block"] = {k: v["per_block"] for k, v in stats.items()}
     if core.cfg.decision_cost:
         report["decision_cost"] = core.cfg.decision_cost
         report["returns_without_decision_cost"] = {k: v["discounted_no_cost"] for k, v in stats.items()}

@@ -396,7 +396,7 @@ class BuildOracleRun:
     device: str = "cpu"  # cpu | cuda (one GPU per process under torchrun)
     seed: int = 0  # image subset, random behaviour, state subsets
     split: str = "train"  # train | heldout (the env draws from it: env.split follows)
-    num_images: int | None = 256  # a seeded subset of the split; null = every image
+    num_images: int | None = 640  # a seeded subset of the split; null = every image
     behaviour: str = "random"  # random | oracle: the policy that visits the states
     kind: str = "future_loss"  # future_loss | extrapolative: the utility stored
     weight: str = "uniform"  # extrapolative weights (kind=extrapolative): uniform | neighbours | distance

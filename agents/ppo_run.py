@@ -81,6 +81,11 @@ def run_ppo(run: PPORun) -> dict:
         bc = json.loads(bc_summary.read_text())
         if bc.get("gamma") == report["gamma"] and bc.get("num_images") == report["num_images"]:
             summary["bc_return"] = bc["returns"].get("learned")
+            if budgets is not None and summary["bc_return"]:
+                # the router's block order scored per block, against the one-block-per-decision BC planner
+                per_block = report["returns_per_block"]["learned"]
+                summary["router"]["return_per_block"] = per_block
+                summary["router"]["return_loss_vs_bc"] = (summary["bc_return"] - per_block) / abs(summary["bc_return"])
     atomic_write_json(Path(run.run_dir) / "summary.json", summary)
     print_report(summary)
     if "router" in summary:

@@ -29,3 +29,12 @@ def test_fixed_order_has_regret():
     core = toy_core(batch_size=2, n_images=2)
     rep = evaluate({"learned": make_policy("raster", core)}, core, num_images=2, gamma=0.9)
     assert rep["regret"] > 0 and rep["oracle_agreement"] < 1.0
+
+
+def test_router_orders_are_scored_per_block():
+    """With the router, the block order a policy produced is also scored one block per step, so
+    revealing many blocks per decision earns no discount advantage: the k=1 baselines score the
+    same per block as per decision."""
+    core = toy_core(batch_size=2, n_images=2, budget=[1, 2, 4], decision_cost=0.0)
+    rep = evaluate({"raster": make_policy("raster", core)}, core, num_images=2, gamma=0.9, learned=None)
+    assert rep["returns_per_block"]["raster"] == pytest.approx(rep["returns"]["raster"], rel=1e-5)
