@@ -9,7 +9,6 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import torch
 
 from agents.bc import EvalSpec, heldout_report, print_report
 from agents.orderhead import load_orderhead

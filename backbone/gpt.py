@@ -29,7 +29,6 @@ Positions are raster token indices p = row * grid_w + col; position -1 denotes t
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 
 import torch

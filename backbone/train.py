@@ -13,7 +13,6 @@ the batches, orders and dropout masks it would have seen. Runs under `torchrun` 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
