@@ -101,6 +101,21 @@ def load_embedded_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images[idx].copy(), labels[idx].copy()
 
 
+def class_interleaved_order(labels: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A fixed order [M] of a labelled split that cycles through the classes (first image of every
+    class, then the second of every class, ...), so that any prefix is as class-balanced as the split
+    allows. The embedded splits are sorted by class: "the first 96 held-out images" would otherwise be
+    only zeros and ones."""
+    labels = torch.as_tensor(np.asarray(labels)).long()
+    # rank of each image within its class (stable: images keep their order inside a class)
+    by_class = torch.sort(labels, stable=True).indices
+    sorted_labels = labels[by_class]
+    starts = torch.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = torch.empty_like(labels)
+    rank[by_class] = torch.arange(len(labels)) - starts
+    return torch.from_numpy(np.lexsort((labels.numpy(), rank.numpy()))).long()
+
+
 # --------------------------------------------------------------------------------------------
 # Pixel conversions
 # --------------------------------------------------------------------------------------------

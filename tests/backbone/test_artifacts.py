@@ -38,3 +38,24 @@ def test_reported_heldout_nll_is_reproduced(manifest):
     # an order-robust backbone: random block orders within 10% of raster
     assert abs(bits["random_minus_raster"]) < 0.1 * bits["raster"]
     assert manifest["vq"]["heldout_reconstruction"]["mse"] < 0.01
+
+
+def test_classifier_matches_manifest_and_reported_accuracy(manifest):
+    """The FID/KID feature network: file hash, size, and the held-out numbers its entry reports."""
+    from agents.feature_net import evaluate_classifier, load_classifier
+    from backbone.data import images_to_model, load_embedded_mnist
+
+    entry = manifest["classifier"]
+    path = ART / entry["file"]
+    assert sha256_file(path) == entry["sha256"]
+    assert path.stat().st_size < 2**20
+    assert entry["data"]["sha256"] == embedded_mnist_sha256()
+    model = load_classifier(path)
+    assert model.num_features == entry["num_features"]
+    assert sum(p.numel() for p in model.parameters()) == entry["num_parameters"]
+    images, labels = load_embedded_mnist("heldout")
+    ev = evaluate_classifier(model, images_to_model(images), torch.as_tensor(labels))
+    # a different thread count may flip at most a borderline image
+    assert ev["accuracy"] == pytest.approx(entry["heldout"]["accuracy"], abs=1.5 / len(labels))
+    assert ev["cross_entropy"] == pytest.approx(entry["heldout"]["cross_entropy"], abs=1e-3)
+    assert entry["heldout"]["accuracy"] >= 0.97

@@ -216,3 +216,17 @@ def test_meta_mismatch_is_reported(tmp_path):
     meta_path.write_text("{not json")
     with pytest.raises(ValueError, match="train_meta.json"):
         CodeDataset(tmp_path, "train")
+
+
+def test_class_interleaved_order_balances_every_prefix():
+    from backbone.data import class_interleaved_order
+
+    labels = torch.tensor([2, 2, 0, 1, 1, 1, 0, 2, 1])
+    order = class_interleaved_order(labels)
+    assert sorted(order.tolist()) == list(range(len(labels)))  # a permutation
+    assert labels[order].tolist() == [0, 1, 2, 0, 1, 2, 1, 2, 1]
+    # within a class the split's own order is kept
+    assert order[labels[order] == 1].tolist() == [3, 4, 5, 8]
+    _, heldout = load_embedded_mnist("heldout")
+    first = torch.as_tensor(heldout)[class_interleaved_order(heldout)[:100]]
+    assert torch.bincount(first, minlength=10).tolist() == [10] * 10
