@@ -1,0 +1,217 @@
+"""Rollouts behind `scripts/evaluate.py`: teacher-forced metrics of a policy's block order on held-out
+images, and generation-mode samples for FID.
+
+Teacher-forced (ground truth known): the policy plays each image once (`order_of`), then its block
+order is replayed one block per step under every reward (`replay_order`), which gives on one scale
+for every policy (plain or router):
+* returns[reward]   discounted return (gamma per block), nats;
+* order NLL         -log p(image | order) / (L ln 2), bits per token (the likelihood reward);
+* remaining-loss curve  L_rest(S_t) / L after t blocks, t = 0..N, nats per token; its area
+                    (trapezoid over the fraction revealed in [0, 1]) is `auc_remaining_loss`.
+
+Generation mode (no ground truth): sample i is conditioned on class `labels[i]` and every policy
+gets the same labels and the same sampler seed per batch. A policy that needs ground truth (the
+oracle) is played by `FixedOrdersPolicy` with the teacher-forced order of a held-out image of the
+same class (order transfer), which is the closest the oracle comes to generation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from agents.policies import BlockPolicy, run_episodes
+from backbone.loading import Backbone
+from envs.core import EnvConfig, OrderPlanningCore
+
+PolicyFactory = Callable[[OrderPlanningCore], BlockPolicy]
+
+
+def _batches(n: int, batch: int):
+    """(indices [batch] padded by repeating the last one, number of real entries) covering range(n)."""
+    for i in range(0, n, batch):
+        idx = torch.arange(i, min(i + batch, n))
+        real = len(idx)
+        if real < batch:
+            idx = torch.cat([idx, idx[-1:].expand(batch - real)])
+        yield idx, real
+
+
+# -- teacher-forced ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def order_of(make: PolicyFactory, core: OrderPlanningCore, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Play a fresh policy from `make(core)` on images 0..num_images-1 of the core's split.
+    Returns blocks [M, N] (reveal order) and decisions [M] (< N for router policies)."""
+    policy = make(core)
+    blocks, decisions = [], []
+    for idx, real in _batches(num_images, core.B):
+        out = run_episodes(policy, core, idx.to(core.device))
+        blocks.append(out["blocks"][:real].cpu())
+        decisions.append(out["decisions"][:real].cpu())
+    return torch.cat(blocks), torch.cat(decisions)
+
+
+@dataclass
+class Replay:
+    """One block order replayed on ground truth (M images, N blocks)."""
+
+    rewards: torch.Tensor  # [M, N] reward of each block, nats
+    remaining: torch.Tensor  # [M, N + 1] L_rest(S_t) / L, nats per token, t = blocks revealed
+
+
+@torch.no_grad()
+def replay_order(backbone: Backbone, codes: torch.Tensor, labels: torch.Tensor, env: EnvConfig,
+                 blocks: torch.Tensor, batch_size: int) -> Replay:
+    """Replay the block orders `blocks` [M, N] on images 0..M-1 of (codes [M', L], labels [M']) one block
+    per step under `env.reward` (teacher-forced, no router, no decision cost)."""
+    cfg = replace(env, mode="teacher_forced", budget=None, decision_cost=0.0)
+    core = OrderPlanningCore(backbone, codes, labels, cfg, batch_size, seed=0)
+    M = blocks.shape[0]
+    rewards, remaining = [], []
+    for idx, real in _batches(M, batch_size):
+        core.reset(None, idx.to(core.device))
+        rest = [core.token_loss.sum(-1)]  # 0 on revealed tokens, so this is L_rest
+        r = []
+        for t in range(core.N):
+            step_r, _ = core.step(blocks[idx, t].to(core.device))
+            r.append(step_r)
+            rest.append(core.token_loss.sum(-1))
+        rewards.append(torch.stack(r, 1)[:real].double().cpu())
+        remaining.append((torch.stack(rest, 1)[:real] / core.L).double().cpu())
+    return Replay(torch.cat(rewards), torch.cat(remaining))
+
+
+def discounted(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """sum_t gamma^t r_t of rewards [M, T] -> [M]."""
+    return (rewards.double() * gamma ** torch.arange(rewards.shape[1], dtype=torch.float64)).sum(1)
+
+
+def auc(remaining: torch.Tensor) -> torch.Tensor:
+    """Trapezoid area under remaining [M, N + 1] over the fraction revealed in [0, 1] -> [M]."""
+    n = remaining.shape[1] - 1
+    return (remaining[:, :-1] + remaining[:, 1:]).sum(1) / (2 * n)
+
+
+@torch.no_grad()
+def teacher_forced_metrics(blocks: torch.Tensor, backbone: Backbone, codes: torch.Tensor, labels: torch.Tensor,
+                           env: EnvConfig, rewards: Sequence[str], gamma: float, batch_size: int) -> dict:
+    """Every per-order metric of the module docstring, averaged over the images of `blocks` [M, N].
+    Returns {"returns": {reward: mean}, "order_nll_bits", "auc_remaining_loss",
+    "remaining_curve": [N + 1] list} (plus the per-image tensors under "_per_image")."""
+    out: dict = {"returns": {}}
+    per_image: dict[str, torch.Tensor] = {}
+    kinds = list(dict.fromkeys([*rewards, "likelihood"]))
+    curve = None
+    for kind in kinds:
+        rep = replay_order(backbone, codes, labels, replace(env, reward=kind), blocks, batch_size)
+        if kind in rewards:
+            per_image[f"return_{kind}"] = discounted(rep.rewards, gamma)
+            out["returns"][kind] = float(per_image[f"return_{kind}"].mean())
+        if kind == "likelihood":
+            L = codes.shape[1]
+            per_image["order_nll_bits"] = -rep.rewards.sum(1) / (L * math.log(2))
+            out["order_nll_bits"] = float(per_image["order_nll_bits"].mean())
+        if curve is None:  # the remaining-loss curve does not depend on the reward
+            curve = rep.remaining
+    per_image["auc_remaining_loss"] = auc(curve)
+    out["auc_remaining_loss"] = float(per_image["auc_remaining_loss"].mean())
+    out["remaining_curve"] = curve.mean(0).tolist()
+    out["_per_image"] = per_image
+    return out
+
+
+# -- generation mode -----------------------------------------------------------------------------
+
+
+class FixedOrdersPolicy(BlockPolicy):
+    """Plays a given block order per episode: orders [M, N], row b follows orders[image_index[b] % M].
+    Used to play the teacher-forced oracle's order (of a same-class held-out image) in generation mode."""
+
+    def __init__(self, orders: torch.Tensor):
+        super().__init__(["image_index"])
+        if orders.dim() != 2:
+            raise ValueError(f"orders must be [M, N], got shape {tuple(orders.shape)}")
+        M, N = orders.shape
+        if not bool((orders.sort(-1).values == torch.arange(N)).all()):
+            raise ValueError("every row of orders must be a permutation of the N blocks")
+        rank = torch.empty_like(orders)
+        rank.scatter_(1, orders, torch.arange(N).expand(M, N).contiguous())
+        self.register_buffer("rank", rank, persistent=False)  # [M, N] step at which each block is revealed
+
+    def decide(self, obs) -> tuple[torch.Tensor, None]:
+        idx = obs["image_index"].to(self.rank.device) % self.rank.shape[0]
+        return -self.rank[idx].float(), None
+
+
+@dataclass
+class Samples:
+    """Generation-mode rollouts of one policy (S samples)."""
+
+    images: torch.Tensor  # [S, C, H, W] float in [-1, 1] (CPU)
+    tokens: torch.Tensor  # [S, L] long
+    labels: torch.Tensor  # [S] conditioning classes
+    blocks: torch.Tensor  # [S, N] reveal order
+    decisions: torch.Tensor  # [S]
+    entropy_return: torch.Tensor  # [S] undiscounted entropy-drop return, nats
+    snapshots: torch.Tensor  # [R, Q, C, H, W]: the first R samples after each fraction in `fractions`
+    snapshot_masks: torch.Tensor  # [R, Q, N] bool: blocks revealed at each snapshot
+    fractions: tuple[float, ...]
+
+
+@torch.no_grad()
+def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tensor, env: EnvConfig, batch_size: int,
+                     seed: int, num_snapshots: int = 8, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
+                     progress_bar: Callable | None = None) -> Samples:
+    """Generate one image per entry of `labels` [S] with a fresh policy from `make(core)`. Batch j
+    reseeds the sampler with seed + j, so the samples depend only on (seed, batch_size, labels,
+    policy) and every policy sees the same label per sample index."""
+    cfg = replace(env, mode="generate", reward="entropy", decision_cost=0.0)
+    S, L = len(labels), backbone.gpt.cfg.num_tokens
+    core = OrderPlanningCore(backbone, torch.zeros(S, L, dtype=torch.long), labels.long(), cfg, batch_size, seed=seed)
+    policy = make(core)
+    thresholds = [math.ceil(f * core.N) for f in fractions]
+    images, tokens, blocks, decisions, ent = [], [], [], [], []
+    snaps = torch.zeros(min(num_snapshots, S), len(fractions), *core.image_shape())
+    snap_masks = torch.zeros(min(num_snapshots, S), len(fractions), core.N, dtype=torch.bool)
+    batches = list(_batches(S, batch_size))
+    for j, (idx, real) in enumerate(progress_bar(batches) if progress_bar else batches):
+        core.seed(seed + j)
+        core.reset(None, idx.to(core.device))
+        total = torch.zeros(core.B, dtype=torch.float64)
+        count = torch.zeros(core.B, dtype=torch.long)
+        taken = torch.zeros(core.B, len(fractions), dtype=torch.bool)
+        while not bool(core.done.all()):
+            active = ~core.done
+            r, _ = core.step(policy.act(core.observation()), active=active)
+            total += r.double().cpu()
+            count += active.long().cpu()
+            _take_snapshots(core, idx, real, thresholds, taken, snaps, snap_masks)
+        images.append(core.decode_images(torch.ones(core.B, dtype=torch.bool, device=core.device))[:real].cpu())
+        tokens.append(core.x[:real].cpu())
+        blocks.append(core.history[:real].cpu())
+        decisions.append(count[:real])
+        ent.append(total[:real])
+    return Samples(torch.cat(images), torch.cat(tokens), labels.long().cpu(), torch.cat(blocks), torch.cat(decisions),
+                   torch.cat(ent), snaps, snap_masks, tuple(fractions))
+
+
+def _take_snapshots(core: OrderPlanningCore, idx: torch.Tensor, real: int, thresholds: list[int],
+                    taken: torch.Tensor, snaps: torch.Tensor, masks: torch.Tensor) -> None:
+    """Decode the grids of samples idx < R (R = len(snaps)) the first time they reach each threshold
+    (number of blocks revealed); unrevealed tokens decode from code 0 and are greyed out when plotted."""
+    rows = (idx < snaps.shape[0]) & (torch.arange(core.B) < real)
+    steps = core.steps.cpu()
+    for q, th in enumerate(thresholds):
+        new = rows & (steps >= th) & ~taken[:, q]
+        if not bool(new.any()):
+            continue
+        decoded = core.decode_images(new.to(core.device)).cpu()
+        for b in torch.nonzero(new).flatten().tolist():
+            snaps[idx[b], q] = decoded[b]
+            masks[idx[b], q] = core.revealed[b].cpu()
+        taken[:, q] |= new

@@ -1,0 +1,31 @@
+"""Evaluate policies on one backbone: teacher-forced metrics, generation-mode FID / KID, pictures and
+one results table.
+
+    python scripts/evaluate.py policies=[raster,random,oracle] eval.num_samples=500     # embedded default, CPU
+    python scripts/evaluate.py policies=[raster,random,oracle,bc,ppo]                   # after bc.py / ppo.py
+    python scripts/evaluate.py backbone=llamagen_b device=cuda features.kind=inception \
+        features.inception_weights=/path/pt_inception-2015-12-05-6726825d.pth \
+        features.reference=/path/VIRTUAL_imagenet256_labeled.npz eval.npz=true
+
+Writes run_dir/results.json, results.md and PNGs (see agents/eval_run.py).
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import hydra
+from omegaconf import DictConfig
+
+from agents.eval_run import EvaluateRun, run_evaluation
+from backbone.config import to_typed
+
+
+@hydra.main(config_path="../configs", config_name="evaluate", version_base=None)
+def main(cfg: DictConfig) -> None:
+    run_evaluation(to_typed(cfg, EvaluateRun))
+
+
+if __name__ == "__main__":
+    main()
