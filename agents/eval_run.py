@@ -2,9 +2,10 @@
 labels and sampler seeds; one results table.
 
 Per policy (DESIGN.md section 7):
-* teacher-forced, on the first `eval.num_images` held-out images (in class-interleaved order): discounted return under each reward
-  in `eval.rewards` (gamma per block, nats), order NLL (bits/token), area under the remaining-loss
-  curve (nats/token), oracle agreement and regret (nats);
+* teacher-forced, on the first `eval.num_images` held-out images (class-interleaved order):
+  discounted return under each reward in `eval.rewards` (gamma per block, nats), order NLL
+  (bits/token), area under the remaining-loss curve (nats/token); oracle agreement and regret
+  (nats) on the first `eval.agreement_images` of them (one batched oracle pass per decision);
 * generation mode, `eval.num_samples` samples (sample i conditioned on the label of held-out image
   i mod M, sampler reseeded per batch): FID with its bootstrap interval, KID mean and std, and the
   feature classifier's accuracy against the conditioning labels. The noise floor is the FID of two
@@ -51,7 +52,7 @@ class EvalOptions:
     reward: str = "future_loss"  # the reward behind the table's `return` column
     rewards: list[str] = field(default_factory=lambda: ["future_loss", "extrapolative", "anytime", "likelihood"])
     oracle_kind: str = "future_loss"  # utility behind oracle agreement / regret
-    agreement: bool = True  # oracle agreement costs one batched oracle pass per decision
+    agreement_images: int = 100  # oracle agreement / regret on the first images (costliest metric); 0 = off
     sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(cfg_scale=2.0))
     R: int | None = None  # OrderHead latent reasoning steps (None = the checkpoint's)
     greedy: bool = True  # OrderHead: argmax (false: sample with the policy's seed)
@@ -208,6 +209,7 @@ def run_evaluation(run: EvaluateRun) -> dict:
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"policy names must be unique, got {[s.name for s in specs]}")
     n_tf = min(ev.num_images, len(codes))
+    n_agree = min(ev.agreement_images, n_tf)
     n_orders = min(max(n_tf, ev.num_samples), len(codes))  # orders the oracles replay in generation mode
     gen_labels = labels[torch.arange(ev.num_samples) % len(labels)]
     env_tf = replace(run.env, mode="teacher_forced", split="heldout", reward=ev.reward, decision_cost=0.0)
@@ -221,7 +223,8 @@ def run_evaluation(run: EvaluateRun) -> dict:
     classify = getattr(extractor, "classify", None) if run.features.kind == "classifier" else None
 
     results: dict = {"num_samples": ev.num_samples, "fid_noise_floor": floor, "fid_noise_floor_half_size": half,
-                     "num_reference": len(real), "num_images_teacher_forced": n_tf, "gamma": ev.gamma,
+                     "num_reference": len(real), "num_images_teacher_forced": n_tf,
+                     "num_images_agreement": n_agree, "gamma": ev.gamma,
                      "reward": ev.reward, "features": run.features.kind, "sampling": vars(ev.sampling),
                      "backbone": run.backbone.name, "seed": run.seed, "policies": {}}
     orders_for_heatmap, curves = {}, {}
@@ -234,11 +237,11 @@ def run_evaluation(run: EvaluateRun) -> dict:
         row: dict = {"return": tf["returns"][ev.reward], "returns": tf["returns"],
                      "order_nll_bits": tf["order_nll_bits"], "auc_remaining_loss": tf["auc_remaining_loss"],
                      "decisions_per_episode": float(decisions[:n_tf].double().mean()), "source": spec.source}
-        if ev.agreement:
+        if n_agree > 0:
             if ORACLES.get(spec.name) == ev.oracle_kind:
                 row.update(oracle_agreement=1.0, regret=0.0)
             else:
-                row.update(oracle_comparison(spec.make(tf_core), tf_core, torch.arange(n_tf), ev.oracle_kind))
+                row.update(oracle_comparison(spec.make(tf_core), tf_core, torch.arange(n_agree), ev.oracle_kind))
         orders_for_heatmap[spec.name] = blocks[:run.plots.heatmap_images]
         curves[spec.name] = tf["remaining_curve"]
 
@@ -301,7 +304,8 @@ def results_markdown(results: dict) -> str:
         f"- FID noise floor (two halves of the reference set, {results['fid_noise_floor_half_size']} each): "
         f"{results['fid_noise_floor']:.3f}",
         f"- teacher-forced metrics on {results['num_images_teacher_forced']} held-out images; return = discounted "
-        f"{results['reward']} return (gamma {results['gamma']} per block, nats)",
+        f"{results['reward']} return (gamma {results['gamma']} per block, nats); oracle agreement on the first "
+        f"{results['num_images_agreement']}",
         f"- sampling: {json.dumps(results['sampling'])}; seed {results['seed']}; sample i is conditioned on the "
         "label of held-out image i (class-interleaved order)",
         "- oracles need ground truth: in generation mode they replay their teacher-forced order of the held-out "
