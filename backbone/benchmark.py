@@ -32,15 +32,23 @@ class SamplerTimes:
         return self.random_kv / self.recompute
 
 
-def _timed(fn, repeats: int) -> float:
-    best = float("inf")
+def sync(device: torch.device | None = None) -> None:
+    """Wait for queued GPU work (timings would otherwise measure only the launch)."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, repeats: int, device: torch.device | None = None):
+    """(best wall time in seconds over `repeats` calls of fn, fn's last output), synchronising the
+    GPU around each call."""
+    best, out = float("inf"), None
     for _ in range(repeats):
+        sync(device)
         t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        out = fn()
+        sync(device)
         best = min(best, time.perf_counter() - t0)
-    return best
+    return best, out
 
 
 @torch.no_grad()
@@ -61,8 +69,8 @@ def time_samplers(model: GPT, geom: BlockGeometry, batch: int, repeats: int = 3,
     # interleaved, best of `repeats`: load from other processes hits both samplers alike
     t_raster = t_random = float("inf")
     for _ in range(repeats):
-        t_raster = min(t_raster, _timed(lambda: generate(model, cond, raster, sc, gen), 1))
-        t_random = min(t_random, _timed(lambda: generate(model, cond, rnd, sc, gen), 1))
+        t_raster = min(t_raster, best_time(lambda: generate(model, cond, raster, sc, gen), 1)[0])
+        t_random = min(t_random, best_time(lambda: generate(model, cond, rnd, sc, gen), 1)[0])
     steps = L if recompute_steps is None else min(L, recompute_steps)
-    t_re = _timed(lambda: generate_recompute(model, cond, rnd, sc, gen, max_steps=steps), 1)
+    t_re = best_time(lambda: generate_recompute(model, cond, rnd, sc, gen, max_steps=steps), 1)[0]
     return SamplerTimes(batch * L / t_raster, batch * L / t_random, batch * steps / t_re, steps)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torchrl.envs.utils import step_mdp
 
+from backbone.benchmark import best_time, sync
 from backbone.blocks import BlockGeometry
 from backbone.config import REPO_ROOT, BackboneConfig
 from backbone.future_loss import naive_oracle_utilities
@@ -92,11 +93,6 @@ def tiny_default_stack(device: str = "cpu", seed: int = 0) -> Stack:
     return stack
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _random_orders(core: OrderPlanningCore, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(core.B, core.N, generator=g).argsort(-1).to(core.device)
@@ -140,7 +136,7 @@ def env_throughput(stack: Stack, batch: int, repeats: int = 3, seed: int = 0, **
             if bool(td["next", "done"].all()):
                 break
             td = step_mdp(td)
-        _sync(dev)
+        sync(dev)
         return time.perf_counter() - t0
 
     episode()  # warm-up
@@ -199,22 +195,22 @@ def env_overhead(stack: Stack, batch: int = 16, repeats: int = 3, seed: int = 0)
         from tensordict import TensorDict
 
         td = env.reset(TensorDict({"image_index": images.to(dev)}, batch_size=[batch], device=dev))
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         for t in range(core.N):
             td.set("action", orders[:, t])
             td = step_mdp(env.step(td))
-        _sync(dev)
+        sync(dev)
         return time.perf_counter() - t0
 
     def core_episode() -> float:
         core.reset(image_index=images)
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         for t in range(core.N):
             core.step(orders[:, t])
             core.observation()
-        _sync(dev)
+        sync(dev)
         return time.perf_counter() - t0
 
     core.reset(image_index=images)
@@ -223,12 +219,12 @@ def env_overhead(stack: Stack, batch: int = 16, repeats: int = 3, seed: int = 0)
 
     def bare_episode() -> float:
         state = gpt.init_state(core.label)
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         for tok, pos, targets in inputs:
             gpt.append(state, tok, pos)
             gpt.query(state, targets)
-        _sync(dev)
+        sync(dev)
         return time.perf_counter() - t0
 
     for fn in (env_episode, core_episode, bare_episode):  # warm-up
@@ -294,17 +290,6 @@ def _prefix(core: OrderPlanningCore) -> tuple[torch.Tensor, torch.Tensor]:
     return tok, pos
 
 
-def _time(fn, repeats: int, device: torch.device):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 @torch.no_grad()
 def oracle_speedup(core: OrderPlanningCore, kind: str = "future_loss", repeats: int = 3, naive_repeats: int = 1,
                    seed: int = 0, states: list[int] | None = None, candidates: int | None = None) -> OracleTimes:
@@ -321,9 +306,9 @@ def oracle_speedup(core: OrderPlanningCore, kind: str = "future_loss", repeats: 
             if candidates is not None:
                 ranked = torch.where(core.revealed, core.N, torch.arange(core.N, device=core.device)).sort(-1).values
                 cand = torch.where(ranked[:, :candidates] < core.N, ranked[:, :candidates], -1)
-            tb, fast = _time(lambda: core.oracle_utilities(kind, candidates=cand), repeats, core.device)
+            tb, fast = best_time(lambda: core.oracle_utilities(kind, candidates=cand), repeats, core.device)
             tok, pos = _prefix(core)
-            tn, ref = _time(lambda: naive_oracle_utilities(core.gpt, core.label, tok, pos, core.x, core.geom,
+            tn, ref = best_time(lambda: naive_oracle_utilities(core.gpt, core.label, tok, pos, core.x, core.geom,
                                                            kind=kind, weight=core.cfg.weight, candidates=cand),
                             naive_repeats, core.device)
             finite = torch.isfinite(ref)
