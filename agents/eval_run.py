@@ -139,6 +139,7 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
         hint = {"bc": "python scripts/bc.py", "ppo": "python scripts/ppo.py"}.get(entry, "train it first")
         raise FileNotFoundError(f"policy {entry!r}: no OrderHead checkpoint at {path_str} ({hint}, "
                                 f"or set checkpoints.{entry}=PATH)")
+    _check_same_backbone(entry, path, run.backbone)
     model = load_orderhead(path, hidden_dim=backbone.gpt.cfg.dim, geometry=backbone.geometry, device=backbone.device)
     name = entry if entry in run.checkpoints else (path.parent.name if path.stem == "orderhead" else path.stem)
     budgets = list(model.cfg.budgets) if model.has_router else None
@@ -147,6 +148,23 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
         return make_policy("orderhead", core, model=model, R=run.eval.R, greedy=run.eval.greedy, seed=run.seed)
 
     return PolicySpec(name, make, budgets=budgets, source=str(path))
+
+
+def _check_same_backbone(entry: str, path: Path, backbone: BackboneConfig) -> None:
+    """A planner trained with BC joint tuning (bc.joint.top_n > 0) belongs to its tuned GPT: the BC run
+    dir holds it as gpt.safetensors, a PPO run started from it names it in summary.json. The table
+    compares policies on one backbone, so that backbone must be the one in use."""
+    tuned = path.parent / "gpt.safetensors"
+    summary = path.parent / "summary.json"
+    if not tuned.is_file() and summary.is_file():
+        named = json.loads(summary.read_text()).get("bc_tuned_backbone")
+        tuned = Path(named) if named else tuned
+    if not tuned.is_file():
+        return
+    used = resolve_path(backbone.gpt_weights, must_exist=False)
+    if used is None or used.resolve() != tuned.resolve():
+        raise ValueError(f"policy {entry!r} was trained on a jointly tuned backbone ({tuned}); evaluate every "
+                         f"policy on it with backbone.gpt_weights={tuned}")
 
 
 # -- reference set -------------------------------------------------------------------------------

@@ -133,3 +133,23 @@ def test_tiny_evaluation_writes_results(tmp_path):
 
     with np.load(tmp_path / "samples_random.npz") as data:
         assert data["arr_0"].shape == (12, 32, 32, 3) and data["arr_0"].dtype == np.uint8
+
+
+def test_a_planner_of_a_jointly_tuned_backbone_needs_that_backbone(tmp_path):
+    from agents.eval_run import _check_same_backbone
+
+    ckpt = tmp_path / "bc" / "orderhead.safetensors"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes(b"")
+    _check_same_backbone("bc", ckpt, BackboneConfig())  # plain BC: nothing to check
+    (ckpt.parent / "gpt.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="backbone.gpt_weights="):
+        _check_same_backbone("bc", ckpt, BackboneConfig())
+    _check_same_backbone("bc", ckpt, BackboneConfig(gpt_weights=str(ckpt.parent / "gpt.safetensors")))
+    # a PPO run names the tuned backbone of the BC run it started from
+    ppo = tmp_path / "ppo" / "orderhead.safetensors"
+    ppo.parent.mkdir()
+    ppo.write_bytes(b"")
+    (ppo.parent / "summary.json").write_text(json.dumps({"bc_tuned_backbone": str(ckpt.parent / "gpt.safetensors")}))
+    with pytest.raises(ValueError, match="jointly tuned"):
+        _check_same_backbone("ppo", ppo, BackboneConfig())
