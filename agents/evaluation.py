@@ -5,6 +5,11 @@ Numbers (nats unless stated):
 * returns[name]: mean discounted return (gamma of the run) per episode; `returns_undiscounted` too.
   With reward=future_loss the undiscounted return is L_rest(empty) for every order, so only the
   discounted one ranks orders.
+* Router cores: `returns_per_block` scores each policy's block order replayed one block per step.
+  In semi-MDP mode (env.gamma set, `semi_mdp: true`) `returns` are already discounted in block time
+  (a decision at block-time tau weighs gamma^tau), so `returns_without_decision_cost` (or `returns`
+  when decision_cost = 0) equals `returns_per_block`: the latter is kept as a cross-check. Without it,
+  `returns` discount per decision and only `returns_per_block` is comparable across policies.
 * oracle_agreement: fraction of the learned policy's decisions that pick the oracle's argmax block.
 * regret: mean over those decisions of max_a u(a|S) - u(chosen|S) (u: the oracle utility of
   `oracle_kind`), in nats.
@@ -35,7 +40,6 @@ def _batches(image_index: torch.Tensor, batch: int):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def order_returns(core: OrderPlanningCore, image_index: torch.Tensor, blocks: torch.Tensor, gamma: float) -> torch.Tensor:
     """Discounted return [B] of fixed block sequences `blocks` [B, N] replayed one block per step
     (gamma per block, no decision cost) in a plain copy of `core`. This scores the *order* a
@@ -65,8 +69,8 @@ def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: to
         disc.append(out["discounted_return"][:n].double().cpu())
         undisc.append(out["return"][:n].double().cpu())
         decisions.append(out["decisions"][:n].double().cpu())
-        discount = gamma ** torch.arange(out["rewards"].shape[1], dtype=torch.float64)
-        refund = (out["live"].double().cpu() * core.cfg.decision_cost * discount).sum(1)
+        # each decision's cost at that decision's discount (block time in semi-MDP mode)
+        refund = (out["live"].double().cpu() * core.cfg.decision_cost * out["discount"].cpu()).sum(1)
         no_cost.append(disc[-1] + refund[:n])
     out = {"discounted": float(torch.cat(disc).mean()), "undiscounted": float(torch.cat(undisc).mean()),
            "decisions": float(torch.cat(decisions).mean()), "discounted_no_cost": float(torch.cat(no_cost).mean())}
@@ -115,6 +119,7 @@ def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_imag
     }
     if core.router:
         report["returns_per_block"] = {k: v["per_block"] for k, v in stats.items()}
+        report["semi_mdp"] = core.smdp
     if core.cfg.decision_cost:
         report["decision_cost"] = core.cfg.decision_cost
         report["returns_without_decision_cost"] = {k: v["discounted_no_cost"] for k, v in stats.items()}

@@ -20,6 +20,7 @@ observations; `run_episodes` plays full episodes on chosen images.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -248,32 +249,55 @@ class GymPolicy:
 
 @torch.no_grad()
 def run_episodes(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
-                 gamma: float = 0.99) -> dict[str, torch.Tensor]:
+                 gamma: float | None = None) -> dict[str, torch.Tensor]:
     """Reset every row of `core` on `image_index` [B] and play until all episodes are done (a finished
     row is left alone while the others go on). Returns, on the core's device:
         return [B]             undiscounted return (nats)
-        discounted_return [B]  sum_t gamma^t r_t over the row's decisions
+        discounted_return [B]  sum_t discount[t] r_t over the row's decisions
+        discount [B, S]        float64 discount of decision t: gamma^t, or in semi-MDP mode
+                               (`core.smdp`) gamma^tau_t with tau_t the blocks revealed before it
         rewards [B, S]         reward of decision t (0 after the row finished), S = most decisions
         live [B, S] bool       whether the row made decision t
         decisions [B]          number of decisions of each row
         blocks [B, N]          blocks in the order they were revealed
+    gamma: None = env.gamma in semi-MDP mode, else 0.99. In semi-MDP mode the core discounts the
+    blocks inside a decision by env.gamma, so a given `gamma` must equal it (ValueError otherwise);
+    the discounted return is then the per-block discounted return of the block order minus the
+    discounted decision costs.
     """
+    gamma = _episode_gamma(core, gamma)
     core.reset(None, image_index)
-    rewards, live = [], []
+    rewards, live, clock = [], [], []
     for _ in range(core.N):  # every live row reveals at least one block per decision
         active = ~core.done
         if not bool(active.any()):
             break
+        clock.append(core.steps.clone())  # blocks revealed before this decision
         reward, _ = core.step(policy.act(core.observation()), active=active)
         rewards.append(reward)
         live.append(active)
     r, lv = torch.stack(rewards, 1), torch.stack(live, 1)  # [B, S]
-    discount = gamma ** torch.arange(r.shape[1], device=r.device, dtype=torch.float64)
+    if core.smdp:
+        t = torch.stack(clock, 1).double()  # [B, S] block-time of each decision
+    else:
+        t = torch.arange(r.shape[1], device=r.device, dtype=torch.float64).expand_as(r)
+    discount = gamma**t
     return {
         "return": r.sum(1),
         "discounted_return": (r.double() * discount).sum(1).float(),
+        "discount": discount,
         "rewards": r,
         "live": lv,
         "decisions": lv.sum(1),
         "blocks": core.history.clone(),
     }
+
+
+def _episode_gamma(core: OrderPlanningCore, gamma: float | None) -> float:
+    """The discount of `run_episodes`: a semi-MDP core fixes it (env.gamma), otherwise `gamma` or 0.99."""
+    if not core.smdp:
+        return 0.99 if gamma is None else float(gamma)
+    if gamma is not None and not math.isclose(float(gamma), float(core.cfg.gamma), rel_tol=0.0, abs_tol=1e-12):
+        raise ValueError(f"the core discounts per block with env.gamma={core.cfg.gamma} (semi-MDP); "
+                         f"run its episodes with the same gamma, got {gamma}")
+    return float(core.cfg.gamma)

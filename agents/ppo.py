@@ -12,6 +12,13 @@ mode samples (budget index, K ordered blocks) from `agents.distributions.RouterD
 With the router, the decision cost is the env's business (`env.decision_cost` / env.decision_cost
 config): this module only handles the action format.
 
+Semi-MDP discounting. A router env in semi-MDP mode (env.gamma set, `core.smdp`) measures time in
+blocks: a decision revealing k blocks is followed by a discount gamma^k, not gamma, and its reward
+already discounts its own blocks (envs/core.py). GAE then runs with a per-step gamma^k: TorchRL's
+`GAE` raises its scalar gamma to the power of the `steps_to_next_obs` entry (the env's
+("next", "decision_blocks")) and runs the vectorised estimator on the resulting [B, T, 1] gamma
+tensor; lambda stays per decision. The env's gamma must equal cfg.gamma (checked).
+
 Initialising from a BC checkpoint is the caller's job: pass the loaded OrderHead as `model` (call
 `model.enable_router(budgets)` first for router mode). The model is trained in place.
 
@@ -57,7 +64,7 @@ from agents.orderhead import OrderHead, save_orderhead
 from backbone.checkpoint import CheckpointManager, rng_state, set_rng_state
 from backbone.run_utils import progress
 
-__all__ = ["OBS_KEYS", "PPOConfig", "make_actor_critic", "make_loss", "train_ppo", "iteration_seed",
+__all__ = ["OBS_KEYS", "PPOConfig", "make_actor_critic", "make_gae", "make_loss", "train_ppo", "iteration_seed",
            "discounted_episode_returns"]
 
 OBS_KEYS = ["hidden", "block_mask"]  # what the OrderHead reads; the distribution also reads action_mask
@@ -213,17 +220,31 @@ def make_actor_critic(model: OrderHead, router: bool = False, budgets: list[int]
     return actor, critic
 
 
-def make_loss(actor: ProbabilisticActor, critic: ValueOperator, cfg: PPOConfig) -> tuple[ClipPPOLoss, GAE]:
+SMDP_STEPS_KEY = ("next", "decision_blocks")  # k of each transition, written by a semi-MDP router env
+
+
+def make_gae(critic: ValueOperator | None, cfg: PPOConfig, smdp: bool = False) -> GAE:
+    """TorchRL's GAE with cfg.gamma and cfg.gae_lambda. smdp: discount each transition by gamma^k,
+    k [B, T] read from ("next", "decision_blocks") (GAE's `steps_to_next_obs` key). critic=None
+    reads state_value and ("next", "state_value") from the data instead."""
+    # deactivate_vmap: the critic is called on root and next observations in turn; vmap has no
+    # batching rule for the attention kernels and would fall back to a slow path
+    gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False, deactivate_vmap=True)
+    if smdp:
+        gae.set_keys(steps_to_next_obs=SMDP_STEPS_KEY)
+    return gae
+
+
+def make_loss(actor: ProbabilisticActor, critic: ValueOperator, cfg: PPOConfig,
+              smdp: bool = False) -> tuple[ClipPPOLoss, GAE]:
     """ClipPPOLoss (non-functional: it calls the shared modules directly, so an optimiser over
-    model.parameters() is all it needs) and its GAE value estimator."""
+    model.parameters() is all it needs) and its GAE value estimator (`make_gae`; smdp: per-step
+    gamma^k for a semi-MDP router env)."""
     loss = ClipPPOLoss(
         actor, critic, clip_epsilon=cfg.clip_epsilon, entropy_bonus=cfg.entropy_coef > 0,
         entropy_coeff=cfg.entropy_coef, critic_coeff=cfg.critic_coef, loss_critic_type=cfg.loss_critic_type,
         normalize_advantage=cfg.normalize_advantage, clip_value=cfg.clip_value, functional=False)
-    # deactivate_vmap: the critic is called on root and next observations in turn; vmap has no
-    # batching rule for the attention kernels and would fall back to a slow path
-    gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False, deactivate_vmap=True)
-    return loss, gae
+    return loss, make_gae(critic, cfg, smdp)
 
 
 def iteration_seed(seed: int, iteration: int) -> int:
@@ -234,6 +255,18 @@ def iteration_seed(seed: int, iteration: int) -> int:
 def _router_of(env: EnvBase) -> bool:
     """Router actions are [B, 1 + K], plain ones [B]."""
     return len(env.action_spec.shape) > len(env.batch_size)
+
+
+def _smdp_of(env: EnvBase, gamma: float) -> bool:
+    """Whether `env` is a semi-MDP router env (an OrderPlanningEnv whose core has env.gamma set);
+    raises ValueError when its per-block gamma differs from PPO's."""
+    core = getattr(env, "core", None)
+    if not getattr(core, "smdp", False):
+        return False
+    if not math.isclose(float(core.cfg.gamma), float(gamma), rel_tol=0.0, abs_tol=1e-12):
+        raise ValueError(f"the env discounts per block with env.gamma={core.cfg.gamma} (semi-MDP router) but "
+                         f"ppo.gamma={gamma}: set them equal")
+    return True
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -265,6 +298,7 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
     if router and not model.has_router:
         raise ValueError("the env takes router actions but the OrderHead has no router head (model.enable_router)")
     budgets = list(model.cfg.budgets) if router else None
+    smdp = _smdp_of(env, cfg.gamma)  # block-time discounting: GAE with gamma^k per decision
     env_cfg = getattr(getattr(env, "core", None), "cfg", None)  # an OrderPlanningEnv's EnvConfig
     if router and env_cfg is not None and list(env_cfg.budget or []) != budgets:
         raise ValueError(f"the env's budgets {env_cfg.budget} differ from the OrderHead router's {budgets}")
@@ -282,7 +316,7 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
     train_env = TransformedEnv(env, RewardSum())  # episode_reward: the undiscounted return, in nats
     train_env.append_transform(StepCounter())  # step_count: decisions so far
     actor, critic = make_actor_critic(model, router, budgets, cfg.R)
-    loss_module, gae = make_loss(actor, critic, cfg)
+    loss_module, gae = make_loss(actor, critic, cfg, smdp)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     storage = LazyTensorStorage(F, device=env.device or device)  # one batch of frames, reused every iteration
 
@@ -340,6 +374,8 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
             next_td.set("reward", raw_reward * reward_scale)
 
             # -- advantages -----------------------------------------------------------------------
+            if smdp and SMDP_STEPS_KEY not in data.keys(True):  # GAE would silently fall back to gamma
+                raise KeyError(f"a semi-MDP env must write {SMDP_STEPS_KEY} (k per decision)")
             with torch.no_grad():
                 data = gae(data)
             explained_var = _explained_variance(data.get("state_value"), data.get("value_target"))
@@ -386,9 +422,11 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
             if bool(done.any()):
                 metrics["train/mean_return"] = float(next_td.get("episode_reward")[..., 0][done].mean())
                 # what PPO maximises; with reward=future_loss the undiscounted return is the same
-                # for every order (it telescopes), so this is the one that shows learning
+                # for every order (it telescopes), so this is the one that shows learning. Semi-MDP:
+                # a decision is discounted by the blocks revealed before it (the `step` observation)
+                clock = data.get("step") if smdp else data.get("step_count")[..., 0]
                 metrics["train/mean_discounted_return"] = float(discounted_episode_returns(
-                    raw_reward[..., 0], data.get("step_count")[..., 0], done, cfg.gamma).mean())
+                    raw_reward[..., 0], clock, done, cfg.gamma).mean())
                 metrics["train/mean_decisions"] = float(next_td.get("step_count")[..., 0][done].float().mean())
                 metrics["train/episodes"] = float(done.sum())
             if router:
@@ -447,10 +485,10 @@ def _minibatch_stats(loss: TensorDictBase, grad_norm: torch.Tensor) -> dict[str,
 
 def discounted_episode_returns(reward: torch.Tensor, step: torch.Tensor, done: torch.Tensor,
                                gamma: float) -> torch.Tensor:
-    """sum_t gamma^t r_t of every episode that ends in a rollout [B, T] whose episodes all start
+    """sum_t gamma^step_t r_t of every episode that ends in a rollout [B, T] whose episodes all start
     inside it (the collector resets the env at every iteration). reward [B, T] (nats), step [B, T]
-    decisions made before each one (StepCounter's root step_count), done [B, T] bool. Returns the
-    returns of the finished episodes, in (row, time) order."""
+    decisions made before each one (StepCounter's root step_count; semi-MDP: blocks revealed before
+    it), done [B, T] bool. Returns the returns of the finished episodes, in (row, time) order."""
     c = reward.double() * gamma ** step.double()  # [B, T]
     cs = c.cumsum(-1)
     t = torch.arange(reward.shape[-1], device=reward.device).expand_as(done)

@@ -1,6 +1,11 @@
 """`scripts/ppo.py`: PPO fine-tuning of a behaviour-cloned OrderHead (seed 000 after Stage 4), with
 the budget router as an extra action head when `agent.router=true` (Stage 6). The held-out report
-is the one BC writes, plus the router's mean budget and decisions per episode."""
+is the one BC writes, plus the router's mean budget and decisions per episode.
+
+Router runs discount in block time (semi-MDP, envs/core.py): the training env gets env.gamma =
+ppo.gamma (env.gamma left null is filled in; a different value fails), and the held-out report's
+router core uses eval.gamma, so its returns are per-block discounted returns minus the discounted
+decision costs, on the scale of the one-block-per-decision BC planner."""
 
 from __future__ import annotations
 
@@ -46,6 +51,18 @@ class PPORun:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
+def smdp_gamma(run: PPORun) -> float | None:
+    """env.gamma of the training env: ppo.gamma for router runs (block-time discounting, so a
+    decision revealing k blocks is followed by gamma^k), raising ValueError when env.gamma is set to
+    something else; plain runs keep env.gamma (it changes nothing when every decision is one block)."""
+    if not run.agent.router:
+        return run.env.gamma
+    if run.env.gamma is not None and run.env.gamma != run.ppo.gamma:
+        raise ValueError(f"router runs discount per block with ppo.gamma={run.ppo.gamma}, but env.gamma="
+                         f"{run.env.gamma}: leave env.gamma null (it is set to ppo.gamma) or make them equal")
+    return run.ppo.gamma
+
+
 def run_ppo(run: PPORun) -> dict:
     """Fine-tune, evaluate on held-out images, write run_dir/{orderhead.safetensors, summary.json}."""
     t0 = time.time()
@@ -54,26 +71,33 @@ def run_ppo(run: PPORun) -> dict:
     if init is None or not init.is_file():
         raise FileNotFoundError(f"no BC planner at {run.agent.init_from}: run `python scripts/bc.py` first "
                                 "(or set agent.init_from=/path/to/orderhead.safetensors)")
+    tuned = init.parent / "gpt.safetensors"  # BC with joint tuning (bc.joint.top_n > 0): the head's backbone
+    if tuned.is_file():
+        print(f"note: {init.parent} holds a jointly tuned backbone; using backbone.gpt_weights={tuned}")
+        run = replace(run, backbone=replace(run.backbone, gpt_weights=str(tuned.resolve())))
     budgets = list(run.agent.budgets) if run.agent.router else None
-    env_cfg = replace(run.env, split="train", budget=budgets)
+    env_cfg = replace(run.env, split="train", budget=budgets, gamma=smdp_gamma(run))
     core = make_core(run.backbone, env=env_cfg, batch_size=run.batch_size, device=device, seed=run.seed)
     model = load_orderhead(init, hidden_dim=core.D, geometry=core.geom, device=device)
     if budgets is not None:
         model.enable_router(budgets)
-    print(f"PPO from {init} ({'router ' + str(budgets) + f', decision cost {env_cfg.decision_cost}' if budgets else 'one block per decision'}); "
+    print(f"PPO from {init} ({'router ' + str(budgets) + f', decision cost {env_cfg.decision_cost}, gamma per block' if budgets else 'one block per decision'}); "
           f"{run.ppo.num_iterations} iterations of {run.ppo.frames_per_batch} decisions, gamma {run.ppo.gamma}")
     logger = Logger(run, Path(run.run_dir), job="ppo")
     result = train_ppo(OrderPlanningEnv(core), model, run.ppo, run.run_dir, logger=logger)
 
-    report = heldout_report(run.backbone, run.env, run.eval, model, device, run.seed, run.oracle_kind, budgets)
+    # the report discounts with eval.gamma; a semi-MDP router core must discount its blocks the same way
+    eval_env = replace(run.env, gamma=run.eval.gamma if budgets is not None else run.env.gamma)
+    report = heldout_report(run.backbone, eval_env, run.eval, model, device, run.seed, run.oracle_kind, budgets)
     logger.log({f"eval/return_{k}": v for k, v in report["returns"].items()}, result["frames"])
     logger.close()
     summary = {**report, "stage": "ppo", "init_from": str(init), "weights": str(Path(run.run_dir) / "orderhead.safetensors"),
                "iterations": result["iterations"], "frames": result["frames"], "finished": result["finished"],
                "train_metrics": result["metrics"], "wall_time_s": time.time() - t0, "config": asdict(run)}
+    summary["bc_tuned_backbone"] = run.backbone.gpt_weights if tuned.is_file() else None
     if budgets is not None:
         d = report["decisions_per_episode"]["learned"]
-        summary["router"] = {"budgets": budgets, "decision_cost": env_cfg.decision_cost,
+        summary["router"] = {"budgets": budgets, "decision_cost": env_cfg.decision_cost, "smdp_gamma": env_cfg.gamma,
                              "decisions_per_episode": d, "mean_budget": core.N / d}
     bc_summary = init.parent / "summary.json"
     if bc_summary.is_file():  # the BC numbers under the same images, reward and gamma, for comparison

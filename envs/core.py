@@ -24,6 +24,17 @@ Rewards (nats per decision; `reward=`):
                  sampler's temperature / top-k / top-p filters.
 Every decision also costs `decision_cost`.
 
+Semi-MDP discounting (`gamma=` set, router only). Time is counted in blocks, not decisions: a
+decision at block-time tau revealing b_1..b_k gets R = sum_{i<k} gamma^i r_i - decision_cost, where
+r_i is the one-block reward above of revealing b_i after b_1..b_{i-1} (anytime: -L_rest(after b_i)/L;
+likelihood: log p(b_i | S, b_1..b_{i-1}); extrapolative: with w(., b_i)), and the discount to the
+next decision is gamma^k (`decision_blocks` holds k). The SMDP return sum_t gamma^tau_t R_t then
+equals the per-block discounted return of the same block order (minus the discounted decision
+costs), so router and one-block policies are on one scale. Cost: one query per revealed block (k
+per decision) instead of one per decision. With gamma=None a decision's reward comes from one query
+as above (the undiscounted sum over its blocks for future_loss); plain actions (k = 1) are the same
+either way.
+
 Shapes: B batch rows, L tokens, N blocks, T tokens per block, K max blocks per decision, D model dim.
 """
 
@@ -64,6 +75,7 @@ class EnvConfig:
     hidden: str = "token"  # token: [B, L, D] per-token hidden states | block: [B, N, D] block means
     budget: list[int] | None = None  # e.g. [1, 2, 4] turns on the budget router action
     decision_cost: float = 0.0  # nats charged per planner decision
+    gamma: float | None = None  # router only: semi-MDP discount per block (see module doc); None = per decision
     sampling: SamplingSpec = field(default_factory=SamplingSpec)
     oracle_chunk: int | None = None  # candidates per batched oracle pass (memory bound); None = all
 
@@ -82,6 +94,8 @@ class EnvConfig:
             raise ValueError(f"env.split must be train or heldout, got {self.split!r}")
         if self.budget is not None and (len(self.budget) == 0 or min(self.budget) < 1):
             raise ValueError(f"env.budget must be a non-empty list of positive block counts, got {self.budget}")
+        if self.gamma is not None and not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"env.gamma must lie in (0, 1] (or be null: per-decision rewards), got {self.gamma}")
 
 
 class OrderPlanningCore:
@@ -109,6 +123,8 @@ class OrderPlanningCore:
         self.budgets = torch.tensor(cfg.budget or [1], device=dev)
         self.K = int(self.budgets.max())
         self.router = cfg.budget is not None
+        # semi-MDP: per-block rewards discounted inside a decision (plain actions reveal 1 block: no-op)
+        self.smdp = self.router and cfg.gamma is not None
         self.use_cfg = cfg.mode == "generate" and cfg.sampling.cfg_scale > 1.0
         self.sc = SamplingConfig(**vars(cfg.sampling))
         self.weights = extrapolative_weights(self.geom, cfg.weight, cfg.neighbour_weight).to(dev)  # [N, L]
@@ -119,6 +135,8 @@ class OrderPlanningCore:
         self.revealed = torch.zeros(B, self.N, dtype=torch.bool, device=dev)
         self.history = torch.full((B, self.N), -1, dtype=torch.long, device=dev)  # blocks in reveal order
         self.steps = torch.zeros(B, dtype=torch.long, device=dev)
+        # k of each row's last decision (blocks it revealed; 0 after a reset): the SMDP discount is gamma^k
+        self.decision_blocks = torch.zeros(B, dtype=torch.long, device=dev)
         self.hidden_tok = torch.zeros(B, self.L, self.D, dtype=self.dtype, device=dev)
         self.token_loss = torch.zeros(B, self.L, dtype=torch.float32, device=dev)
         self.needs_reset = torch.ones(B, dtype=torch.bool, device=dev)
@@ -205,6 +223,7 @@ class OrderPlanningCore:
         self.revealed[rows] = False
         self.history[rows] = -1
         self.steps[rows] = 0
+        self.decision_blocks[rows] = 0
         self.hidden_tok[rows] = 0
         self.state.reset_rows_(rows, self.label[rows])
         if self.ustate is not None:
@@ -269,9 +288,17 @@ class OrderPlanningCore:
     @torch.no_grad()
     def step(self, action: torch.Tensor, active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply an action to every row (or only to `active` rows [B] bool: the others keep their
-        state and get reward 0). Returns reward [B] (float32, nats) and done [B] bool.
+        state and get reward 0). Returns reward [B] (float32, nats) and done [B] bool; the blocks
+        each active row revealed are in `decision_blocks` [B] (inactive rows keep theirs).
         Invalid actions raise ValueError before anything changes."""
         blocks, k = self.parse_action(action, active)
+        reward = self._step_smdp(blocks) if self.smdp else self._step_decision(blocks, k)
+        self.steps += k
+        self.decision_blocks = torch.where(k > 0, k, self.decision_blocks)  # inactive rows keep their state
+        return torch.where(k > 0, reward, 0.0), self.done
+
+    def _step_decision(self, blocks: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Reveal blocks [B, K] (-1 = none), then one query: reward [B] of the whole decision (nats)."""
         unseen_before = self.unseen
         loss_before = self.token_loss
         loglik = torch.zeros(self.B, device=self.device)
@@ -279,24 +306,52 @@ class OrderPlanningCore:
             active = blocks[:, i] >= 0
             if not bool(active.any()):
                 break
-            blk = blocks[:, i].clamp(min=0)
-            positions = self.block_tokens[blk]  # [B, T]
-            if self.cfg.mode == "teacher_forced":
-                loglik += self._reveal_teacher_forced(positions, active)
-            else:
-                self._reveal_generated(positions, active)
-            self.revealed[active, blk[active]] = True
-            self.history[active, self.steps[active] + i] = blk[active]
-        self.steps += k
+            loglik += self._reveal_block(blocks[:, i], active, i)
         losses, hid = self._query_losses()
+        self._store_pending_hidden(hid, torch.ones(self.B, dtype=torch.bool, device=self.device))
+        reward = self._reward(blocks, k, unseen_before, loss_before, self.unseen, losses, loglik)
+        self.token_loss = torch.where((k > 0)[:, None], losses, self.token_loss)
+        return reward
+
+    def _step_smdp(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Semi-MDP step: reveal blocks [B, K] (-1 = none) one at a time with a query after each, and
+        return R [B] = sum_i gamma^i r_i - decision_cost (nats), r_i the one-block reward of block i."""
+        gamma = float(self.cfg.gamma)
+        total = torch.zeros(self.B, dtype=torch.float64, device=self.device)
+        one = torch.ones(self.B, dtype=torch.long, device=self.device)
+        for i in range(blocks.shape[1]):
+            active = blocks[:, i] >= 0
+            if not bool(active.any()):
+                break
+            unseen_before, loss_before = self.unseen, self.token_loss
+            loglik = self._reveal_block(blocks[:, i], active, i)
+            losses, hid = self._query_losses()
+            self._store_pending_hidden(hid, active)
+            r = self._information_reward(blocks[:, i:i + 1], one, unseen_before, loss_before, self.unseen, losses, loglik)
+            total += torch.where(active, r, 0.0).double() * gamma**i
+            self.token_loss = torch.where(active[:, None], losses, self.token_loss)
+        return (total - self.cfg.decision_cost).float()
+
+    def _reveal_block(self, block: torch.Tensor, active: torch.Tensor, i: int) -> torch.Tensor:
+        """Reveal block [B] (the i-th of this decision) on active rows [B] bool; returns its
+        teacher-forced log-likelihood [B] (nats; 0 in generation mode and on inactive rows)."""
+        blk = block.clamp(min=0)
+        positions = self.block_tokens[blk]  # [B, T]
+        if self.cfg.mode == "teacher_forced":
+            loglik = self._reveal_teacher_forced(positions, active)
+        else:
+            self._reveal_generated(positions, active)
+            loglik = torch.zeros(self.B, device=self.device)
+        self.revealed[active, blk[active]] = True
+        self.history[active, self.steps[active] + i] = blk[active]
+        return loglik
+
+    def _store_pending_hidden(self, hid: torch.Tensor, rows: torch.Tensor) -> None:
+        """hidden_tok[b, pending position] := hid [B, D] (the query's target-free row) on rows [B]."""
         pend = self.state.pending_pos
-        rows = torch.arange(self.B, device=self.device)
-        self.hidden_tok[rows, pend.clamp(min=0)] = torch.where((pend >= 0)[:, None], hid, self.hidden_tok[rows, pend.clamp(min=0)])
-        unseen_after = self.unseen
-        reward = self._reward(blocks, k, unseen_before, loss_before, unseen_after, losses, loglik)
-        moved = k > 0
-        self.token_loss = torch.where(moved[:, None], losses, self.token_loss)
-        return torch.where(moved, reward, 0.0), self.done
+        idx = torch.arange(self.B, device=self.device)
+        keep = self.hidden_tok[idx, pend.clamp(min=0)]
+        self.hidden_tok[idx, pend.clamp(min=0)] = torch.where(((pend >= 0) & rows)[:, None], hid, keep)
 
     def _reveal_teacher_forced(self, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
         """Append the ground-truth tokens of one block per active row; returns their log-likelihood [B]."""
@@ -359,6 +414,16 @@ class OrderPlanningCore:
         return losses, hid[:, -1]
 
     def _reward(self, blocks, k, unseen_before, loss_before, unseen_after, loss_after, loglik) -> torch.Tensor:
+        """Reward [B] (float32, nats) of a decision that revealed blocks [B, K] (k [B] of them), decision
+        cost included."""
+        r = self._information_reward(blocks, k, unseen_before, loss_before, unseen_after, loss_after, loglik)
+        return (r - self.cfg.decision_cost).float()
+
+    def _information_reward(self, blocks, k, unseen_before, loss_before, unseen_after, loss_after,
+                            loglik) -> torch.Tensor:
+        """Reward [B] (nats) of revealing blocks [B, K] (k [B] of them, -1 past k) between the states
+        (unseen_before [B, L] bool, loss_before [B, L]) and (unseen_after, loss_after); loglik [B] is
+        their teacher-forced log-likelihood. No decision cost."""
         rest_before = (loss_before * unseen_before).sum(-1)
         rest_after = (loss_after * unseen_after).sum(-1)
         kind = self.cfg.reward
@@ -372,7 +437,7 @@ class OrderPlanningCore:
             r = -k.float() * rest_after / self.L
         else:  # likelihood
             r = loglik
-        return (r - self.cfg.decision_cost).float()
+        return r
 
     # -- oracle -----------------------------------------------------------------------------------
 

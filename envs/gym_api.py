@@ -228,7 +228,9 @@ class OrderPlanningGymEnv(gymnasium.Env):
     builds the core with `make_core` (env_fields: reward=, mode=, budget=, hidden=, ... or dotted
     config keys), or wraps `core` (batch_size 1). `reset(seed=, options={"image_index": i})`:
     a seed reseeds the core (image draws, generation-mode sampling). `step(action)` ->
-    (obs, reward [nats, float], terminated, False, {"image_index": i}).
+    (obs, reward [nats, float], terminated, False, {"image_index": i}); with the router in semi-MDP
+    mode (env.gamma set) the info also has "decision_blocks" (k, blocks revealed by this step) and
+    "discount" (gamma^k, the discount from this decision to the next).
     """
 
     metadata = {"render_modes": []}
@@ -252,7 +254,11 @@ class OrderPlanningGymEnv(gymnasium.Env):
         return out
 
     def _info(self) -> dict[str, Any]:
-        return {"image_index": int(self.core.image_index[0])}
+        info: dict[str, Any] = {"image_index": int(self.core.image_index[0])}
+        if self.core.smdp:
+            k = int(self.core.decision_blocks[0])
+            info.update(decision_blocks=k, discount=float(self.core.cfg.gamma) ** k)
+        return info
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -290,7 +296,9 @@ class OrderPlanningVectorEnv(gymnasium.vector.VectorEnv):
                            dtype=None, **env_fields)
     `reset(seed=int, options={"image_index": [B], "reset_mask": bool [B]})`: one core, one generator,
     so the seed is a single int. `step(actions)` with actions [B] (router: [B, 1 + K]) ->
-    (obs, rewards float64 [B], terminated [B], truncated [B] (always False), {"image_index": [B], ...}).
+    (obs, rewards float64 [B], terminated [B], truncated [B] (always False), {"image_index": [B], ...});
+    with the router in semi-MDP mode (env.gamma set) the info also has "decision_blocks" int64 [B]
+    (k per sub-env, 0 on autoreset steps) and "discount" float64 [B] (gamma^k).
     Invalid actions on rows that are not being reset raise ValueError and nothing observable changes.
     """
 
@@ -319,8 +327,14 @@ class OrderPlanningVectorEnv(gymnasium.vector.VectorEnv):
         return obs
 
     def _info(self) -> dict[str, Any]:
-        return {"image_index": self.core.image_index.cpu().numpy().copy(),
+        info = {"image_index": self.core.image_index.cpu().numpy().copy(),
                 "_image_index": np.ones(self.num_envs, dtype=bool)}
+        if self.core.smdp:
+            k = self.core.decision_blocks.cpu().numpy().astype(np.int64)
+            info.update(decision_blocks=k, _decision_blocks=np.ones(self.num_envs, dtype=bool),
+                        discount=float(self.core.cfg.gamma) ** k.astype(np.float64),
+                        _discount=np.ones(self.num_envs, dtype=bool))
+        return info
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         if seed is not None:

@@ -5,6 +5,11 @@ Observation keys: hidden [B, L, D] (or [B, N, D] with env.hidden=block), block_m
 action_mask [B, N] bool, label [B], step [B], image_index [B]; generation mode adds tokens [B, L]
 and image [B, C, H, W]. Action: `action` [B] (a block index, masked to unrevealed blocks), or with
 the budget router [B, 1 + K] (budget index, then K ordered blocks). Reward [B, 1] in nats.
+With the router in semi-MDP mode (env.gamma set, see envs/core.py) the step output also carries
+`decision_blocks` [B, 1] long: k, the blocks revealed by the decision that led to this observation
+(0 after a reset), so the discount from this decision to the next is gamma^k. It is an observation
+key, so after `step_mdp` the root holds the *previous* decision's k: read the transition's k at
+("next", "decision_blocks") (e.g. `GAE.set_keys(steps_to_next_obs=("next", "decision_blocks"))`).
 A reset tensordict may carry `reset_image_index` [B] to choose the images (evaluation on fixed
 images); it is a separate key from the `image_index` observation, so the usual
 `td["_reset"] = td["done"]; env.reset(td)` loop draws new images.
@@ -44,6 +49,8 @@ class OrderPlanningEnv(EnvBase):
             "step": Bounded(low=0, high=N, shape=(B,), dtype=torch.long, device=dev),
             "image_index": Categorical(n=c.num_images, shape=(B,), dtype=torch.long, device=dev),
         }
+        if c.smdp:
+            obs["decision_blocks"] = Bounded(low=0, high=c.K, shape=(B, 1), dtype=torch.long, device=dev)
         if c.cfg.mode == "generate":
             obs["tokens"] = Bounded(low=-1, high=c.gpt.cfg.vocab_size - 1, shape=(B, L), dtype=torch.long, device=dev)
             obs["image"] = Bounded(low=-1.0, high=1.0, shape=(B, *c.image_shape()), dtype=torch.float32, device=dev)
@@ -68,6 +75,8 @@ class OrderPlanningEnv(EnvBase):
 
     def _output(self, obs: dict[str, torch.Tensor], done: torch.Tensor) -> TensorDict:
         d = done[:, None]
+        if self.core.smdp:
+            obs = {**obs, "decision_blocks": self.core.decision_blocks[:, None].clone()}
         return TensorDict({**obs, "done": d.clone(), "terminated": d.clone(),
                            "truncated": torch.zeros_like(d)}, batch_size=self.batch_size, device=self.device)
 

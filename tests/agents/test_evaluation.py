@@ -38,3 +38,28 @@ def test_router_orders_are_scored_per_block():
     core = toy_core(batch_size=2, n_images=2, budget=[1, 2, 4], decision_cost=0.0)
     rep = evaluate({"raster": make_policy("raster", core)}, core, num_images=2, gamma=0.9, learned=None)
     assert rep["returns_per_block"]["raster"] == pytest.approx(rep["returns"]["raster"], rel=1e-5)
+
+
+def test_smdp_router_returns_equal_per_block_returns_up_to_costs():
+    """Semi-MDP router core (env.gamma = the report's gamma): `returns` are discounted in block time,
+    so adding back each decision's cost at its block-time discount gives the per-block return of the
+    same order, for mixed budgets (random) and a fixed budget of 4."""
+    import torch
+
+    from agents.policies import run_episodes
+
+    lam = 0.5
+    core = toy_core(batch_size=2, n_images=3, budget=[1, 2, 4], decision_cost=lam, gamma=0.9)
+    policies = {"random": make_policy("random", core, seed=3), "raster4": make_policy("raster", core, budget=4)}
+    rep = evaluate(policies, core, num_images=3, gamma=0.9, learned=None)
+    assert rep["semi_mdp"] is True
+    for name in policies:
+        per_block = rep["returns_per_block"][name]
+        assert rep["returns_without_decision_cost"][name] == pytest.approx(per_block, rel=1e-5, abs=1e-4), name
+        assert rep["returns"][name] < per_block - lam  # the first decision alone costs lam
+    assert rep["decisions_per_episode"]["raster4"] == core.N / 4
+    # the discount of each decision is gamma^(blocks revealed before it)
+    out = run_episodes(policies["raster4"], core, torch.tensor([0, 1]))
+    assert torch.allclose(out["discount"][0], 0.9 ** (4.0 * torch.arange(core.N // 4, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="env.gamma"):
+        run_episodes(policies["raster4"], core, torch.tensor([0, 1]), gamma=0.5)

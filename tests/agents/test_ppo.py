@@ -450,3 +450,87 @@ def test_ppo_improves_on_the_key_block_toy(tmp_path):
     train_ppo(OrderPlanningEnv(core), model, cfg, tmp_path / "run")
     after = score()
     assert after > before + 10.0, (before, after)  # oracle (key block first) ~133, random ~44
+
+
+# -- semi-MDP router (env.gamma): GAE with gamma^k per decision -----------------------------------
+
+
+def naive_gae(reward, value, next_value, done, terminated, gamma_t, lmbda):
+    """A_t = delta_t + gamma_t lambda (1 - done_t) A_t+1, delta_t = r_t + gamma_t (1 - term_t) V(s_t+1)
+    - V(s_t), by a Python loop over [B, T] tensors."""
+    B, T = reward.shape
+    adv = torch.zeros(B, T, dtype=torch.float64)
+    for b in range(B):
+        nxt = 0.0
+        for t in reversed(range(T)):
+            g = float(gamma_t[b, t])
+            delta = float(reward[b, t]) + g * (1 - float(terminated[b, t])) * float(next_value[b, t]) - float(value[b, t])
+            nxt = delta + g * lmbda * (1 - float(done[b, t])) * nxt
+            adv[b, t] = nxt
+    return adv
+
+
+def test_smdp_gae_matches_naive_per_step_discount():
+    from agents.ppo import make_gae
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 9
+    reward, value, next_value = (torch.randn(B, T, generator=g) for _ in range(3))
+    k = torch.tensor(BUDGETS)[torch.randint(3, (B, T), generator=g)]
+    done = torch.zeros(B, T, dtype=torch.bool)
+    done[0, 3] = done[1, 6] = done[2, 8] = True  # episode ends inside the rollout (the next value is 0-weighted)
+    truncated = torch.zeros(B, T, dtype=torch.bool)
+    truncated[1, 8] = True  # a cut episode: done, not terminated (bootstrapped from V, the lambda chain stops)
+    terminated = done.clone()
+    done = done | truncated
+    cfg = PPOConfig(gamma=0.9, gae_lambda=0.8)
+    td = TensorDict({"state_value": value[..., None],
+                     "next": {"state_value": next_value[..., None], "reward": reward[..., None],
+                              "done": done[..., None], "terminated": terminated[..., None],
+                              "decision_blocks": k[..., None]}}, batch_size=[B, T])
+    out = make_gae(None, cfg, smdp=True)(td.clone())
+    ref = naive_gae(reward, value, next_value, done, terminated, 0.9 ** k.double(), 0.8)
+    torch.testing.assert_close(out["advantage"][..., 0].double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["value_target"][..., 0].double(), ref + value.double(), atol=1e-5, rtol=1e-5)
+    # without smdp the same data is discounted by gamma per decision
+    plain = make_gae(None, cfg)(td.clone())
+    ref_plain = naive_gae(reward, value, next_value, done, terminated, torch.full((B, T), 0.9), 0.8)
+    torch.testing.assert_close(plain["advantage"][..., 0].double(), ref_plain, atol=1e-5, rtol=1e-5)
+    assert (ref - ref_plain).abs().max() > 0.1
+
+
+def test_ppo_smdp_router_on_the_key_block_toy(tmp_path):
+    """The router in semi-MDP mode (env.gamma = ppo.gamma) trains on the key-block toy with finite
+    losses; a different env.gamma fails clearly."""
+    from agents.orderhead import orderhead_config_for
+    from agents.toy import make_toy_core
+
+    torch.manual_seed(0)
+    core = make_toy_core(batch_size=4, num_images=16, seed=0, budget=BUDGETS, decision_cost=0.5, gamma=0.5)
+    model = OrderHead(orderhead_config_for(core.D, core.geom, d_model=32, n_heads=4, R=0, budgets=BUDGETS,
+                                           num_classes=core.gpt.cfg.num_classes))
+    cfg = PPOConfig(frames_per_batch=4 * core.N, total_frames=2 * 4 * core.N, minibatch_size=core.N, epochs=2,
+                    gamma=0.5, eval_every=0, ckpt_every=100)
+    out = train_ppo(OrderPlanningEnv(core), model, cfg, tmp_path / "run")
+    m = out["metrics"]
+    for key in ("train/loss_objective", "train/loss_critic", "train/entropy", "train/mean_discounted_return",
+                "train/mean_budget"):
+        assert key in m and math.isfinite(m[key]), key
+    assert m["train/mean_decisions"] < core.N  # some decisions revealed several blocks
+    with pytest.raises(ValueError, match="env.gamma"):
+        train_ppo(OrderPlanningEnv(core), model, PPOConfig(**{**cfg.__dict__, "gamma": 0.9}), tmp_path / "other")
+
+
+def test_router_runs_discount_per_block():
+    """scripts/ppo.py: router runs get env.gamma = ppo.gamma; a conflicting env.gamma fails."""
+    from agents.ppo_run import PPORun, smdp_gamma
+
+    run = PPORun()
+    assert smdp_gamma(run) is None  # plain: unchanged
+    run.agent.router = True
+    assert smdp_gamma(run) == run.ppo.gamma
+    run.env.gamma = run.ppo.gamma
+    assert smdp_gamma(run) == run.ppo.gamma
+    run.env.gamma = 0.5
+    with pytest.raises(ValueError, match="env.gamma"):
+        smdp_gamma(run)

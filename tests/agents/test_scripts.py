@@ -43,6 +43,7 @@ def test_bc_then_ppo_write_their_summaries(tmp_path):
     router = json.loads((tmp_path / "router" / "summary.json").read_text())["router"]
     assert 1.0 <= router["mean_budget"] <= 4.0
     assert router["decisions_per_episode"] * router["mean_budget"] == pytest.approx(16)
+    assert router["smdp_gamma"] == 0.9  # block-time discounting with ppo.gamma
 
 
 def test_ppo_without_bc_checkpoint_says_what_to_do(tmp_path):
