@@ -12,6 +12,23 @@ e.g. [0, 1, 2]: equal shares of the steps), on the same parameters. Optional DAg
 states visited by the current learner (labels from the oracle). Exact resume: the minibatch of
 step s is drawn from a generator seeded by (seed, s); model, optimizer and RNG state are
 checkpointed atomically.
+
+Limited joint tuning (seed Stage 5, `bc.joint.top_n > 0`, off by default): from step
+`bc.joint.start_step` on, the top n transformer blocks of the GPT (and, with `tune_output`, its final
+norm and output projection) are trained together with the OrderHead. Objective, for the tuned
+backbone parameters theta_G: L = L_AR + lambda * L_OH, lambda = `bc.joint.lam`, where L_AR is the
+backbone's own block-RAR training loss (`backbone.train.ar_loss`, nats/token, on a batch of
+`ar_batch_size` train images in random block orders, `ar_batch` as in Stage 1) and L_OH the BC
+cross-entropy above (nats/state). The OrderHead's gradient is that of L_OH alone (L_AR does not
+depend on it; lambda only rescales the backbone's share), so with lambda -> 0 the backbone just
+keeps training on L_AR and the head sees its features. For L_OH the hidden states of the minibatch
+are recomputed by the tuned GPT in one causal pass per state (`state_features`, equal to the env's
+incremental features up to float rounding), with autograd reaching only the unfrozen blocks; the
+GPT is kept in eval mode (no dropout), as the frozen backbone is. The oracle labels are NOT
+recomputed: they stay those of the original backbone (the data set of `oracle.out_dir`), and DAgger
+rollouts and their labels also use the original backbone. The tuned GPT is written to
+run_dir/gpt.safetensors and the held-out report scores every policy on it, next to the backbone's
+held-out bits/token before and after tuning.
 """
 
 from __future__ import annotations
@@ -27,8 +44,13 @@ from agents.evaluation import evaluate
 from agents.oracle_data import BuildOracleRun, OracleDataset, build_oracle, collect_states, select_images
 from agents.orderhead import OrderHead, orderhead_config_for, save_orderhead
 from agents.policies import OrderHeadPolicy, make_policy
-from backbone.checkpoint import CheckpointManager, atomic_write_json, rng_state, set_rng_state
-from backbone.config import BackboneConfig, WandbConfig
+from backbone.blocks import BlockGeometry
+from backbone.checkpoint import (CheckpointManager, atomic_write_json, load_safetensors, rng_state, set_rng_state,
+                                 sha256_file)
+from backbone.config import BackboneConfig, BackboneTrainConfig, WandbConfig, resolve_path
+from backbone.gpt import GPT
+from backbone.loading import build_backbone, load_token_data, save_gpt
+from backbone.train import ar_batch, ar_loss, heldout_nll
 from backbone.run_utils import Logger, progress, setup_device
 from envs.core import EnvConfig, OrderPlanningCore
 from envs.factory import make_core
@@ -60,6 +82,31 @@ class AgentSpec:
 
 
 @dataclass
+class JointConfig:
+    """Limited joint tuning (seed Stage 5): L = L_AR + lam * L_OH on the top `top_n` GPT blocks."""
+
+    top_n: int = 0  # top transformer blocks of the GPT trained with the OrderHead; 0 = frozen backbone (off)
+    tune_output: bool = True  # with top_n > 0: also tune the GPT's final norm and output projection
+    lam: float = 1.0  # lambda: weight of L_OH (nats/state) next to L_AR (nats/token) for the backbone
+    lr: float = 1e-5  # AdamW lr of the tuned backbone parameters (the head keeps bc.lr)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # norm clip of the backbone gradient (the head's is clipped by bc.grad_clip)
+    ar_batch_size: int = 32  # train images per L_AR batch
+    ar_random_ratio: float = 1.0  # share of L_AR images in random block orders (else raster), as in Stage 1
+    class_dropout: float = 0.1  # L_AR labels dropped to the null class (keeps CFG working), as in Stage 1
+    start_step: int = 0  # the head trains alone on the frozen features before this step
+
+    def validate(self, n_layer: int, steps: int) -> None:
+        if not 0 <= self.top_n <= n_layer:
+            raise ValueError(f"bc.joint.top_n must lie in [0, {n_layer}] (the GPT's layers), got {self.top_n}")
+        if self.top_n and not 0 <= self.start_step < steps:
+            raise ValueError(f"bc.joint.start_step must lie in [0, bc.steps={steps}), got {self.start_step}")
+        if self.lam < 0 or self.lr <= 0 or self.ar_batch_size < 1:
+            raise ValueError(f"bc.joint needs lam >= 0, lr > 0, ar_batch_size >= 1; got lam={self.lam}, "
+                             f"lr={self.lr}, ar_batch_size={self.ar_batch_size}")
+
+
+@dataclass
 class BCConfig:
     steps: int = 3000
     batch_size: int = 128
@@ -75,6 +122,7 @@ class BCConfig:
     log_every: int = 50
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    joint: JointConfig = field(default_factory=JointConfig)  # limited joint tuning (seed Stage 5), off by default
 
 
 @dataclass
@@ -156,6 +204,46 @@ def episode_features(core: OrderPlanningCore, image_index: torch.Tensor, prefix:
     return hidden, mask
 
 
+def state_features(gpt: GPT, geom: BlockGeometry, codes: torch.Tensor, labels: torch.Tensor, prefix: torch.Tensor,
+                   length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The env's block-pooled hidden states [S, N, D] and block masks [S, N] of stored states, from one
+    causal `forward_sequence` per state (differentiable: gradients reach every GPT parameter that
+    requires them). codes [S, L] (the states' images), labels [S], prefix [S, N] (revealed blocks in
+    order, -1 padded), length [S].
+
+    As in the env (`OrderPlanningCore`): a revealed token's hidden state is the final-norm output of
+    its input carrying the target-aware embedding of the next revealed position, the last revealed
+    token's is its target-free output (ta = -1), unrevealed tokens hold 0, and blocks are token
+    means. Equal to `episode_features` up to float rounding."""
+    S, N = prefix.shape
+    dev = codes.device
+    L, D = gpt.cfg.num_tokens, gpt.cfg.dim
+    block_tokens = geom.block_tokens.to(dev)
+    T = block_tokens.shape[1]
+    length = length.to(dev)
+    prefix = prefix.to(dev)
+    steps = torch.arange(N, device=dev)
+    revealed = steps[None] < length[:, None]  # [S, N] over prefix slots
+    mask = torch.zeros(S, N + 1, dtype=torch.bool, device=dev)
+    mask.scatter_(1, torch.where(revealed, prefix, N), True)
+    mask = mask[:, :N]
+    nmax = int(length.max()) if S else 0
+    dtype = gpt.output.weight.dtype
+    if nmax == 0:  # nothing revealed anywhere: the class token's state is not an observation
+        return torch.zeros(S, N, D, device=dev, dtype=dtype), mask
+    positions = block_tokens[prefix[:, :nmax].clamp(min=0)].flatten(1)  # [S, M] in reveal order
+    M = positions.shape[1]
+    ntok = length * T
+    tokens = codes.gather(1, positions)
+    k = torch.arange(M + 1, device=dev)
+    targets = torch.where(k[None] < ntok[:, None], torch.cat([positions, positions[:, :1]], 1), -1)
+    _, h = gpt.forward_sequence(labels.to(dev), tokens, positions, targets)  # [S, M + 1, D]
+    valid = k[None, :M] < ntok[:, None]
+    idx = torch.where(valid, positions, L)[..., None].expand(-1, -1, D)  # padding -> a dropped slot
+    hidden_tok = torch.zeros(S, L + 1, D, device=dev, dtype=h.dtype).scatter(1, idx, h[:, 1:])[:, :L]
+    return hidden_tok[:, block_tokens].mean(2), mask
+
+
 def targets_from_utilities(util: torch.Tensor, kind: str, tau: float) -> torch.Tensor:
     """Training targets [S, N]: one-hot of the argmax (kind=argmax) or softmax(u / tau) over the
     unrevealed blocks (kind=soft; u = -inf on revealed blocks gives them probability 0)."""
@@ -180,6 +268,60 @@ def bc_loss(model: OrderHead, hidden: torch.Tensor, mask: torch.Tensor, util: to
 def r_at(step: int, steps: int, schedule: list[int]) -> int:
     """The latent-reasoning depth of `step`: the schedule's entries in equal shares of the steps."""
     return schedule[min(len(schedule) - 1, step * len(schedule) // max(steps, 1))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Limited joint tuning (seed Stage 5)
+# ----------------------------------------------------------------------------------------------
+
+
+class JointTuner:
+    """The tuned copy of the GPT (float32, eval mode; the env keeps the original backbone), its
+    AdamW over the unfrozen parameters, and the L_AR / L_OH-feature computations."""
+
+    def __init__(self, run: "BCRun", device: torch.device, codes: torch.Tensor, labels: torch.Tensor):
+        self.cfg = jc = run.bc.joint
+        self.base = resolve_path(run.backbone.gpt_weights, what="GPT weights")
+        self.gpt = build_backbone(run.backbone, device=device, with_vq=False, dtype=torch.float32).gpt  # frozen, eval
+        n = self.gpt.cfg.n_layer
+        jc.validate(n, run.bc.steps)
+        self.blocks = list(range(n - jc.top_n, n))
+        prefixes = tuple(f"layers.{i}." for i in self.blocks) + (("norm.", "output.") if jc.tune_output else ())
+        self.names = [k for k, _ in self.gpt.named_parameters() if k.startswith(prefixes)]
+        named = dict(self.gpt.named_parameters())
+        self.params = [named[k].requires_grad_(True) for k in self.names]
+        self.opt = torch.optim.AdamW(self.params, lr=jc.lr, weight_decay=jc.weight_decay)
+        self.geom = BlockGeometry(self.gpt.cfg.grid_h, self.gpt.cfg.grid_w, run.backbone.block_size)
+        self.codes, self.labels = codes.cpu(), labels.cpu()  # the train split (the env's image pool)
+        self.device, self.seed = device, run.seed
+
+    def features(self, image_index: torch.Tensor, label: torch.Tensor, prefix: torch.Tensor,
+                 length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`state_features` of stored states on the tuned GPT (graph through the tuned blocks only)."""
+        return state_features(self.gpt, self.geom, self.codes[image_index].to(self.device), label.to(self.device),
+                              prefix.to(self.device), length.to(self.device))
+
+    def ar_loss(self, step: int) -> torch.Tensor:
+        """L_AR of `step`: a train batch drawn from (seed, step) only (exact resume), as in Stage 1."""
+        jc = self.cfg
+        x, y, orders = ar_batch(self.codes, self.labels, self.geom, jc.ar_batch_size, step, self.seed,
+                                jc.ar_random_ratio, jc.class_dropout, self.gpt.cfg.null_class)
+        return ar_loss(self.gpt, x.to(self.device), y.to(self.device), orders.to(self.device), True)
+
+    def heldout_bits(self, backbone: BackboneConfig) -> dict[str, float]:
+        """The backbone's held-out bits/token (raster and random block order; Stage-1 eval seed)."""
+        codes, labels = load_token_data(backbone, "heldout")
+        return heldout_nll(self.gpt, codes, labels, self.geom, BackboneTrainConfig().eval_seed, self.device)
+
+    def state_dict(self) -> dict:
+        return {"params": {k: p.detach().cpu().clone() for k, p in zip(self.names, self.params)},
+                "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, p in zip(self.names, self.params):
+                p.copy_(state["params"][k])
+        self.opt.load_state_dict(state["optimizer"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,26 +370,43 @@ def train_bc(run: BCRun) -> dict:
     hidden, mask = episode_features(core, ds.image_index, ds.prefix, ds.length)
     util = ds.utilities.clone()
     labels = core.labels.cpu()[ds.image_index]
+    jc = bc.joint
+    jc.validate(core.gpt.cfg.n_layer, bc.steps)
+    states = [ds.image_index.clone(), ds.prefix.clone(), ds.length.clone()]  # what joint tuning replays
 
     cfg = orderhead_config_for(core.D, core.geom, **asdict(run.agent), R=max(bc.R_schedule),
                                num_classes=core.gpt.cfg.num_classes)
     model = OrderHead(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=bc.lr, weight_decay=bc.weight_decay)
+    tuner, bits_before = None, None
+    if jc.top_n:
+        with torch.random.fork_rng(devices=[]):  # the global RNG (head dropout) stays that of a plain BC run
+            tuner = JointTuner(run, device, core.codes, core.labels)
+            if (run_dir / "gpt.safetensors").resolve() == tuner.base.resolve():
+                raise ValueError(f"run_dir {run_dir} holds the backbone being tuned (backbone.gpt_weights): joint "
+                                 "tuning writes run_dir/gpt.safetensors, use another run_dir")
+            bits_before = tuner.heldout_bits(run.backbone)
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=bc.keep_checkpoints)
     start, history, dagger_done = 0, [], 0
     # what a resumed run must share with the checkpoint (bc.steps may grow: the run continues)
     identity = {"agent": asdict(run.agent), "oracle_dir": str(Path(run.oracle.out_dir).resolve()),
                 "states": len(ds), "targets": bc.targets, "soft_tau": bc.soft_tau, "R_schedule": list(bc.R_schedule),
                 "batch_size": bc.batch_size, "lr": bc.lr, "seed": run.seed, "backbone": run.backbone.name}
+    if tuner:  # (absent when off, so checkpoints of plain BC runs resume as before)
+        identity["joint"] = {**asdict(jc), "gpt_weights": str(tuner.base)}
     ckpt = ckpts.load_latest()
     if ckpt is not None:
-        diff = {k: (ckpt.get("identity", {}).get(k), v) for k, v in identity.items() if ckpt.get("identity", {}).get(k) != v}
+        saved = ckpt.get("identity", {})
+        keys = [*identity, *(["joint"] if "joint" in saved and "joint" not in identity else [])]  # joint -> plain too
+        diff = {k: (saved.get(k), identity.get(k)) for k in keys if saved.get(k) != identity.get(k)}
         if diff:
             raise ValueError(f"{ckpts.latest()}: cannot resume, the run changed: "
                              + "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
                              + f". Use a new run_dir or delete {run_dir / 'checkpoints'}.")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        if tuner:
+            tuner.load_state_dict(ckpt["joint"])
         set_rng_state(ckpt["rng"])
         start, history, dagger_done = int(ckpt["step"]), list(ckpt["history"]), int(ckpt["dagger_done"])
         print(f"resumed from {ckpts.latest()} at step {start}")
@@ -267,6 +426,8 @@ def train_bc(run: BCRun) -> dict:
         h, m = episode_features(core, rec["image_index"], rec["prefix"], rec["length"])
         hidden, mask = torch.cat([hidden, h]), torch.cat([mask, m])
         util = torch.cat([util, rec["utilities"]])
+        for j, key in enumerate(("image_index", "prefix", "length")):
+            states[j] = torch.cat([states[j], rec[key].cpu()])
         labels = torch.cat([labels, core.labels.cpu()[rec["image_index"]]])
         model.train()
         print(f"DAgger round {r + 1}: +{len(rec['image_index'])} learner-visited states ({len(util)} in all)")
@@ -283,34 +444,71 @@ def train_bc(run: BCRun) -> dict:
         gen = torch.Generator().manual_seed(run.seed * 1_000_003 + step)
         idx = torch.randint(len(util), (bc.batch_size,), generator=gen)
         R = r_at(step, bc.steps, bc.R_schedule)
-        loss, out = bc_loss(model, hidden[idx].to(device), mask[idx].to(device), util[idx].to(device),
-                            bc.targets, bc.soft_tau, R, labels[idx].to(device))
+        joint = tuner is not None and step >= jc.start_step
+        if joint:
+            h, m = tuner.features(states[0][idx], labels[idx], states[1][idx], states[2][idx])
+            if h.requires_grad:  # the backbone's share of L_OH is lambda * its gradient; the head's is 1
+                h.register_hook(lambda g: g * jc.lam)
+        else:
+            h, m = hidden[idx].to(device), mask[idx].to(device)
+        loss, out = bc_loss(model, h, m, util[idx].to(device), bc.targets, bc.soft_tau, R, labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if joint:
+            tuner.opt.zero_grad(set_to_none=True)
+            loss_ar = tuner.ar_loss(step)
+            (loss + loss_ar).backward()  # head: grad L_OH; tuned backbone: grad (L_AR + lam * L_OH)
+            torch.nn.utils.clip_grad_norm_(tuner.params, jc.grad_clip)
+            tuner.opt.step()
+        else:
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), bc.grad_clip)
         opt.step()
         done = step + 1
         if done % bc.log_every == 0 or done == bc.steps:
             acc = float((out.logits.argmax(-1).cpu() == util[idx].argmax(-1)).float().mean())
-            bar.set_postfix(loss=f"{float(loss):.3f}", acc=f"{acc:.2f}", R=R)
-            history.append({"step": done, "loss": float(loss), "train_agreement": acc, "R": R})
-            logger.log({"train/loss": float(loss), "train/agreement": acc, "train/R": R}, done)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}", R=R)
+            history.append({"step": done, "loss": float(loss.detach()), "train_agreement": acc, "R": R})
+            logger.log({"train/loss": float(loss.detach()), "train/agreement": acc, "train/R": R}, done)
+            if joint:
+                history[-1]["loss_ar"] = float(loss_ar)
+                logger.log({"train/loss_ar": float(loss_ar)}, done)
         if done % bc.ckpt_every == 0 or done == bc.steps:
+            extra = {"joint": tuner.state_dict()} if tuner else {}
             ckpts.save(done, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
                               "rng": rng_state(), "history": history, "dagger_done": dagger_done,
-                              "identity": identity})
+                              "identity": identity, **extra})
     bar.close()
     model.eval()
-    weights = run_dir / "orderhead.safetensors"
+    weights, gpt_path = run_dir / "orderhead.safetensors", run_dir / "gpt.safetensors"
+    eval_backbone, joint_summary = run.backbone, None
+    if tuner:
+        tuner.gpt.eval()
+        bits_after = tuner.heldout_bits(run.backbone)
+        joint_summary = {"top_n": jc.top_n, "lam": jc.lam, "lr": jc.lr, "start_step": jc.start_step,
+                         "tuned_blocks": tuner.blocks, "tuned_params": tuner.names,
+                         "base_weights": str(tuner.base), "gpt_weights": str(gpt_path),
+                         "heldout_bits_before": bits_before, "heldout_bits_after": bits_after}
+        save_gpt(tuner.gpt, gpt_path, {"stage": "bc_joint", "steps": bc.steps, "top_n": jc.top_n, "lam": jc.lam,
+                                       "tuned_blocks": tuner.blocks, "tuned_params": tuner.names,
+                                       "base_weights": str(tuner.base), "base_sha256": sha256_file(tuner.base),
+                                       "heldout_bits_before": bits_before, "heldout_bits_after": bits_after})
+        eval_backbone = replace(run.backbone, gpt_weights=str(gpt_path.resolve()))  # every policy on the tuned GPT
+    elif gpt_path.is_file() and load_safetensors(gpt_path)[1].get("stage") == "bc_joint":
+        # the tuned backbone of an earlier joint run in this run_dir does not belong to this planner (PPO would use it)
+        print(f"removing {gpt_path}: left by an earlier joint-tuning run, this run's planner uses the frozen backbone")
+        gpt_path.unlink()
     save_orderhead(model, weights, {"stage": "bc", "steps": bc.steps, "oracle_kind": ds.kind,
-                                    "backbone": run.backbone.name})
+                                    "backbone": run.backbone.name,
+                                    **({"gpt_weights": str(gpt_path)} if tuner else {})})
 
-    report = heldout_report(run.backbone, run.env, run.eval, model, device, run.seed, run.oracle.kind)
+    report = heldout_report(eval_backbone, run.env, run.eval, model, device, run.seed, run.oracle.kind)
     logger.log({f"eval/return_{k}": v for k, v in report["returns"].items()}, bc.steps)
     logger.close()
     summary = {**report, "stage": "bc", "weights": str(weights), "params": sum(p.numel() for p in model.parameters()),
                "train_states": len(util), "steps": bc.steps, "resumed_from": start, "history": history,
                "wall_time_s": time.time() - t0, "config": asdict(run)}
+    if joint_summary:
+        summary["joint"] = joint_summary
     atomic_write_json(run_dir / "summary.json", summary)
     print_report(summary)
     return summary
@@ -336,3 +534,9 @@ def print_report(summary: dict) -> None:
     if "oracle_agreement" in summary:
         print(f"learned: oracle agreement {summary['oracle_agreement']:.3f}, regret {summary['regret']:.3f} nats, "
               f"gap closed (random -> oracle) {summary.get('gap_closed', float('nan')):.2f}")
+    if "joint" in summary:
+        j = summary["joint"]
+        b, a = j["heldout_bits_before"], j["heldout_bits_after"]
+        print(f"joint tuning (top {j['top_n']} blocks, lambda {j['lam']}): held-out bits/token raster "
+              f"{b['raster']:.4f} -> {a['raster']:.4f}, random block order {b['random']:.4f} -> {a['random']:.4f}; "
+              f"tuned GPT: {j['gpt_weights']}")

@@ -79,6 +79,29 @@ def make_orders(geom: BlockGeometry, batch: int, ratio: float, gen: torch.Genera
     return geom.token_order(torch.where(use_rnd[:, None], rnd, raster))
 
 
+def ar_batch(codes: torch.Tensor, labels: torch.Tensor, geom: BlockGeometry, batch: int, step: int, seed: int,
+             ratio: float, class_dropout: float, null_class: int, rank: int = 0,
+             world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training batch of `step` (rank `rank` of `world`): images x [batch, L], labels y [batch]
+    (dropped to `null_class` with probability `class_dropout`) and token orders [batch, L] (random
+    block orders with probability `ratio`, else raster). Drawn from generators seeded by
+    (seed, step, rank) only, so a resumed run sees the same batches."""
+    gen = _step_generator(seed, step, rank)
+    idx = batch_indices(len(codes), batch, step, seed, rank, world)
+    x, y = codes[idx], labels[idx]
+    orders = make_orders(geom, batch, ratio, gen)
+    drop = torch.rand(batch, generator=gen) < class_dropout
+    return x, torch.where(drop, null_class, y), orders
+
+
+def ar_loss(model, x: torch.Tensor, y: torch.Tensor, orders: torch.Tensor,
+            use_ta: torch.Tensor | bool = True) -> torch.Tensor:
+    """L_AR: the mean teacher-forced next-token cross-entropy (nats/token) of images x [B, L] with
+    labels y [B] generated in token orders [B, L] (`model`: a GPT or its DDP wrapper)."""
+    logits = model(x, y, orders, use_ta)
+    return F.cross_entropy(logits.flatten(0, 1).float(), x.gather(1, orders).flatten())
+
+
 @torch.no_grad()
 def heldout_nll(model: GPT, codes: torch.Tensor, labels: torch.Tensor, geom: BlockGeometry, seed: int,
                 device: torch.device, batch: int = 250) -> dict[str, float]:
@@ -174,20 +197,15 @@ def train_backbone(run: TrainBackboneRun) -> dict:
     bar = progress(range(start, end), initial=start, total=tc.max_steps, disable=rank != 0, desc="train_backbone")
     loss_val = float("nan")
     for step in bar:
-        gen = _step_generator(run.seed, step, rank)
         torch.manual_seed((run.seed * 1_000_003 + step) * 65_537 + rank)  # dropout masks
-        idx = batch_indices(len(train_codes), tc.batch_size, step, run.seed, rank, world)
-        x, y = train_codes[idx], train_labels[idx]
         ratio = random_ratio(step, tc.max_steps, tc.random_frac, tc.anneal_frac)
-        orders = make_orders(geom, tc.batch_size, ratio, gen)
-        drop = torch.rand(tc.batch_size, generator=gen) < tc.class_dropout
-        y = torch.where(drop, gcfg.null_class, y)
+        x, y, orders = ar_batch(train_codes, train_labels, geom, tc.batch_size, step, run.seed, ratio,
+                                tc.class_dropout, gcfg.null_class, rank, world)
         x, y, orders = x.to(device), y.to(device), orders.to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, tc)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = ddp(x, y, orders, ratio > 0)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), x.gather(1, orders).flatten())
+            loss = ar_loss(ddp, x, y, orders, ratio > 0)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {step}: loss is {float(loss)}; last checkpoint: {ckpts.latest()}")
         opt.zero_grad(set_to_none=True)
