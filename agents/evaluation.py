@@ -20,12 +20,15 @@ from __future__ import annotations
 import torch
 
 from agents.policies import BlockPolicy, run_episodes
+from backbone.data import class_interleaved_order
 from envs.core import OrderPlanningCore
 
 
 def heldout_images(core: OrderPlanningCore, num_images: int) -> torch.Tensor:
-    """The first `num_images` image indices of the core's split (the same set for every policy)."""
-    return torch.arange(min(num_images, core.num_images))
+    """The first `num_images` image indices of the core's split in class-interleaved order (the same
+    set for every policy; the embedded splits are sorted by class, so a plain prefix would hold only
+    the first digits)."""
+    return class_interleaved_order(core.labels.cpu())[:num_images]
 
 
 def _batches(image_index: torch.Tensor, batch: int):

@@ -63,3 +63,16 @@ def test_smdp_router_returns_equal_per_block_returns_up_to_costs():
     assert torch.allclose(out["discount"][0], 0.9 ** (4.0 * torch.arange(core.N // 4, dtype=torch.float64)))
     with pytest.raises(ValueError, match="env.gamma"):
         run_episodes(policies["raster4"], core, torch.tensor([0, 1]), gamma=0.5)
+
+
+def test_heldout_images_cover_every_class():
+    """The embedded splits are sorted by class: the report must not score only the first digits."""
+    import torch
+
+    from agents.evaluation import heldout_images
+
+    core = toy_core(n_images=40)
+    core.labels = torch.arange(40) // 10  # sorted by class, as the embedded MNIST splits are
+    images = heldout_images(core, 8)
+    assert torch.bincount(core.labels[images], minlength=4).tolist() == [2, 2, 2, 2]
+    assert len(set(heldout_images(core, 100).tolist())) == 40
