@@ -47,7 +47,7 @@ from agents.policies import OrderHeadPolicy, make_policy
 from backbone.blocks import BlockGeometry
 from backbone.checkpoint import (CheckpointManager, atomic_write_json, load_safetensors, rng_state, set_rng_state,
                                  sha256_file)
-from backbone.config import BackboneConfig, BackboneTrainConfig, WandbConfig, resolve_path
+from backbone.config import BackboneConfig, BackboneTrainConfig, RunConfig, resolve_path
 from backbone.gpt import GPT
 from backbone.loading import build_backbone, load_token_data, save_gpt
 from backbone.train import ar_batch, ar_loss, heldout_nll
@@ -134,7 +134,7 @@ class EvalSpec:
 
 
 @dataclass
-class BCRun:
+class BCRun(RunConfig):
     """Schema of configs/bc.yaml."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -144,10 +144,6 @@ class BCRun:
     bc: BCConfig = field(default_factory=BCConfig)
     eval: EvalSpec = field(default_factory=EvalSpec)
     run_dir: str = "runs/bc/tiny_mnist"
-    device: str = "cpu"
-    seed: int = 0
-    logger: str = "none"
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 # ----------------------------------------------------------------------------------------------

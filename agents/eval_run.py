@@ -34,7 +34,7 @@ from agents.fid import (bootstrap_interval, export_npz, extract_features, freche
 from agents.orderhead import load_orderhead
 from agents.policies import FIXED_ORDERS, BlockPolicy, make_policy
 from backbone.checkpoint import atomic_write_bytes, atomic_write_json
-from backbone.config import BackboneConfig, WandbConfig, resolve_path
+from backbone.config import BackboneConfig, RunConfig, resolve_path
 from backbone.data import ImageFolderDataset, class_interleaved_order, images_to_model, load_embedded_mnist
 from backbone.loading import Backbone, build_backbone, load_token_data
 from backbone.run_utils import Logger, progress, setup_device
@@ -86,7 +86,7 @@ class PlotSpec:
 
 
 @dataclass
-class EvaluateRun:
+class EvaluateRun(RunConfig):
     """Schema of configs/evaluate.yaml."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -99,10 +99,6 @@ class EvaluateRun:
     stats: StatsSpec = field(default_factory=StatsSpec)
     plots: PlotSpec = field(default_factory=PlotSpec)
     run_dir: str = "runs/evaluate/tiny_mnist"
-    device: str = "cpu"
-    seed: int = 0
-    logger: str = "none"
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 # -- policies ------------------------------------------------------------------------------------

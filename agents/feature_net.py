@@ -46,7 +46,7 @@ from backbone.checkpoint import (
     save_safetensors,
     sha256_file,
 )
-from backbone.config import WandbConfig, resolve_path
+from backbone.config import RunConfig, resolve_path
 from backbone.data import (MNIST_IMAGE_SIZE, MNIST_NUM_CLASSES, class_interleaved_order, embedded_mnist_sha256,
                            images_to_model, load_embedded_mnist)
 from backbone.run_utils import Logger, progress, setup_device
@@ -336,14 +336,12 @@ def make_feature_extractor(kind: str, classifier_path: str | None = None,
 
 
 @dataclass
-class ClassifierRun:
+class ClassifierRun(RunConfig):
     """Schema of configs/train_classifier.yaml (`scripts/train_classifier.py`)."""
 
     run_dir: str = "runs/train_classifier"  # classifier.safetensors + summary.json
     out: str = DEFAULT_CLASSIFIER  # where update_manifest=true publishes the weights
     update_manifest: bool = False  # also write `out` and the "classifier" entry of its manifest.json
-    seed: int = 0  # init, batch order, augmentation and dropout
-    device: str = "cpu"
     epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3  # AdamW peak; cosine decay to 0 over all steps
@@ -353,8 +351,6 @@ class ClassifierRun:
     max_train_images: int | None = None  # N class-balanced train images only (smoke runs)
     eval_batch_size: int = 500
     progress: bool = True
-    logger: str = "none"  # none | wandb (offline unless wandb.mode=online)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
 
 

@@ -19,7 +19,7 @@ from agents.bc import EvalSpec, heldout_report, print_report
 from agents.orderhead import load_orderhead
 from agents.ppo import PPOConfig, train_ppo
 from backbone.checkpoint import atomic_write_json
-from backbone.config import BackboneConfig, WandbConfig, resolve_path
+from backbone.config import BackboneConfig, RunConfig, resolve_path
 from backbone.run_utils import Logger, setup_device
 from envs.core import EnvConfig
 from envs.factory import make_core
@@ -34,7 +34,7 @@ class PPOAgentSpec:
 
 
 @dataclass
-class PPORun:
+class PPORun(RunConfig):
     """Schema of configs/ppo.yaml."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -45,10 +45,6 @@ class PPORun:
     batch_size: int = 16  # env rows collected together
     oracle_kind: str = "future_loss"  # utility used for agreement / regret in the report
     run_dir: str = "runs/ppo/tiny_mnist"
-    device: str = "cpu"
-    seed: int = 0
-    logger: str = "none"
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 def smdp_gamma(run: PPORun) -> float | None:

@@ -54,6 +54,17 @@ class WandbConfig:
 
 
 @dataclass
+class RunConfig:
+    """Fields every script's top-level config shares (subclasses set their own run_dir default)."""
+
+    run_dir: str = "runs/run"
+    device: str = "cpu"
+    seed: int = 0
+    logger: str = "none"  # none | wandb (offline unless wandb.mode=online)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class BackboneTrainConfig:
     init_from: str | None = None
     max_steps: int = 2500
@@ -78,15 +89,11 @@ class BackboneTrainConfig:
 
 
 @dataclass
-class TrainBackboneRun:
+class TrainBackboneRun(RunConfig):
     """Top-level config of `scripts/train_backbone.py`."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     run_dir: str = "runs/train_backbone/tiny_mnist"
-    device: str = "cpu"
-    seed: int = 0
-    logger: str = "none"
-    wandb: WandbConfig = field(default_factory=WandbConfig)
     train: BackboneTrainConfig = field(default_factory=BackboneTrainConfig)
 
 
