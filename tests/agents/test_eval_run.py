@@ -36,8 +36,8 @@ def test_generation_rollout_is_reproducible_from_its_seed(tiny):
     assert not torch.equal(a.tokens, c.tokens)
     assert a.images.shape == (6, 1, 32, 32) and a.images.abs().max() <= 1.0
     assert torch.equal(a.labels, labels[:6])
-    # the snapshot at 100% is the finished sample; earlier ones reveal fewer blocks
-    assert torch.allclose(a.snapshots[:, -1], a.images[:3])
+    # the snapshot at 100% is the finished sample (decoded in a smaller batch: float rounding differs)
+    assert torch.allclose(a.snapshots[:, -1], a.images[:3], atol=1e-4)
     assert a.snapshot_masks.sum(-1).tolist() == [[4, 8, 12, 16]] * 3
 
 
