@@ -278,7 +278,8 @@ class JointTuner:
     def __init__(self, run: "BCRun", device: torch.device, codes: torch.Tensor, labels: torch.Tensor):
         self.cfg = jc = run.bc.joint
         self.base = resolve_path(run.backbone.gpt_weights, what="GPT weights")
-        self.gpt = build_backbone(run.backbone, device=device, with_vq=False, dtype=torch.float32).gpt  # frozen, eval
+        bb = build_backbone(run.backbone, device=device, with_vq=False, dtype=torch.float32)
+        self.gpt, self.geom = bb.gpt, bb.geometry  # frozen, eval
         n = self.gpt.cfg.n_layer
         jc.validate(n, run.bc.steps)
         self.blocks = list(range(n - jc.top_n, n))
@@ -287,7 +288,6 @@ class JointTuner:
         named = dict(self.gpt.named_parameters())
         self.params = [named[k].requires_grad_(True) for k in self.names]
         self.opt = torch.optim.AdamW(self.params, lr=jc.lr, weight_decay=jc.weight_decay)
-        self.geom = BlockGeometry(self.gpt.cfg.grid_h, self.gpt.cfg.grid_w, run.backbone.block_size)
         self.codes, self.labels = codes.cpu(), labels.cpu()  # the train split (the env's image pool)
         self.device, self.seed = device, run.seed
 

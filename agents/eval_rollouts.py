@@ -30,14 +30,15 @@ from envs.core import EnvConfig, OrderPlanningCore
 PolicyFactory = Callable[[OrderPlanningCore], BlockPolicy]
 
 
-def _batches(n: int, batch: int):
-    """(indices [batch] padded by repeating the last one, number of real entries) covering range(n)."""
-    for i in range(0, n, batch):
-        idx = torch.arange(i, min(i + batch, n))
-        real = len(idx)
-        if real < batch:
-            idx = torch.cat([idx, idx[-1:].expand(batch - real)])
-        yield idx, real
+def index_batches(image_index: torch.Tensor, batch: int):
+    """Chunks of exactly `batch` entries of image_index [M] (the last one padded by repeating its last
+    entry); yields (chunk [batch], number of real entries)."""
+    for i in range(0, len(image_index), batch):
+        chunk = image_index[i:i + batch]
+        n = len(chunk)
+        if n < batch:
+            chunk = torch.cat([chunk, chunk[-1:].expand(batch - n)])
+        yield chunk, n
 
 
 # -- teacher-forced ------------------------------------------------------------------------------
@@ -49,7 +50,7 @@ def order_of(make: PolicyFactory, core: OrderPlanningCore, num_images: int) -> t
     Returns blocks [M, N] (reveal order) and decisions [M] (< N for router policies)."""
     policy = make(core)
     blocks, decisions = [], []
-    for idx, real in _batches(num_images, core.B):
+    for idx, real in index_batches(torch.arange(num_images), core.B):
         out = run_episodes(policy, core, idx.to(core.device))
         blocks.append(out["blocks"][:real].cpu())
         decisions.append(out["decisions"][:real].cpu())
@@ -66,15 +67,17 @@ class Replay:
 
 @torch.no_grad()
 def replay_order(backbone: Backbone, codes: torch.Tensor, labels: torch.Tensor, env: EnvConfig,
-                 blocks: torch.Tensor, batch_size: int) -> Replay:
-    """Replay the block orders `blocks` [M, N] on images 0..M-1 of (codes [M', L], labels [M']) one block
-    per step under `env.reward` (teacher-forced, no router, no decision cost)."""
+                 blocks: torch.Tensor, batch_size: int, image_index: torch.Tensor | None = None) -> Replay:
+    """Replay the block orders `blocks` [M, N] on images `image_index` [M] (default 0..M-1) of
+    (codes [M', L], labels [M']) one block per step under `env.reward` (teacher-forced, no router, no
+    decision cost)."""
     cfg = replace(env, mode="teacher_forced", budget=None, decision_cost=0.0)
     core = OrderPlanningCore(backbone, codes, labels, cfg, batch_size, seed=0)
     M = blocks.shape[0]
+    image_index = torch.arange(M) if image_index is None else image_index.cpu()
     rewards, remaining = [], []
-    for idx, real in _batches(M, batch_size):
-        core.reset(None, idx.to(core.device))
+    for idx, real in index_batches(torch.arange(M), batch_size):
+        core.reset(None, image_index[idx].to(core.device))
         rest = [core.token_loss.sum(-1)]  # 0 on revealed tokens, so this is L_rest
         r = []
         for t in range(core.N):
@@ -178,7 +181,7 @@ def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tens
     images, tokens, blocks, decisions, ent = [], [], [], [], []
     snaps = torch.zeros(min(num_snapshots, S), len(fractions), *core.image_shape())
     snap_masks = torch.zeros(min(num_snapshots, S), len(fractions), core.N, dtype=torch.bool)
-    batches = list(_batches(S, batch_size))
+    batches = list(index_batches(torch.arange(S), batch_size))
     for j, (idx, real) in enumerate(progress_bar(batches) if progress_bar else batches):
         core.seed(seed + j)
         core.reset(None, idx.to(core.device))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from agents.eval_rollouts import discounted, index_batches, replay_order
 from agents.policies import BlockPolicy, run_episodes
 from backbone.data import class_interleaved_order
 from envs.core import OrderPlanningCore
@@ -31,33 +32,12 @@ def heldout_images(core: OrderPlanningCore, num_images: int) -> torch.Tensor:
     return class_interleaved_order(core.labels.cpu())[:num_images]
 
 
-def _batches(image_index: torch.Tensor, batch: int):
-    """Chunks of exactly `batch` indices (the last chunk padded by repeating its last index);
-    yields (indices [batch], number of real entries)."""
-    for i in range(0, len(image_index), batch):
-        chunk = image_index[i:i + batch]
-        n = len(chunk)
-        if n < batch:
-            chunk = torch.cat([chunk, chunk[-1:].expand(batch - n)])
-        yield chunk, n
-
-
-@torch.no_grad()
 def order_returns(core: OrderPlanningCore, image_index: torch.Tensor, blocks: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Discounted return [B] of fixed block sequences `blocks` [B, N] replayed one block per step
-    (gamma per block, no decision cost) in a plain copy of `core`. This scores the *order* a
-    router policy produced on the same scale as plain policies (with the router, discounting per
-    decision would pay a policy for revealing many blocks at once)."""
-    from dataclasses import replace
-
-    plain = OrderPlanningCore(core.bb, core.codes, core.labels, replace(core.cfg, budget=None, decision_cost=0.0),
-                              core.B, seed=0)
-    plain.reset(None, image_index.to(plain.device))
-    total = torch.zeros(core.B, dtype=torch.float64, device=plain.device)
-    for t in range(core.N):
-        r, _ = plain.step(blocks[:, t].to(plain.device))
-        total += (gamma ** t) * r.double()
-    return total
+    """Discounted return [B] (float64, CPU) of fixed block sequences `blocks` [B, N] replayed one block
+    per step (gamma per block, no decision cost) in a plain copy of `core`. This scores the *order* a
+    router policy produced on the same scale as plain policies."""
+    rep = replay_order(core.bb, core.codes, core.labels, core.cfg, blocks.cpu(), core.B, image_index)
+    return discounted(rep.rewards, gamma)
 
 
 def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
@@ -65,7 +45,7 @@ def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: to
     """Mean discounted / undiscounted return and decisions per episode of `policy` on `image_index`;
     `discounted_no_cost` adds the env's decision cost back (the information part of the return)."""
     disc, undisc, decisions, no_cost, per_block = [], [], [], [], []
-    for chunk, n in _batches(image_index, core.B):
+    for chunk, n in index_batches(image_index, core.B):
         out = run_episodes(policy, core, chunk.to(core.device), gamma=gamma)
         if core.router:
             per_block.append(order_returns(core, chunk, out["blocks"], gamma)[:n].cpu())
@@ -88,7 +68,7 @@ def oracle_comparison(policy: BlockPolicy, core: OrderPlanningCore, image_index:
     """Agreement with the oracle argmax and regret at the states the policy visits (plain actions:
     the first block of a router decision is compared)."""
     agree, regret = [], []
-    for chunk, n in _batches(image_index, core.B):
+    for chunk, n in index_batches(image_index, core.B):
         core.reset(None, chunk.to(core.device))
         real = torch.arange(core.B, device=core.device) < n
         while not bool(core.done.all()):

@@ -13,7 +13,7 @@ here reports the N it used.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -106,12 +106,11 @@ def noise_floor(real: torch.Tensor, seed: int = 0) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def extract_features(extractor: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 256,
+def extract_features(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256,
                      device: str | torch.device = "cpu") -> torch.Tensor:
-    """Features float64 [N, F] (CPU) of images float [N, C, H, W] in [-1, 1] (or an iterable of such batches)."""
+    """Features float64 [N, F] (CPU) of images float [N, C, H, W] in [-1, 1]."""
     extractor = extractor.eval().to(device)
-    batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
-    out = [extractor(b.to(device)).double().cpu() for b in batches]
+    out = [extractor(b.to(device)).double().cpu() for b in images.split(batch_size)]
     feats = torch.cat(out)
     if not bool(torch.isfinite(feats).all()):
         raise ValueError("the feature extractor returned NaN or inf")
