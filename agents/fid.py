@@ -83,7 +83,7 @@ def bootstrap_interval(stat: Callable[[torch.Tensor, torch.Tensor], float], real
     """Bootstrap interval of `stat(real, fake)`: both sets resampled with replacement (the reference
     set is a sample too). Resampling duplicates points, which shifts FID up by a roughly constant
     amount, so the percentile interval of the replicates is re-centred on the estimate: it reports
-    the spread, [stat + q_lo - mean, stat + q_hi - mean]."""
+    the spread, [stat + q_lo - mean, stat + q_hi - mean], the lower end clipped at 0."""
     if num_resamples < 2:
         raise ValueError(f"num_resamples must be >= 2, got {num_resamples}")
     g = torch.Generator().manual_seed(seed)
@@ -94,7 +94,7 @@ def bootstrap_interval(stat: Callable[[torch.Tensor, torch.Tensor], float], real
         values.append(stat(real[ri], fake[fi]))
     values = np.asarray(values)
     lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) - values.mean() + stat(real, fake)
-    return float(lo), float(hi)
+    return max(float(lo), 0.0), float(hi)  # re-centring can cross 0 at small N; FID and KID's spread cannot
 
 
 def noise_floor(real: torch.Tensor, seed: int = 0) -> tuple[float, int]:
