@@ -94,7 +94,7 @@ def bootstrap_interval(stat: Callable[[torch.Tensor, torch.Tensor], float], real
         values.append(stat(real[ri], fake[fi]))
     values = np.asarray(values)
     lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2]) - values.mean() + stat(real, fake)
-    return max(float(lo), 0.0), float(hi)  # re-centring can cross 0 at small N; FID and KID's spread cannot
+    return max(float(lo), 0.0), float(hi)  # re-centring can cross 0 at small N; FID cannot
 
 
 def noise_floor(real: torch.Tensor, seed: int = 0) -> tuple[float, int]:
