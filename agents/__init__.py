@@ -1,7 +1,10 @@
-"""Agents: the OrderHead latent planner (`agents.orderhead`) and the policy interface shared by the
-TorchRL env, the Gymnasium API, evaluation and training (`agents.policies`)."""
+"""Agents, in three rooms: `agents.planner` (the OrderHead and the policy interface shared by the
+TorchRL env, the Gymnasium API, training and evaluation), `agents.training` (oracle data, behaviour
+cloning, joint tuning, PPO) and `agents.evaluation` (held-out report, rollouts, FID, plots).
 
-from agents.orderhead import (
+This top level re-exports the planner's public names only, so `import agents` stays light."""
+
+from agents.planner.orderhead import (
     OrderHead,
     OrderHeadConfig,
     OrderHeadOutput,
@@ -9,7 +12,7 @@ from agents.orderhead import (
     orderhead_config_for,
     save_orderhead,
 )
-from agents.policies import (
+from agents.planner.policies import (
     POLICY_NAMES,
     BlockPolicy,
     FixedOrderPolicy,

@@ -181,6 +181,20 @@ class BlockGeometry:
         _, token_block = self._on(mask.device)
         return mask[..., token_block]
 
+    def pool_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Block means of per-token features: the one block pooling used by the env
+        (`env.hidden=block`), the OrderHead and the BC features.
+
+        Args:
+            hidden: [B, L, D] indexed by spatial token position.
+        Returns:
+            [B, N, D]: ``out[:, n] = mean over t of hidden[:, block_tokens[n, t]]``.
+        """
+        if hidden.dim() != 3 or hidden.shape[1] != self.num_tokens:
+            raise ValueError(f"hidden must have shape [B, L={self.num_tokens}, D], got {tuple(hidden.shape)}")
+        block_tokens, _ = self._on(hidden.device)
+        return hidden[:, block_tokens].mean(2)
+
     def block_rank_map(self, block_order: torch.Tensor) -> torch.Tensor:
         """Inverse permutation: the step at which each block is generated.
 

@@ -269,7 +269,7 @@ def candidate_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, unseen: torch.T
         sl = slice(c0, c0 + step)
         if not bool(is_cand[:, sl].any()):
             continue
-        # a model that is not our GPT (agents/toy.py) takes the generic path: no shared-prefix kernel
+        # a model that is not our GPT (tests/support/keyblock_toy.py) takes the generic path: no shared-prefix kernel
         chunk_nll = _candidate_chunk_nll if isinstance(gpt, GPT) else generic_candidate_chunk_nll
         nll = chunk_nll(gpt, state, x, targets, blocks[:, sl], geom)  # [B, c, Q]
         out[:, sl] = _scatter_targets(nll, targets, L)
@@ -286,7 +286,7 @@ def candidate_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, unseen: torch.T
 def generic_candidate_chunk_nll(gpt, state, x: torch.Tensor, targets: torch.Tensor, blocks: torch.Tensor,
                                 geom: BlockGeometry) -> torch.Tensor:
     """`_candidate_chunk_nll` for a model that is not a `GPT` (e.g. the exact toy model of
-    agents/toy.py), through its public interface only: branch the state once per candidate
+    tests/support/keyblock_toy.py), through its public interface only: branch the state once per candidate
     (`state.select`), `append` the candidate block, `query` the targets. Copies the state per
     candidate, so it is slower than the shared-prefix kernel; same contract: blocks [B, C] (valid
     ids), targets [B, Q] (-1 = padding) -> [B, C, Q] float32 (meaningless at padding and at j in a)."""

@@ -172,7 +172,7 @@ class OrderPlanningCore:
         if self.cfg.hidden == "token":
             hidden = self.hidden_tok.clone()
         else:
-            hidden = self.hidden_tok[:, self.block_tokens].mean(2)  # [B, N, D]
+            hidden = self.geom.pool_blocks(self.hidden_tok)  # [B, N, D]
         obs = {"hidden": hidden, "block_mask": self.revealed.clone(), "action_mask": ~self.revealed,
                "label": self.label.clone(), "step": self.steps.clone(), "image_index": self.image_index.clone()}
         if self.cfg.mode == "generate":

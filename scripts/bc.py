@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra
 from omegaconf import DictConfig
 
-from agents.bc import BCRun, train_bc
+from agents.training.bc import BCRun, train_bc
 from backbone.config import to_typed
 
 

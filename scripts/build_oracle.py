@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import hydra
 from omegaconf import DictConfig
 
-from agents.oracle_data import BuildOracleRun, build_oracle
+from agents.training.oracle_data import BuildOracleRun, build_oracle
 from backbone.config import to_typed
 
 

@@ -7,7 +7,7 @@ one results table.
         features.inception_weights=/path/pt_inception-2015-12-05-6726825d.pth \
         features.reference=/path/VIRTUAL_imagenet256_labeled.npz eval.npz=true
 
-Writes run_dir/results.json, results.md and PNGs (see agents/eval_run.py).
+Writes run_dir/results.json, results.md and PNGs (see agents/evaluation/run.py).
 """
 
 import sys
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra
 from omegaconf import DictConfig
 
-from agents.eval_run import EvaluateRun, run_evaluation
+from agents.evaluation.run import EvaluateRun, run_evaluation
 from backbone.config import to_typed
 
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hydra
 from omegaconf import DictConfig
 
-from agents.ppo_run import PPORun, run_ppo
+from agents.training.ppo_run import PPORun, run_ppo
 from backbone.config import to_typed
 
 

@@ -3,11 +3,12 @@ class, determines every other token) the cloned OrderHead reveals the key block 
 
 import torch
 
-from agents.bc import bc_loss, episode_features, r_at, targets_from_utilities
-from agents.oracle_data import collect_states
-from agents.orderhead import OrderHead, orderhead_config_for
-from agents.policies import OrderHeadPolicy
-from agents.toy import make_toy_core
+from agents.training.bc import bc_loss, r_at, targets_from_utilities
+from agents.training.features import episode_features
+from agents.training.oracle_data import collect_states
+from agents.planner.orderhead import OrderHead, orderhead_config_for
+from agents.planner.policies import OrderHeadPolicy
+from tests.support.keyblock_toy import make_toy_core
 
 
 def test_bc_learns_the_key_block_first():
@@ -39,7 +40,7 @@ def test_episode_features_match_direct_observations():
     core = make_toy_core(batch_size=4, num_images=8, seed=1)
     rec = collect_states(core, "random", torch.arange(6), "future_loss", generator=torch.Generator().manual_seed(2))
     hidden, mask = episode_features(core, rec["image_index"], rec["prefix"], rec["length"])
-    from agents.oracle_data import replay_states
+    from agents.training.features import replay_states
 
     for s in (0, 5, 17, len(rec["length"]) - 1):
         obs = replay_states(core, rec["image_index"][s:s + 1], rec["prefix"][s:s + 1], rec["length"][s:s + 1])

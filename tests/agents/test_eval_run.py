@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from agents.eval_rollouts import FixedOrdersPolicy, auc, generate_samples, replay_order, teacher_forced_metrics
-from agents.policies import make_policy
+from agents.evaluation.rollouts import FixedOrdersPolicy, auc, generate_samples, replay_order, teacher_forced_metrics
+from agents.planner.policies import make_policy
 from backbone.config import BackboneConfig, compose, to_typed
 from backbone.loading import build_backbone, load_token_data
 from envs.core import EnvConfig, SamplingSpec
@@ -88,13 +88,13 @@ def test_auc_of_a_straight_line_is_half():
 
 
 def test_evaluate_config_matches_its_schema():
-    from agents.eval_run import EvaluateRun
+    from agents.evaluation.run import EvaluateRun
 
     assert to_typed(compose("evaluate"), EvaluateRun) == EvaluateRun()
 
 
 def test_unknown_or_missing_policies_fail_before_any_work(tmp_path):
-    from agents.eval_run import EvaluateRun, run_evaluation
+    from agents.evaluation.run import EvaluateRun, run_evaluation
 
     run = to_typed(compose("evaluate", [f"run_dir={tmp_path}", "policies=[raster,nope]"]), EvaluateRun)
     with pytest.raises(ValueError, match="unknown policy 'nope'"):
@@ -107,7 +107,7 @@ def test_unknown_or_missing_policies_fail_before_any_work(tmp_path):
 
 
 def test_tiny_evaluation_writes_results(tmp_path):
-    from agents.eval_run import EvaluateRun, run_evaluation
+    from agents.evaluation.run import EvaluateRun, run_evaluation
 
     overrides = [f"run_dir={tmp_path}", "policies=[raster,random,oracle]", "eval.num_samples=12",
                  "eval.num_images=4", "eval.batch_size=6", "stats.bootstrap=3", "stats.kid_subsets=2",
@@ -136,7 +136,7 @@ def test_tiny_evaluation_writes_results(tmp_path):
 
 
 def test_a_planner_of_a_jointly_tuned_backbone_needs_that_backbone(tmp_path):
-    from agents.eval_run import _check_same_backbone
+    from agents.evaluation.run import _check_same_backbone
 
     ckpt = tmp_path / "bc" / "orderhead.safetensors"
     ckpt.parent.mkdir()

@@ -3,8 +3,8 @@ and every policy is scored on the same images."""
 
 import pytest
 
-from agents.evaluation import evaluate
-from agents.policies import make_policy
+from agents.evaluation.report import evaluate
+from agents.planner.policies import make_policy
 from tests.conftest import toy_core
 
 
@@ -46,7 +46,7 @@ def test_smdp_router_returns_equal_per_block_returns_up_to_costs():
     same order, for mixed budgets (random) and a fixed budget of 4."""
     import torch
 
-    from agents.policies import run_episodes
+    from agents.planner.policies import run_episodes
 
     lam = 0.5
     core = toy_core(batch_size=2, n_images=3, budget=[1, 2, 4], decision_cost=lam, gamma=0.9)
@@ -69,7 +69,7 @@ def test_heldout_images_cover_every_class():
     """The embedded splits are sorted by class: the report must not score only the first digits."""
     import torch
 
-    from agents.evaluation import heldout_images
+    from agents.evaluation.report import heldout_images
 
     core = toy_core(n_images=40)
     core.labels = torch.arange(40) // 10  # sorted by class, as the embedded MNIST splits are

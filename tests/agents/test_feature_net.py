@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from agents import feature_net
-from agents.feature_net import (
+from agents.evaluation import feature_net
+from agents.evaluation.feature_net import (
     ClassifierConfig,
     ClassifierFeatures,
     ClassifierRun,

@@ -6,7 +6,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from agents.fid import (bootstrap_interval, export_npz, frechet_distance, kernel_distance, load_npz_images,
+from agents.evaluation.fid import (bootstrap_interval, export_npz, frechet_distance, kernel_distance, load_npz_images,
                         noise_floor, to_uint8_nhwc)
 
 

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.bc import BCConfig, BCRun, EvalSpec, JointConfig, JointTuner, OracleSpec, episode_features, state_features, train_bc
-from agents.oracle_data import collect_states
+from agents.evaluation.report import EvalSpec
+from agents.training.bc import BCConfig, BCRun, OracleSpec, train_bc
+from agents.training.features import episode_features, state_features
+from agents.training.joint import JointConfig, JointTuner
+from agents.training.oracle_data import collect_states
 from backbone.checkpoint import load_safetensors
 from backbone.config import BackboneConfig, DataSpec, GPTSpec, compose, to_typed
 from backbone.loading import load_gpt, save_gpt
@@ -163,8 +166,8 @@ def test_interrupted_joint_run_resumes_exactly(setup, monkeypatch):
 
 
 def test_ppo_uses_the_tuned_backbone(setup):
-    from agents.ppo import PPOConfig
-    from agents.ppo_run import PPOAgentSpec, PPORun, run_ppo
+    from agents.training.ppo import PPOConfig
+    from agents.training.ppo_run import PPOAgentSpec, PPORun, run_ppo
 
     root, backbone, _ = setup
     bc = train_bc(_run(setup, "for_ppo", top_n=1))

@@ -1,4 +1,4 @@
-"""The oracle data set (agents/oracle_data.py): collected records are valid states whose stored
+"""The oracle data set (agents/training/oracle_data.py): collected records are valid states whose stored
 utilities are the core's oracle at the replayed state; replay reproduces stepped observations;
 the sharded build resumes after a crash with no lost or duplicated state, refuses a mismatched
 directory, splits images across ranks exactly once, and runs under torchrun."""
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import agents.oracle_data as od
-from agents.oracle_data import (
+import agents.training.oracle_data as od
+from agents.training.oracle_data import (
     BuildOracleRun,
     OracleDataset,
     build_shards,
@@ -23,7 +23,7 @@ from agents.oracle_data import (
     replay_states,
     write_manifest,
 )
-from agents.toy import make_toy_core
+from tests.support.keyblock_toy import make_toy_core
 from backbone.config import compose, to_typed
 from tests.conftest import toy_core
 

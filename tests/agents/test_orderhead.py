@@ -1,10 +1,10 @@
-"""OrderHead (agents/orderhead.py): masking invariants, the shared-weight R curriculum, the router head,
+"""OrderHead (agents/planner/orderhead.py): masking invariants, the shared-weight R curriculum, the router head,
 checkpoint round trips and sizes. Random weights and random observations only."""
 
 import pytest
 import torch
 
-from agents.orderhead import (
+from agents.planner.orderhead import (
     OrderHead,
     OrderHeadConfig,
     load_orderhead,

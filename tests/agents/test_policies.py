@@ -1,4 +1,4 @@
-"""Policies (agents/policies.py): every policy reproduces what it claims (block orders, oracle argmax,
+"""Policies (agents/planner/policies.py): every policy reproduces what it claims (block orders, oracle argmax,
 seeded randomness, OrderHead argmax / top-K) and runs through the core, the TorchRL env and the
 Gymnasium env, in plain and router modes. Random toy cores only."""
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from agents.orderhead import OrderHead, orderhead_config_for, save_orderhead
-from agents.policies import (
+from agents.planner.orderhead import OrderHead, orderhead_config_for, save_orderhead
+from agents.planner.policies import (
     FIXED_ORDERS,
     POLICY_NAMES,
     GymPolicy,

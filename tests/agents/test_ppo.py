@@ -1,4 +1,4 @@
-"""PPO (agents/ppo.py) and the router action distribution (agents/distributions.py).
+"""PPO (agents/training/ppo.py) and the router action distribution (agents/planner/distributions.py).
 
 RouterDistribution: exact log-probabilities (enumeration of every action sums to 1 and matches a
 brute-force Plackett-Luce product), sampling frequencies, mode, entropy, finite gradients, valid
@@ -15,9 +15,9 @@ from torchrl.data import Binary, Categorical, Composite, MultiCategorical, Unbou
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from agents.distributions import MaskedCategorical, RouterDistribution
-from agents.orderhead import OrderHead, OrderHeadConfig, load_orderhead, orderhead_config_for
-from agents.ppo import PPOConfig, discounted_episode_returns, make_actor_critic, make_loss, train_ppo
+from agents.planner.distributions import MaskedCategorical, RouterDistribution
+from agents.planner.orderhead import OrderHead, OrderHeadConfig, load_orderhead, orderhead_config_for
+from agents.training.ppo import PPOConfig, discounted_episode_returns, make_actor_critic, make_loss, train_ppo
 from envs.torchrl_env import OrderPlanningEnv
 from tests.conftest import toy_core
 
@@ -429,9 +429,9 @@ def test_discounted_episode_returns():
 def test_ppo_improves_on_the_key_block_toy(tmp_path):
     """On the key-block toy (one block per class determines the image) PPO from a random planner
     raises the discounted future-loss return: it learns to reveal the class's key block early."""
-    from agents.orderhead import OrderHead, orderhead_config_for
-    from agents.policies import OrderHeadPolicy, run_episodes
-    from agents.toy import make_toy_core
+    from agents.planner.orderhead import OrderHead, orderhead_config_for
+    from agents.planner.policies import OrderHeadPolicy, run_episodes
+    from tests.support.keyblock_toy import make_toy_core
     from envs.torchrl_env import OrderPlanningEnv
 
     torch.manual_seed(0)
@@ -471,7 +471,7 @@ def naive_gae(reward, value, next_value, done, terminated, gamma_t, lmbda):
 
 
 def test_smdp_gae_matches_naive_per_step_discount():
-    from agents.ppo import make_gae
+    from agents.training.ppo import make_gae
 
     g = torch.Generator().manual_seed(0)
     B, T = 3, 9
@@ -502,8 +502,8 @@ def test_smdp_gae_matches_naive_per_step_discount():
 def test_ppo_smdp_router_on_the_key_block_toy(tmp_path):
     """The router in semi-MDP mode (env.gamma = ppo.gamma) trains on the key-block toy with finite
     losses; a different env.gamma fails clearly."""
-    from agents.orderhead import orderhead_config_for
-    from agents.toy import make_toy_core
+    from agents.planner.orderhead import orderhead_config_for
+    from tests.support.keyblock_toy import make_toy_core
 
     torch.manual_seed(0)
     core = make_toy_core(batch_size=4, num_images=16, seed=0, budget=BUDGETS, decision_cost=0.5, gamma=0.5)
@@ -523,7 +523,7 @@ def test_ppo_smdp_router_on_the_key_block_toy(tmp_path):
 
 def test_router_runs_discount_per_block():
     """scripts/ppo.py: router runs get env.gamma = ppo.gamma; a conflicting env.gamma fails."""
-    from agents.ppo_run import PPORun, smdp_gamma
+    from agents.training.ppo_run import PPORun, smdp_gamma
 
     run = PPORun()
     assert smdp_gamma(run) is None  # plain: unchanged

@@ -1,4 +1,4 @@
-"""The toy problem with a known answer (agents/toy.py): exact utilities at the empty state and
+"""The toy problem with a known answer (tests/support/keyblock_toy.py): exact utilities at the empty state and
 after the key block, full episodes through the real core, telescoping, generation, and the generic
 (non-GPT) candidate path of backbone.future_loss against the GPT's batched kernel."""
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from agents.toy import KeyBlockModel, ToyConfig, make_toy_core, toy_data
+from tests.support.keyblock_toy import KeyBlockModel, ToyConfig, make_toy_core, toy_data
 from backbone.future_loss import _candidate_chunk_nll, _unseen_targets, generic_candidate_chunk_nll
 from tests.conftest import toy_core
 

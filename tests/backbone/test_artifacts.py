@@ -42,7 +42,7 @@ def test_reported_heldout_nll_is_reproduced(manifest):
 
 def test_classifier_matches_manifest_and_reported_accuracy(manifest):
     """The FID/KID feature network: file hash, size, and the held-out numbers its entry reports."""
-    from agents.feature_net import evaluate_classifier, load_classifier
+    from agents.evaluation.feature_net import evaluate_classifier, load_classifier
     from backbone.data import images_to_model, load_embedded_mnist
 
     entry = manifest["classifier"]

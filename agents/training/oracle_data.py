@@ -8,7 +8,7 @@ A record is one visited state of a teacher-forced episode, stored compactly:
     utilities    [N] float32 the oracle utility of every block from that state (-inf on revealed)
 
 plus the utility kind (one per data set, in the manifest). Hidden states are *not* stored: a
-learner recomputes them with the frozen backbone by replaying the prefix (`replay_states`), which
+learner recomputes them with the frozen backbone by replaying the prefix (`agents.training.features.replay_states`), which
 costs N cached steps per batch and keeps the data set at ~100 bytes per state at any model size.
 
 On disk (`out_dir`): `shard_{rank:03d}_{chunk:05d}.pt` (one chunk of images, written atomically),
@@ -38,6 +38,7 @@ import torch
 
 from backbone.checkpoint import atomic_torch_save, atomic_write_json, load_torch_checkpoint, sha256_file
 from backbone.config import BackboneConfig, resolve_path
+from agents.training.features import check_replay_core, replay_states
 from envs.core import EnvConfig
 
 __all__ = [
@@ -65,13 +66,6 @@ Behaviour = str | Callable[[dict[str, torch.Tensor]], torch.Tensor]
 # ----------------------------------------------------------------------------------------------
 # Collecting states
 # ----------------------------------------------------------------------------------------------
-
-
-def _check_core(core) -> None:
-    if core.cfg.mode != "teacher_forced":
-        raise ValueError("oracle data needs ground truth: build it in env.mode=teacher_forced")
-    if core.router:
-        raise ValueError("oracle data uses plain one-block actions: set env.budget=null")
 
 
 def _behaviour_action(core, behaviour: Behaviour, util: torch.Tensor | None,
@@ -103,7 +97,7 @@ def collect_states(core, behaviour: Behaviour, image_index: torch.Tensor, kind: 
     Returns CPU tensors keyed by RECORD_KEYS, records grouped by batch then step:
     image_index [S], prefix [S, N], length [S] (long), utilities [S, N] float32.
     The core's episodes are reset; its image pool and state are otherwise untouched."""
-    _check_core(core)
+    check_replay_core(core)
     if states_per_image is not None and states_per_image < 1:
         raise ValueError(f"states_per_image must be >= 1 (or None for all), got {states_per_image}")
     generator = generator or torch.Generator().manual_seed(0)
@@ -138,35 +132,6 @@ def collect_states(core, behaviour: Behaviour, image_index: torch.Tensor, kind: 
         return {"image_index": torch.zeros(0, dtype=torch.long), "prefix": torch.zeros(0, N, dtype=torch.long),
                 "length": torch.zeros(0, dtype=torch.long), "utilities": torch.zeros(0, N)}
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-@torch.no_grad()
-def replay_states(core, image_index: torch.Tensor, prefix: torch.Tensor, length: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Rebuild stored states: reset the core on `image_index` [n] (n <= core.B) and replay each
-    row's `prefix` [n, N] up to its `length` [n] in one batch (`core.step(..., active=...)`: rows
-    of different lengths stop at their own length). Returns `core.observation()` restricted to
-    the n rows (hidden states, block / action masks, label, step, image_index). Rows past n in
-    the core replay image_index[0] with an empty prefix."""
-    _check_core(core)
-    dev = core.device
-    image_index = torch.as_tensor(image_index).long().flatten().to(dev)
-    prefix, length = prefix.to(dev).long(), torch.as_tensor(length).long().flatten().to(dev)
-    n, B = image_index.shape[0], core.B
-    if not 0 < n <= B or prefix.shape != (n, core.N) or length.shape != (n,):
-        raise ValueError(f"replay_states needs image_index [n], prefix [n, N={core.N}], length [n] with "
-                         f"0 < n <= B={B}; got {tuple(image_index.shape)}, {tuple(prefix.shape)}, {tuple(length.shape)}")
-    if bool(((length < 0) | (length > core.N)).any()):
-        raise ValueError(f"length must lie in [0, {core.N}]")
-    pad = B - n
-    image_index = torch.cat([image_index, image_index[:1].expand(pad)])
-    prefix = torch.cat([prefix, prefix.new_full((pad, core.N), -1)])
-    length = torch.cat([length, length.new_zeros(pad)])
-    core.reset(image_index=image_index)
-    for t in range(int(length.max())):
-        active = length > t
-        core.step(prefix[:, t].clamp(min=0), active=active)
-    obs = core.observation()
-    return {k: v[:n] for k, v in obs.items()}
 
 
 # ----------------------------------------------------------------------------------------------

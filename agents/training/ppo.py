@@ -8,7 +8,7 @@
                                                grad clipping, diagnostics, checkpoints, resume
 
 Actions: plain mode samples one block from `MaskedCategorical(logits, mask=action_mask)`; router
-mode samples (budget index, K ordered blocks) from `agents.distributions.RouterDistribution`.
+mode samples (budget index, K ordered blocks) from `agents.planner.distributions.RouterDistribution`.
 With the router, the decision cost is the env's business (`env.decision_cost` / env.decision_cost
 config): this module only handles the action format.
 
@@ -59,8 +59,8 @@ from torchrl.modules import MaskedCategorical, ProbabilisticActor, ValueOperator
 from torchrl.objectives import ClipPPOLoss
 from torchrl.objectives.value import GAE
 
-from agents.distributions import RouterDistribution
-from agents.orderhead import OrderHead, save_orderhead
+from agents.planner.distributions import RouterDistribution
+from agents.planner.orderhead import OrderHead, save_orderhead
 from backbone.checkpoint import CheckpointManager, rng_state, set_rng_state
 from backbone.run_utils import progress
 

@@ -175,7 +175,6 @@ class OrderHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         g, d = cfg.geometry, cfg.d_model
-        self.register_buffer("block_tokens", g.block_tokens.clone(), persistent=False)  # [N, T]
         self.register_buffer("block_row", g.block_rc[:, 0].clone(), persistent=False)  # [N]
         self.register_buffer("block_col", g.block_rc[:, 1].clone(), persistent=False)  # [N]
         # per-block features
@@ -231,7 +230,7 @@ class OrderHead(nn.Module):
             raise ValueError(f"block_mask must be [B={hidden.shape[0]}, N={N}], got {tuple(block_mask.shape)}")
         hidden = hidden.to(self.in_proj.weight.dtype)
         if hidden.shape[1] == L:
-            pooled = hidden[:, self.block_tokens].mean(2)  # [B, N, T, D] -> [B, N, D], as env.hidden=block
+            pooled = self.cfg.geometry.pool_blocks(hidden)  # as env.hidden=block
         elif hidden.shape[1] == N:
             pooled = hidden
         else:

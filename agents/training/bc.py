@@ -40,19 +40,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from agents.evaluation import evaluate
-from agents.oracle_data import BuildOracleRun, OracleDataset, build_oracle, collect_states, select_images
-from agents.orderhead import OrderHead, orderhead_config_for, save_orderhead
-from agents.policies import OrderHeadPolicy, make_policy
-from backbone.blocks import BlockGeometry
-from backbone.checkpoint import (CheckpointManager, atomic_write_json, load_safetensors, rng_state, set_rng_state,
-                                 sha256_file)
-from backbone.config import BackboneConfig, BackboneTrainConfig, RunConfig, resolve_path
-from backbone.gpt import GPT
-from backbone.loading import build_backbone, load_token_data, save_gpt
-from backbone.train import ar_batch, ar_loss, heldout_nll
+from agents.evaluation.report import EvalSpec, heldout_report, print_report
+from agents.planner.orderhead import OrderHead, orderhead_config_for, save_orderhead
+from agents.planner.policies import OrderHeadPolicy
+from agents.training.features import episode_features
+from agents.training.joint import JointConfig, JointTuner
+from agents.training.oracle_data import BuildOracleRun, OracleDataset, build_oracle, collect_states, select_images
+from backbone.checkpoint import CheckpointManager, atomic_write_json, load_safetensors, rng_state, set_rng_state, sha256_file
+from backbone.config import BackboneConfig, RunConfig
+from backbone.loading import save_gpt
 from backbone.run_utils import Logger, progress, setup_device
-from envs.core import EnvConfig, OrderPlanningCore
+from envs.core import EnvConfig
 from envs.factory import make_core
 
 
@@ -82,31 +80,6 @@ class AgentSpec:
 
 
 @dataclass
-class JointConfig:
-    """Limited joint tuning (seed Stage 5): L = L_AR + lam * L_OH on the top `top_n` GPT blocks."""
-
-    top_n: int = 0  # top transformer blocks of the GPT trained with the OrderHead; 0 = frozen backbone (off)
-    tune_output: bool = True  # with top_n > 0: also tune the GPT's final norm and output projection
-    lam: float = 1.0  # lambda: weight of L_OH (nats/state) next to L_AR (nats/token) for the backbone
-    lr: float = 1e-5  # AdamW lr of the tuned backbone parameters (the head keeps bc.lr)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # norm clip of the backbone gradient (the head's is clipped by bc.grad_clip)
-    ar_batch_size: int = 32  # train images per L_AR batch
-    ar_random_ratio: float = 1.0  # share of L_AR images in random block orders (else raster), as in Stage 1
-    class_dropout: float = 0.1  # L_AR labels dropped to the null class (keeps CFG working), as in Stage 1
-    start_step: int = 0  # the head trains alone on the frozen features before this step
-
-    def validate(self, n_layer: int, steps: int) -> None:
-        if not 0 <= self.top_n <= n_layer:
-            raise ValueError(f"bc.joint.top_n must lie in [0, {n_layer}] (the GPT's layers), got {self.top_n}")
-        if self.top_n and not 0 <= self.start_step < steps:
-            raise ValueError(f"bc.joint.start_step must lie in [0, bc.steps={steps}), got {self.start_step}")
-        if self.lam < 0 or self.lr <= 0 or self.ar_batch_size < 1:
-            raise ValueError(f"bc.joint needs lam >= 0, lr > 0, ar_batch_size >= 1; got lam={self.lam}, "
-                             f"lr={self.lr}, ar_batch_size={self.ar_batch_size}")
-
-
-@dataclass
 class BCConfig:
     steps: int = 3000
     batch_size: int = 128
@@ -126,14 +99,6 @@ class BCConfig:
 
 
 @dataclass
-class EvalSpec:
-    num_images: int = 96  # held-out images scored by every policy
-    batch_size: int = 16
-    gamma: float = 0.9  # discount of the reported returns (future_loss telescopes at gamma = 1)
-    baselines: list[str] = field(default_factory=lambda: ["raster", "random", "oracle"])
-
-
-@dataclass
 class BCRun(RunConfig):
     """Schema of configs/bc.yaml."""
 
@@ -144,100 +109,6 @@ class BCRun(RunConfig):
     bc: BCConfig = field(default_factory=BCConfig)
     eval: EvalSpec = field(default_factory=EvalSpec)
     run_dir: str = "runs/bc/tiny_mnist"
-
-
-# ----------------------------------------------------------------------------------------------
-# Features: replay each episode once through the frozen backbone
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def episode_features(core: OrderPlanningCore, image_index: torch.Tensor, prefix: torch.Tensor,
-                     length: torch.Tensor, batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-pooled hidden states [S, N, D] (float32, CPU) and block masks [S, N] of stored states.
-
-    Records of one image must come from one episode (their prefixes are prefixes of each other),
-    as `collect_states` produces; each episode is replayed once, B images at a time, and every
-    recorded state is read off as the replay passes its length."""
-    S, N = prefix.shape
-    hidden = torch.zeros(S, N, core.D)
-    mask = torch.zeros(S, N, dtype=torch.bool)
-    images = image_index.unique()
-    longest = {}
-    for s in range(S):  # the longest prefix of each image is its episode
-        i = int(image_index[s])
-        if i not in longest or length[s] > length[longest[i]]:
-            longest[i] = s
-    B = core.B
-    for i0 in range(0, len(images), B):
-        imgs = images[i0:i0 + B]
-        n = len(imgs)
-        rows = torch.tensor([longest[int(i)] for i in imgs])
-        seq = prefix[rows]
-        pad = B - n
-        core.reset(image_index=torch.cat([imgs, imgs[:1].expand(pad)]).to(core.device))
-        seq = torch.cat([seq, seq[:1].expand(pad, -1)]).to(core.device)
-        # record id per (image row, step): -1 where nothing was recorded
-        want = torch.full((B, N + 1), -1, dtype=torch.long)
-        for r, img in enumerate(imgs.tolist()):
-            recs = torch.nonzero(image_index == img).flatten()
-            want[r, length[recs]] = recs
-        for t in range(N + 1):
-            hit = want[:, t] >= 0
-            if bool(hit.any()):
-                obs = core.observation()
-                h = obs["hidden"]
-                if h.shape[1] != N:  # token hidden states -> block means
-                    h = h[:, core.block_tokens].mean(2)
-                ids = want[hit, t]
-                hidden[ids] = h[hit.to(core.device)].float().cpu()
-                mask[ids] = obs["block_mask"][hit.to(core.device)].cpu()
-            if t == N or not bool((want[:, t + 1:] >= 0).any()):
-                break
-            active = torch.arange(B, device=core.device) < n
-            active &= ~core.done
-            core.step(seq[:, t].clamp(min=0), active=active)
-    return hidden, mask
-
-
-def state_features(gpt: GPT, geom: BlockGeometry, codes: torch.Tensor, labels: torch.Tensor, prefix: torch.Tensor,
-                   length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The env's block-pooled hidden states [S, N, D] and block masks [S, N] of stored states, from one
-    causal `forward_sequence` per state (differentiable: gradients reach every GPT parameter that
-    requires them). codes [S, L] (the states' images), labels [S], prefix [S, N] (revealed blocks in
-    order, -1 padded), length [S].
-
-    As in the env (`OrderPlanningCore`): a revealed token's hidden state is the final-norm output of
-    its input carrying the target-aware embedding of the next revealed position, the last revealed
-    token's is its target-free output (ta = -1), unrevealed tokens hold 0, and blocks are token
-    means. Equal to `episode_features` up to float rounding."""
-    S, N = prefix.shape
-    dev = codes.device
-    L, D = gpt.cfg.num_tokens, gpt.cfg.dim
-    block_tokens = geom.block_tokens.to(dev)
-    T = block_tokens.shape[1]
-    length = length.to(dev)
-    prefix = prefix.to(dev)
-    steps = torch.arange(N, device=dev)
-    revealed = steps[None] < length[:, None]  # [S, N] over prefix slots
-    mask = torch.zeros(S, N + 1, dtype=torch.bool, device=dev)
-    mask.scatter_(1, torch.where(revealed, prefix, N), True)
-    mask = mask[:, :N]
-    nmax = int(length.max()) if S else 0
-    dtype = gpt.output.weight.dtype
-    if nmax == 0:  # nothing revealed anywhere: the class token's state is not an observation
-        return torch.zeros(S, N, D, device=dev, dtype=dtype), mask
-    positions = block_tokens[prefix[:, :nmax].clamp(min=0)].flatten(1)  # [S, M] in reveal order
-    M = positions.shape[1]
-    ntok = length * T
-    tokens = codes.gather(1, positions)
-    k = torch.arange(M + 1, device=dev)
-    targets = torch.where(k[None] < ntok[:, None], torch.cat([positions, positions[:, :1]], 1), -1)
-    _, h = gpt.forward_sequence(labels.to(dev), tokens, positions, targets)  # [S, M + 1, D]
-    valid = k[None, :M] < ntok[:, None]
-    idx = torch.where(valid, positions, L)[..., None].expand(-1, -1, D)  # padding -> a dropped slot
-    hidden_tok = torch.zeros(S, L + 1, D, device=dev, dtype=h.dtype).scatter(1, idx, h[:, 1:])[:, :L]
-    return hidden_tok[:, block_tokens].mean(2), mask
 
 
 def targets_from_utilities(util: torch.Tensor, kind: str, tau: float) -> torch.Tensor:
@@ -264,60 +135,6 @@ def bc_loss(model: OrderHead, hidden: torch.Tensor, mask: torch.Tensor, util: to
 def r_at(step: int, steps: int, schedule: list[int]) -> int:
     """The latent-reasoning depth of `step`: the schedule's entries in equal shares of the steps."""
     return schedule[min(len(schedule) - 1, step * len(schedule) // max(steps, 1))]
-
-
-# ----------------------------------------------------------------------------------------------
-# Limited joint tuning (seed Stage 5)
-# ----------------------------------------------------------------------------------------------
-
-
-class JointTuner:
-    """The tuned copy of the GPT (float32, eval mode; the env keeps the original backbone), its
-    AdamW over the unfrozen parameters, and the L_AR / L_OH-feature computations."""
-
-    def __init__(self, run: "BCRun", device: torch.device, codes: torch.Tensor, labels: torch.Tensor):
-        self.cfg = jc = run.bc.joint
-        self.base = resolve_path(run.backbone.gpt_weights, what="GPT weights")
-        bb = build_backbone(run.backbone, device=device, with_vq=False, dtype=torch.float32)
-        self.gpt, self.geom = bb.gpt, bb.geometry  # frozen, eval
-        n = self.gpt.cfg.n_layer
-        jc.validate(n, run.bc.steps)
-        self.blocks = list(range(n - jc.top_n, n))
-        prefixes = tuple(f"layers.{i}." for i in self.blocks) + (("norm.", "output.") if jc.tune_output else ())
-        self.names = [k for k, _ in self.gpt.named_parameters() if k.startswith(prefixes)]
-        named = dict(self.gpt.named_parameters())
-        self.params = [named[k].requires_grad_(True) for k in self.names]
-        self.opt = torch.optim.AdamW(self.params, lr=jc.lr, weight_decay=jc.weight_decay)
-        self.codes, self.labels = codes.cpu(), labels.cpu()  # the train split (the env's image pool)
-        self.device, self.seed = device, run.seed
-
-    def features(self, image_index: torch.Tensor, label: torch.Tensor, prefix: torch.Tensor,
-                 length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`state_features` of stored states on the tuned GPT (graph through the tuned blocks only)."""
-        return state_features(self.gpt, self.geom, self.codes[image_index].to(self.device), label.to(self.device),
-                              prefix.to(self.device), length.to(self.device))
-
-    def ar_loss(self, step: int) -> torch.Tensor:
-        """L_AR of `step`: a train batch drawn from (seed, step) only (exact resume), as in Stage 1."""
-        jc = self.cfg
-        x, y, orders = ar_batch(self.codes, self.labels, self.geom, jc.ar_batch_size, step, self.seed,
-                                jc.ar_random_ratio, jc.class_dropout, self.gpt.cfg.null_class)
-        return ar_loss(self.gpt, x.to(self.device), y.to(self.device), orders.to(self.device), True)
-
-    def heldout_bits(self, backbone: BackboneConfig) -> dict[str, float]:
-        """The backbone's held-out bits/token (raster and random block order; Stage-1 eval seed)."""
-        codes, labels = load_token_data(backbone, "heldout")
-        return heldout_nll(self.gpt, codes, labels, self.geom, BackboneTrainConfig().eval_seed, self.device)
-
-    def state_dict(self) -> dict:
-        return {"params": {k: p.detach().cpu().clone() for k, p in zip(self.names, self.params)},
-                "optimizer": self.opt.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for k, p in zip(self.names, self.params):
-                p.copy_(state["params"][k])
-        self.opt.load_state_dict(state["optimizer"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,29 +327,3 @@ def train_bc(run: BCRun) -> dict:
     return summary
 
 
-def heldout_report(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, model: OrderHead, device: torch.device,
-                   seed: int = 0, oracle_kind: str = "future_loss", router_budgets: list[int] | None = None) -> dict:
-    """Learned policy next to the baselines on the same held-out images, reward and gamma (with the
-    budget router when `router_budgets` is given; baselines then reveal one block per decision)."""
-    env = replace(env_cfg, split="heldout", budget=router_budgets)
-    if router_budgets is None:
-        env.decision_cost = env_cfg.decision_cost
-    core = make_core(backbone, env=env, batch_size=ev.batch_size, device=device, seed=seed)
-    policies = {name: make_policy(name, core) for name in ev.baselines}
-    policies["learned"] = OrderHeadPolicy(model.eval(), greedy=True, router=router_budgets is not None)
-    return evaluate(policies, core, ev.num_images, ev.gamma, learned="learned", oracle_kind=oracle_kind)
-
-
-def print_report(summary: dict) -> None:
-    r = summary["returns"]
-    cols = "  ".join(f"{k}={v:.3f}" for k, v in r.items())
-    print(f"held-out mean return ({summary['reward']}, gamma={summary['gamma']}, {summary['num_images']} images): {cols}")
-    if "oracle_agreement" in summary:
-        print(f"learned: oracle agreement {summary['oracle_agreement']:.3f}, regret {summary['regret']:.3f} nats, "
-              f"gap closed (random -> oracle) {summary.get('gap_closed', float('nan')):.2f}")
-    if "joint" in summary:
-        j = summary["joint"]
-        b, a = j["heldout_bits_before"], j["heldout_bits_after"]
-        print(f"joint tuning (top {j['top_n']} blocks, lambda {j['lam']}): held-out bits/token raster "
-              f"{b['raster']:.4f} -> {a['raster']:.4f}, random block order {b['random']:.4f} -> {a['random']:.4f}; "
-              f"tuned GPT: {j['gpt_weights']}")

@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
-from agents import eval_plots
-from agents.eval_rollouts import FixedOrdersPolicy, generate_samples, order_of, teacher_forced_metrics
-from agents.evaluation import oracle_comparison
-from agents.fid import (bootstrap_interval, export_npz, extract_features, frechet_distance, kernel_distance,
+from agents.evaluation import plots as eval_plots
+from agents.evaluation.rollouts import FixedOrdersPolicy, generate_samples, order_of, teacher_forced_metrics
+from agents.evaluation.report import oracle_comparison
+from agents.evaluation.fid import (bootstrap_interval, export_npz, extract_features, frechet_distance, kernel_distance,
                         load_npz_images, noise_floor)
-from agents.orderhead import load_orderhead
-from agents.policies import FIXED_ORDERS, BlockPolicy, make_policy
+from agents.planner.orderhead import load_orderhead
+from agents.planner.policies import FIXED_ORDERS, BlockPolicy, make_policy
 from backbone.checkpoint import atomic_write_bytes, atomic_write_json
 from backbone.config import BackboneConfig, RunConfig, resolve_path
 from backbone.data import ImageFolderDataset, class_interleaved_order, images_to_model, load_embedded_mnist
@@ -199,7 +199,7 @@ def _fid_stats(real: torch.Tensor, fake: torch.Tensor, stats: StatsSpec, seed: i
 
 def run_evaluation(run: EvaluateRun) -> dict:
     """Evaluate every policy of `run.policies`; write results.json / results.md / PNGs in run_dir."""
-    from agents.feature_net import make_feature_extractor  # torchmetrics' inception import is heavy
+    from agents.evaluation.feature_net import make_feature_extractor  # torchmetrics' inception import is heavy
 
     t_start = time.time()
     ev, device, run_dir = run.eval, setup_device(run.device), Path(run.run_dir)

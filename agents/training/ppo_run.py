@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
-from agents.bc import EvalSpec, heldout_report, print_report
-from agents.orderhead import load_orderhead
-from agents.ppo import PPOConfig, train_ppo
+from agents.evaluation.report import EvalSpec, heldout_report, print_report
+from agents.planner.orderhead import load_orderhead
+from agents.training.ppo import PPOConfig, train_ppo
 from backbone.checkpoint import atomic_write_json
 from backbone.config import BackboneConfig, RunConfig, resolve_path
 from backbone.run_utils import Logger, setup_device

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from agents.policies import BlockPolicy, run_episodes
+from agents.planner.policies import BlockPolicy, run_episodes
 from backbone.loading import Backbone
 from envs.core import EnvConfig, OrderPlanningCore
 

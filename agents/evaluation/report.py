@@ -17,12 +17,27 @@ Numbers (nats unless stated):
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+
 import torch
 
-from agents.eval_rollouts import discounted, index_batches, replay_order
-from agents.policies import BlockPolicy, run_episodes
+from agents.evaluation.rollouts import discounted, index_batches, replay_order
+from agents.planner.orderhead import OrderHead
+from agents.planner.policies import BlockPolicy, OrderHeadPolicy, make_policy, run_episodes
+from backbone.config import BackboneConfig
 from backbone.data import class_interleaved_order
-from envs.core import OrderPlanningCore
+from envs.core import EnvConfig, OrderPlanningCore
+from envs.factory import make_core
+
+
+@dataclass
+class EvalSpec:
+    """The held-out report of a BC or PPO run (`heldout_report`)."""
+
+    num_images: int = 96  # held-out images scored by every policy
+    batch_size: int = 16
+    gamma: float = 0.9  # discount of the reported returns (future_loss telescopes at gamma = 1)
+    baselines: list[str] = field(default_factory=lambda: ["raster", "random", "oracle"])
 
 
 def heldout_images(core: OrderPlanningCore, num_images: int) -> torch.Tensor:
@@ -113,3 +128,31 @@ def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_imag
             gap = r["oracle"] - r["random"]
             report["gap_closed"] = (r[learned] - r["random"]) / gap if abs(gap) > 1e-12 else float("nan")
     return report
+
+
+def heldout_report(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, model: OrderHead, device: torch.device,
+                   seed: int = 0, oracle_kind: str = "future_loss", router_budgets: list[int] | None = None) -> dict:
+    """Learned policy next to the baselines on the same held-out images, reward and gamma (with the
+    budget router when `router_budgets` is given; baselines then reveal one block per decision)."""
+    env = replace(env_cfg, split="heldout", budget=router_budgets)
+    if router_budgets is None:
+        env.decision_cost = env_cfg.decision_cost
+    core = make_core(backbone, env=env, batch_size=ev.batch_size, device=device, seed=seed)
+    policies = {name: make_policy(name, core) for name in ev.baselines}
+    policies["learned"] = OrderHeadPolicy(model.eval(), greedy=True, router=router_budgets is not None)
+    return evaluate(policies, core, ev.num_images, ev.gamma, learned="learned", oracle_kind=oracle_kind)
+
+
+def print_report(summary: dict) -> None:
+    r = summary["returns"]
+    cols = "  ".join(f"{k}={v:.3f}" for k, v in r.items())
+    print(f"held-out mean return ({summary['reward']}, gamma={summary['gamma']}, {summary['num_images']} images): {cols}")
+    if "oracle_agreement" in summary:
+        print(f"learned: oracle agreement {summary['oracle_agreement']:.3f}, regret {summary['regret']:.3f} nats, "
+              f"gap closed (random -> oracle) {summary.get('gap_closed', float('nan')):.2f}")
+    if "joint" in summary:
+        j = summary["joint"]
+        b, a = j["heldout_bits_before"], j["heldout_bits_after"]
+        print(f"joint tuning (top {j['top_n']} blocks, lambda {j['lam']}): held-out bits/token raster "
+              f"{b['raster']:.4f} -> {a['raster']:.4f}, random block order {b['random']:.4f} -> {a['random']:.4f}; "
+              f"tuned GPT: {j['gpt_weights']}")

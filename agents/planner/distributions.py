@@ -101,7 +101,7 @@ class RouterDistribution(D.Distribution):
     @property
     def mode(self) -> torch.Tensor:
         """Argmax budget, then the top-K blocks by score (ties to the lowest block id, as
-        `agents.policies.OrderHeadPolicy` does greedily)."""
+        `agents.planner.policies.OrderHeadPolicy` does greedily)."""
         with torch.no_grad():
             b = self.budget_log_probs.argmax(-1)
             ranked = self._masked_scores().sort(dim=-1, descending=True, stable=True).indices[..., : self.K]

@@ -1,6 +1,6 @@
 """FID / KID statistics over cached features, with the noise floor and bootstrap intervals.
 
-Features are extracted once per image set (`agents.feature_net`: the project's MNIST classifier or
+Features are extracted once per image set (`agents.evaluation.feature_net`: the project's MNIST classifier or
 InceptionV3 from local weights) and cached as float64 [N, F]. Every number below is computed by
 torchmetrics (`FrechetInceptionDistance`, `KernelInceptionDistance`) over those cached features, by
 handing the metrics an identity "feature extractor": one implementation of the Frechet distance for

@@ -30,7 +30,7 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 
-from agents.orderhead import OrderHead, load_orderhead
+from agents.planner.orderhead import OrderHead, load_orderhead
 from backbone.blocks import BlockGeometry
 from backbone.orders import ORDER_NAMES, block_order
 from envs.core import OrderPlanningCore
