@@ -34,6 +34,7 @@ from agents.planner.orderhead import OrderHead, load_orderhead
 from backbone.blocks import BlockGeometry
 from backbone.orders import ORDER_NAMES, block_order
 from envs.core import OrderPlanningCore
+from envs.episodes import Decision, play_episodes
 
 __all__ = [
     "BlockPolicy",
@@ -266,16 +267,14 @@ def run_episodes(policy: BlockPolicy, core: OrderPlanningCore, image_index: torc
     discounted decision costs.
     """
     gamma = _episode_gamma(core, gamma)
-    core.reset(None, image_index)
     rewards, live, clock = [], [], []
-    for _ in range(core.N):  # every live row reveals at least one block per decision
-        active = ~core.done
-        if not bool(active.any()):
-            break
-        clock.append(core.steps.clone())  # blocks revealed before this decision
-        reward, _ = core.step(policy.act(core.observation()), active=active)
-        rewards.append(reward)
-        live.append(active)
+
+    def record(d: Decision) -> None:
+        rewards.append(d.reward)
+        live.append(d.active)
+        clock.append(d.blocks_before)
+
+    play_episodes(core, image_index, policy.act, record)
     r, lv = torch.stack(rewards, 1), torch.stack(live, 1)  # [B, S]
     if core.smdp:
         t = torch.stack(clock, 1).double()  # [B, S] block-time of each decision
