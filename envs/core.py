@@ -48,8 +48,8 @@ import torch
 from backbone.future_loss import _scatter_targets, extrapolative_weights, oracle_utilities
 from backbone.loading import Backbone
 from backbone.sampling import SamplingConfig, guided, sample_logits
+from envs.rewards import REWARDS, decision_reward, information_reward
 
-REWARDS = ("future_loss", "extrapolative", "anytime", "likelihood", "entropy")
 MODES = ("teacher_forced", "generate")
 
 
@@ -417,27 +417,13 @@ class OrderPlanningCore:
         """Reward [B] (float32, nats) of a decision that revealed blocks [B, K] (k [B] of them), decision
         cost included."""
         r = self._information_reward(blocks, k, unseen_before, loss_before, unseen_after, loss_after, loglik)
-        return (r - self.cfg.decision_cost).float()
+        return decision_reward(r, self.cfg.decision_cost)
 
     def _information_reward(self, blocks, k, unseen_before, loss_before, unseen_after, loss_after,
                             loglik) -> torch.Tensor:
-        """Reward [B] (nats) of revealing blocks [B, K] (k [B] of them, -1 past k) between the states
-        (unseen_before [B, L] bool, loss_before [B, L]) and (unseen_after, loss_after); loglik [B] is
-        their teacher-forced log-likelihood. No decision cost."""
-        rest_before = (loss_before * unseen_before).sum(-1)
-        rest_after = (loss_after * unseen_after).sum(-1)
-        kind = self.cfg.reward
-        if kind in ("future_loss", "entropy"):
-            r = rest_before - rest_after
-        elif kind == "extrapolative":
-            w = self.weights[blocks.clamp(min=0)]  # [B, K, L]
-            w = torch.where((blocks >= 0)[..., None], w, float("inf")).min(1).values
-            r = (w * (loss_before - loss_after) * unseen_after).sum(-1)
-        elif kind == "anytime":
-            r = -k.float() * rest_after / self.L
-        else:  # likelihood
-            r = loglik
-        return r
+        """`envs.rewards.information_reward` of this core's reward kind (nats, no decision cost)."""
+        return information_reward(self.cfg.reward, blocks, k, unseen_before, loss_before, unseen_after, loss_after,
+                                  loglik, self.weights)
 
     # -- oracle -----------------------------------------------------------------------------------
 
