@@ -1,5 +1,9 @@
 """Throughput of the three samplers on one model, measured in one process so ratios are fair:
-KV-cached raster, KV-cached random block order, and the O(L^2) full-recompute sampler."""
+KV-cached raster, KV-cached random block order, and the O(L^2) full-recompute sampler.
+
+Imports `backbone.blocks`, `backbone.gpt`, `backbone.orders`, `backbone.sampling` from this package;
+never envs or agents.
+"""
 
 from __future__ import annotations
 

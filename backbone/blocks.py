@@ -9,6 +9,8 @@ Conventions (DESIGN.md section 4):
 
 Positions are spatial: the GPT indexes its 2D RoPE by ``p`` (or its (row, col)), never by the
 step at which a token is generated, so ``token_order`` is all the model needs from an order.
+
+Imports no other project module; never envs or agents.
 """
 
 from __future__ import annotations

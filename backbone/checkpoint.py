@@ -8,6 +8,8 @@
 - ``CheckpointManager``: ``step_XXXXXXXX.pt`` files plus a ``last.json`` pointer that moves only
   after the checkpoint is complete (LeRobot's ``update_last_checkpoint``), and RNG-state helpers
   for exact resume.
+
+Imports no other project module; never envs or agents.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 The YAML files under `configs/` are read by Hydra; `to_typed` merges them into the dataclasses
 below so that a misspelt key (`train.max_step=...`) or a wrong type fails loudly instead of being
 silently ignored. Paths in configs are resolved by `resolve_path`.
+
+Imports no other project module; never envs or agents.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Pixel conventions: stored images are uint8 in [0, 255]; model inputs are float in [-1, 1]
 (LlamaGen's Normalize(0.5, 0.5)). Codes are written once by `scripts/extract_codes.py`, so GPT,
 oracle and planner training never run the tokenizer (as LlamaGen's `extract_codes_c2i.py`).
+
+Imports `backbone.checkpoint` from this package; never envs or agents.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 As LlamaGen's `extract_codes_c2i.py`: GPT / oracle / planner training then reads token grids
 from disk and never runs the tokenizer. Layout with `flip=true`: rows [0, N) hold the original
 images, rows [N, 2N) their horizontal mirrors (same labels), recorded in the meta file.
+
+Imports `backbone.checkpoint`, `backbone.config`, `backbone.data`, `backbone.run_utils`,
+`backbone.vq` from this package; never envs or agents.
 """
 
 from __future__ import annotations

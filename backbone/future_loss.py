@@ -15,9 +15,14 @@ For an image with ground-truth tokens x [L], a visible set S (the blocks reveale
 `naive_candidate_nll` / `naive_oracle_utilities` compute the same numbers with no KV cache at all
 (one explicit `forward_sequence` per candidate); they are slow and exist as the test reference.
 
+This module is the KV-shared loss machinery: what the oracle and the env's query rows compute. The
+rewards the env pays are formed from these losses in `envs/rewards.py`, not here.
+
 Shapes: B batch, L tokens, N blocks, T tokens per block, C candidates, Q query targets per row
 (the most unseen tokens of any row), P cached prefix slots, D model dim, V vocabulary, H heads,
 Hkv key/value heads (GQA), Dh head dim.
+
+Imports `backbone.blocks`, `backbone.gpt` from this package; never envs or agents.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ Three ways to run it, each an explicit method (no behaviour switch on `self.trai
 Shapes: B batch, L = grid_h * grid_w tokens, T new tokens, Q query rows, D model dim, V vocabulary,
 H heads, Dh head dim, C cache capacity (= L + 1, the last slot is scratch for inactive rows).
 Positions are raster token indices p = row * grid_w + col; position -1 denotes the class token.
+
+Imports no other project module; never envs or agents.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Building the frozen generator stack from a `backbone=` config: GPT weights (LlamaGen `.pt` or our
-`.safetensors`), the VQ tokenizer, the block geometry and the token data."""
+`.safetensors`), the VQ tokenizer, the block geometry and the token data.
+
+Imports `backbone.blocks`, `backbone.checkpoint`, `backbone.config`, `backbone.data`,
+`backbone.gpt`, `backbone.vq` from this package; never envs or agents.
+"""
 
 from __future__ import annotations
 

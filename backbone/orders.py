@@ -16,6 +16,8 @@ token positions. With ``block=1`` the orders are the token-level orders of the s
   cells outside the grid. On a square grid every ring around the centre is completed before
   the next one starts.
 - random: an independent uniform permutation per row, drawn from ``generator``.
+
+Imports `backbone.blocks` from this package; never envs or agents.
 """
 
 from __future__ import annotations

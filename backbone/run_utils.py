@@ -1,5 +1,8 @@
 """Small pieces every script shares: device and process-group discovery, and a metric logger that
-prints nothing extra by default and mirrors to wandb (offline unless asked) when `logger=wandb`."""
+prints nothing extra by default and mirrors to wandb (offline unless asked) when `logger=wandb`.
+
+Imports no other project module; never envs or agents.
+"""
 
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ top-p) and two generators that give the same distribution at very different cost
 * `generate`: incremental, KV-cached, O(L) forwards of one token each, any order.
 * `generate_recompute`: the O(L^2) full-recompute sampler of the seed experiments (a full forward
   of the whole prefix at every step); kept as the reference the benchmark compares against.
+
+Imports `backbone.gpt` from this package; never envs or agents.
 """
 
 from __future__ import annotations

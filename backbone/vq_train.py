@@ -5,6 +5,9 @@ perceptual loss (LlamaGen uses both at 256x256): at 32x32 grayscale digits plain
 already give sharp reconstructions, and both would need extra networks and much more compute.
 Unused codes are re-initialised from current encoder outputs (dead-code restart) so the small
 codebook stays in use.
+
+Imports `backbone.checkpoint`, `backbone.data`, `backbone.run_utils`, `backbone.vq` from this
+package; never envs or agents.
 """
 
 from __future__ import annotations
