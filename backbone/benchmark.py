@@ -57,11 +57,12 @@ def best_time(fn, repeats: int, device: torch.device | None = None):
 
 @torch.no_grad()
 def time_samplers(model: GPT, geom: BlockGeometry, batch: int, repeats: int = 3,
-                  recompute_steps: int | None = None, sc: SamplingConfig = SamplingConfig(),
+                  recompute_steps: int | None = None, sc: SamplingConfig | None = None,
                   seed: int = 0) -> SamplerTimes:
     """Best-of-`repeats` tokens/s of each sampler. The recompute sampler may be stopped after
     `recompute_steps` steps (tokens/s over the steps it ran; its per-token cost grows with t, so a
     truncated run *overstates* its speed and the reported speedup is a lower bound)."""
+    sc = sc or SamplingConfig()
     dev = model.output.weight.device
     cond = torch.arange(batch, device=dev) % model.cfg.num_classes
     gen = torch.Generator(device=dev).manual_seed(seed)

@@ -17,10 +17,14 @@ import torch
 from backbone.gpt import GPT
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplingConfig:
     """LlamaGen's sampling knobs. top_k = 0 and top_p = 1.0 disable those filters; cfg_scale <= 1.0
-    disables classifier-free guidance (no unconditional batch is run), as in LlamaGen."""
+    disables classifier-free guidance (no unconditional batch is run), as in LlamaGen.
+
+    The one sampling config: generation mode's `env.sampling` (envs.core.EnvConfig, the `sampling:`
+    keys of configs/env/*.yaml and configs/evaluate.yaml) is this dataclass. Not frozen, because
+    OmegaConf cannot merge YAML values into a frozen nested dataclass."""
 
     cfg_scale: float = 1.0
     temperature: float = 1.0
@@ -65,10 +69,11 @@ def _with_null(model: GPT, cond: torch.Tensor, sc: SamplingConfig) -> torch.Tens
 
 
 @torch.no_grad()
-def generate(model: GPT, cond: torch.Tensor, order: torch.Tensor, sc: SamplingConfig = SamplingConfig(),
+def generate(model: GPT, cond: torch.Tensor, order: torch.Tensor, sc: SamplingConfig | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample images with the KV cache. cond [B]; order [B, L] raster positions in generation order.
-    Returns token grids [B, L] in raster layout."""
+    """Sample images with the KV cache. cond [B]; order [B, L] raster positions in generation order;
+    sc None = SamplingConfig() defaults. Returns token grids [B, L] in raster layout."""
+    sc = SamplingConfig() if sc is None else sc
     B, L = order.shape
     rows = torch.arange(B, device=cond.device)
     cond2 = _with_null(model, cond, sc)
@@ -88,10 +93,11 @@ def generate(model: GPT, cond: torch.Tensor, order: torch.Tensor, sc: SamplingCo
 
 @torch.no_grad()
 def generate_recompute(model: GPT, cond: torch.Tensor, order: torch.Tensor,
-                       sc: SamplingConfig = SamplingConfig(), generator: torch.Generator | None = None,
+                       sc: SamplingConfig | None = None, generator: torch.Generator | None = None,
                        max_steps: int | None = None) -> torch.Tensor:
     """The O(L^2) reference sampler: a full forward of the prefix at every step. Same arguments and
     result as `generate`; `max_steps` stops early (the rest of the grid stays 0), for timing."""
+    sc = SamplingConfig() if sc is None else sc
     B, L = order.shape
     cond2 = _with_null(model, cond, sc)
     rep = cond2.shape[0] // B

@@ -11,22 +11,16 @@ cache, then runs one batch of query rows over the still-unseen tokens. That sing
 new per-token losses (hence every reward), and one extra target-free row gives the hidden state
 of the new pending token. Nothing is recomputed from scratch.
 
-Rewards (nats per decision; `reward=`):
-* future_loss:   L_rest(S_t) - L_rest(S_t+1). Telescopes: the undiscounted return is L_rest(empty).
-* extrapolative: sum_{j in R_t+1} w(j, A) [l_j(S_t) - l_j(S_t+1)], A the blocks revealed by the
-                 decision (w(j, A) = min over a in A of w(j, a); w from `extrapolative_weights`).
-* anytime:       -k * L_rest(S_t+1) / L for a decision revealing k blocks (area under the
-                 remaining-loss curve, each block counted at the loss left after the decision).
-* likelihood:    log p(revealed blocks | S_t), teacher-forced (the return is the image log-likelihood
-                 under the chosen order).
-* entropy:       H_rest(S_t) - H_rest(S_t+1), the only reward of generation mode (no ground truth);
-                 H is the entropy of the model's (CFG-guided) predictive distribution, before the
-                 sampler's temperature / top-k / top-p filters.
-Every decision also costs `decision_cost`.
+Rewards: the core hands the per-token losses before and after each decision to
+`envs.rewards.information_reward` and `decision_reward`; every reward formula (`env.reward=`
+future_loss | extrapolative | anytime | likelihood | entropy, and the decision cost) and the one
+discounting rule live in envs/rewards.py, and only there. The KV-shared loss machinery behind the
+oracle (query rows over every candidate block, `oracle_utilities`) lives in backbone/future_loss.py;
+`OrderPlanningCore.oracle_utilities` only calls it on the current state.
 
 Semi-MDP discounting (`gamma=` set, router only). Time is counted in blocks, not decisions: a
 decision at block-time tau revealing b_1..b_k gets R = sum_{i<k} gamma^i r_i - decision_cost, where
-r_i is the one-block reward above of revealing b_i after b_1..b_{i-1} (anytime: -L_rest(after b_i)/L;
+r_i is the one-block reward of revealing b_i after b_1..b_{i-1} (anytime: -L_rest(after b_i)/L;
 likelihood: log p(b_i | S, b_1..b_{i-1}); extrapolative: with w(., b_i)), and the discount to the
 next decision is gamma^k (`decision_blocks` holds k). The SMDP return sum_t gamma^tau_t R_t then
 equals the per-block discounted return of the same block order (minus the discounted decision
@@ -36,6 +30,8 @@ as above (the undiscounted sum over its blocks for future_loss); plain actions (
 either way.
 
 Shapes: B batch rows, L tokens, N blocks, T tokens per block, K max blocks per decision, D model dim.
+
+Imports backbone/ and envs.rewards only; never agents (or the TorchRL / Gymnasium views built on it).
 """
 
 from __future__ import annotations
@@ -48,19 +44,9 @@ import torch
 from backbone.future_loss import _scatter_targets, extrapolative_weights, oracle_utilities
 from backbone.loading import Backbone
 from backbone.sampling import SamplingConfig, guided, sample_logits
-from envs.rewards import REWARDS, decision_reward, information_reward
+from envs.rewards import REWARDS, decision_reward, discounted_return, information_reward
 
 MODES = ("teacher_forced", "generate")
-
-
-@dataclass
-class SamplingSpec:
-    """LlamaGen sampling knobs of generation mode (cfg_scale <= 1 disables guidance)."""
-
-    cfg_scale: float = 1.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
 
 
 @dataclass
@@ -76,7 +62,7 @@ class EnvConfig:
     budget: list[int] | None = None  # e.g. [1, 2, 4] turns on the budget router action
     decision_cost: float = 0.0  # nats charged per planner decision
     gamma: float | None = None  # router only: semi-MDP discount per block (see module doc); None = per decision
-    sampling: SamplingSpec = field(default_factory=SamplingSpec)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)  # generation mode (LlamaGen knobs)
     oracle_chunk: int | None = None  # candidates per batched oracle pass (memory bound); None = all
 
     def validate(self) -> None:
@@ -126,7 +112,7 @@ class OrderPlanningCore:
         # semi-MDP: per-block rewards discounted inside a decision (plain actions reveal 1 block: no-op)
         self.smdp = self.router and cfg.gamma is not None
         self.use_cfg = cfg.mode == "generate" and cfg.sampling.cfg_scale > 1.0
-        self.sc = SamplingConfig(**vars(cfg.sampling))
+        self.sc = cfg.sampling
         self.weights = extrapolative_weights(self.geom, cfg.weight, cfg.neighbour_weight).to(dev)  # [N, L]
         B = self.B
         self.x = torch.zeros(B, self.L, dtype=torch.long, device=dev)
@@ -316,9 +302,8 @@ class OrderPlanningCore:
     def _step_smdp(self, blocks: torch.Tensor) -> torch.Tensor:
         """Semi-MDP step: reveal blocks [B, K] (-1 = none) one at a time with a query after each, and
         return R [B] = sum_i gamma^i r_i - decision_cost (nats), r_i the one-block reward of block i."""
-        gamma = float(self.cfg.gamma)
-        total = torch.zeros(self.B, dtype=torch.float64, device=self.device)
         one = torch.ones(self.B, dtype=torch.long, device=self.device)
+        per_block = []  # r_i [B] of the i-th block of each row's decision (0 past its k)
         for i in range(blocks.shape[1]):
             active = blocks[:, i] >= 0
             if not bool(active.any()):
@@ -328,9 +313,13 @@ class OrderPlanningCore:
             losses, hid = self._query_losses()
             self._store_pending_hidden(hid, active)
             r = self._information_reward(blocks[:, i:i + 1], one, unseen_before, loss_before, self.unseen, losses, loglik)
-            total += torch.where(active, r, 0.0).double() * gamma**i
+            per_block.append(torch.where(active, r, 0.0))
             self.token_loss = torch.where(active[:, None], losses, self.token_loss)
-        return (total - self.cfg.decision_cost).float()
+        if not per_block:
+            return decision_reward(torch.zeros(self.B, dtype=torch.float64, device=self.device), self.cfg.decision_cost)
+        # block i of the decision is discounted by gamma^i (block time inside the decision)
+        total = discounted_return(torch.stack(per_block, 1), float(self.cfg.gamma))
+        return decision_reward(total, self.cfg.decision_cost)
 
     def _reveal_block(self, block: torch.Tensor, active: torch.Tensor, i: int) -> torch.Tensor:
         """Reveal block [B] (the i-th of this decision) on active rows [B] bool; returns its

@@ -1,7 +1,11 @@
-"""Building environments from the same Hydra configs the scripts use."""
+"""Building environments from the same Hydra configs the scripts use (`make_core`, `make_env`).
+
+Imports backbone/ and envs/ only; never agents.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,21 +36,64 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
+def _replace_fields(cfg: Any, overrides: dict[str, Any], where: str) -> Any:
+    """A copy of the dataclass `cfg` with `overrides` applied (`dataclasses.replace`; dotted keys such
+    as "sampling.cfg_scale" reach nested dataclasses, a dict value updates a nested one field by field).
+    Unknown keys raise ValueError naming the key and the valid fields."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    direct: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ValueError(f"unknown {where} config field {key!r} for {type(cfg).__name__}; "
+                             f"its fields are {sorted(names)}")
+        sub = getattr(cfg, head)
+        if rest or (isinstance(value, dict) and dataclasses.is_dataclass(sub)):
+            if not dataclasses.is_dataclass(sub):
+                raise ValueError(f"{where}.{head} is not a config group: cannot set {where}.{key}")
+            nested.setdefault(head, {}).update({rest: value} if rest else value)
+        else:
+            direct[key] = value
+    for head, sub_over in nested.items():
+        direct[head] = _replace_fields(getattr(cfg, head), sub_over, f"{where}.{head}")
+    return dataclasses.replace(cfg, **direct)
+
+
 def make_core(backbone: str | BackboneConfig = "tiny_mnist", env: EnvConfig | None = None, batch_size: int = 16,
               device: str | torch.device = "cpu", seed: int | None = 0, dtype: torch.dtype | None = None,
               **overrides: Any) -> OrderPlanningCore:
     """The batched dynamics. `overrides` are env config fields (`reward="extrapolative"`,
-    `budget=[1, 2, 4]`, `mode="generate"`) or dotted config keys (`**{"backbone.gpt_weights": p}`)."""
-    if isinstance(backbone, BackboneConfig) and env is not None and not overrides:
-        bcfg, ecfg = backbone, env
-    else:
-        args = [f"backbone={backbone}"] if isinstance(backbone, str) else []
-        if overrides.get("mode") == "generate":
-            args.append("env=generate")
-        args += [_override(k if "." in k else f"env.{k}", v) for k, v in overrides.items()]
+    `budget=[1, 2, 4]`, `mode="generate"`) or dotted config keys (`**{"backbone.gpt_weights": p}`,
+    `**{"env.sampling.cfg_scale": 2.0}`).
+
+    A typed `env` (EnvConfig) / `backbone` (BackboneConfig) is the base its overrides apply to
+    (with `dataclasses.replace`; the passed objects are not modified); a backbone name or a missing
+    env is composed from configs/make_env.yaml with the overrides, as the scripts do (`mode="generate"`
+    then starts from the env=generate preset). Unknown keys raise an error naming them."""
+    env_over: dict[str, Any] = {}
+    bb_over: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key.startswith("backbone."):
+            bb_over[key.removeprefix("backbone.")] = value
+        elif key.startswith("env.") or "." not in key:
+            env_over[key.removeprefix("env.")] = value
+        else:
+            raise ValueError(f"unknown override {key!r}: use env config fields or backbone./env. keys")
+    bcfg = _replace_fields(backbone, bb_over, "backbone") if isinstance(backbone, BackboneConfig) else None
+    ecfg = _replace_fields(env, env_over, "env") if env is not None else None
+    if bcfg is None or ecfg is None:
+        args = []
+        if bcfg is None:
+            args.append(f"backbone={backbone}")
+            args += [_override(f"backbone.{k}", v) for k, v in bb_over.items()]
+        if ecfg is None:
+            if env_over.get("mode") == "generate":
+                args.append("env=generate")
+            args += [_override(f"env.{k}", v) for k, v in env_over.items()]
         run = to_typed(compose("make_env", args), EnvRun)
-        bcfg = backbone if isinstance(backbone, BackboneConfig) else run.backbone
-        ecfg = env or run.env
+        bcfg = bcfg or run.backbone
+        ecfg = ecfg or run.env
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     bb = build_backbone(bcfg, device=device, dtype=dtype)

@@ -18,8 +18,11 @@ Actions: a block index, Discrete(N); with the budget router MultiDiscrete([len(b
 leaves the state unchanged; stepping a finished episode raises until reset.
 
 `action_space.sample()` without a mask returns a uniformly random *valid* action of the current
-state (the spaces carry the env's current action mask in `valid`); `sample(mask=...)` and
-`contains` are Gymnasium's. A detached copy of a space keeps the mask it had when copied.
+state (the spaces carry the env's current action mask in `valid`; the draw is
+`envs.actions.random_valid_action`, seeded from the space's numpy generator); `sample(mask=...)`
+and `contains` are Gymnasium's. A detached copy of a space keeps the mask it had when copied.
+
+Imports envs.core, envs.actions, envs.rewards (and envs.factory lazily, to build a core); never agents.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import torch
 from gymnasium import spaces
 from gymnasium.vector.utils import batch_space
 
+from envs.actions import random_valid_action
 from envs.core import OrderPlanningCore
+from envs.rewards import discount_factors
 
 ENV_ID = "OrderPlanning-v0"
 
@@ -107,20 +112,6 @@ def observation_space(core: OrderPlanningCore) -> spaces.Dict:
     return spaces.Dict(d)
 
 
-def sample_valid_actions(rng: np.random.Generator, valid: np.ndarray, n_budgets: int, K: int,
-                         router: bool) -> np.ndarray:
-    """Uniform random valid actions for rows of `valid` [R, N] (nonzero = unrevealed): block ids [R],
-    or router [R, 1 + K] (random budget index, then distinct blocks, unrevealed ones first). Rows with
-    no valid block (finished episodes) get arbitrary in-range values."""
-    valid = valid.astype(bool)
-    noise = rng.random(valid.shape)
-    ranked = np.argsort(np.where(valid, noise, 2.0), axis=-1)  # valid blocks first, in random order
-    if not router:
-        return ranked[:, 0].astype(np.int64)
-    budget = rng.integers(n_budgets, size=(valid.shape[0], 1))
-    return np.concatenate([budget, ranked[:, :K]], 1).astype(np.int64)
-
-
 class _ValidSampling:
     """Mixin for action spaces: `sample()` with neither mask nor probability draws a valid action of
     the owning env's current state, read from `self.valid` ([N] or [B, N] int8, kept up to date by the
@@ -128,13 +119,16 @@ class _ValidSampling:
 
     def _init_valid(self, core: OrderPlanningCore, rows: int | None) -> None:
         self.valid = np.ones((core.N,) if rows is None else (rows, core.N), dtype=np.int8)
-        self._sampling = (len(core.budgets), core.K, core.router)
+        self._budgets = list(core.cfg.budget) if core.router else None
 
     def sample(self, mask: Any = None, probability: Any = None) -> Any:
         if mask is not None or probability is not None:
             return super().sample(mask=mask, probability=probability)  # type: ignore[misc]
-        act = sample_valid_actions(self.np_random, self.valid.reshape(-1, self.valid.shape[-1]), *self._sampling)
-        return self._format(act)
+        # the space's numpy generator seeds a torch generator for the one random valid action, so
+        # Gymnasium's seeding holds: the same space seed gives the same sequence of samples
+        g = torch.Generator().manual_seed(int(self.np_random.integers(2**63 - 1)))
+        valid = torch.from_numpy(self.valid.reshape(-1, self.valid.shape[-1]) != 0)
+        return self._format(random_valid_action(valid, g, self._budgets).numpy().astype(np.int64))
 
 
 class BlockSpace(_ValidSampling, spaces.Discrete):
@@ -256,8 +250,8 @@ class OrderPlanningGymEnv(gymnasium.Env):
     def _info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"image_index": int(self.core.image_index[0])}
         if self.core.smdp:
-            k = int(self.core.decision_blocks[0])
-            info.update(decision_blocks=k, discount=float(self.core.cfg.gamma) ** k)
+            k = self.core.decision_blocks[0]
+            info.update(decision_blocks=int(k), discount=float(discount_factors(k, self.core.cfg.gamma)))
         return info
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -332,7 +326,7 @@ class OrderPlanningVectorEnv(gymnasium.vector.VectorEnv):
         if self.core.smdp:
             k = self.core.decision_blocks.cpu().numpy().astype(np.int64)
             info.update(decision_blocks=k, _decision_blocks=np.ones(self.num_envs, dtype=bool),
-                        discount=float(self.core.cfg.gamma) ** k.astype(np.float64),
+                        discount=discount_factors(self.core.decision_blocks, self.core.cfg.gamma).cpu().numpy(),
                         _discount=np.ones(self.num_envs, dtype=bool))
         return info
 

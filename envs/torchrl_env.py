@@ -12,7 +12,10 @@ key, so after `step_mdp` the root holds the *previous* decision's k: read the tr
 ("next", "decision_blocks") (e.g. `GAE.set_keys(steps_to_next_obs=("next", "decision_blocks"))`).
 A reset tensordict may carry `reset_image_index` [B] to choose the images (evaluation on fixed
 images); it is a separate key from the `image_index` observation, so the usual
-`td["_reset"] = td["done"]; env.reset(td)` loop draws new images.
+`td["_reset"] = td["done"]; env.reset(td)` loop draws new images. `rand_action` draws from
+`envs.actions.random_valid_action`, the one random valid action.
+
+Imports envs.core and envs.actions (and torchrl / tensordict); never agents.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import Binary, Bounded, Categorical, Composite, MultiCategorical, Unbounded
 from torchrl.envs import EnvBase
 
+from envs.actions import random_valid_action
 from envs.core import OrderPlanningCore
 
 
@@ -105,7 +109,8 @@ class OrderPlanningEnv(EnvBase):
 
     def rand_action(self, tensordict: TensorDictBase | None = None) -> TensorDictBase:
         """A uniformly random *valid* action (unrevealed, distinct blocks; a random budget)."""
-        action = random_valid_action(self.core, self.core.generator)
+        c = self.core
+        action = random_valid_action(~c.revealed, c.generator, c.cfg.budget if c.router else None)
         if tensordict is None:
             tensordict = TensorDict({}, batch_size=self.batch_size, device=self.device)
         tensordict.set("action", action)
@@ -118,13 +123,3 @@ class OrderPlanningEnv(EnvBase):
         """[B, N] oracle utilities of every block from the current state (see OrderPlanningCore)."""
         return self.core.oracle_utilities(kind, weight, candidates)
 
-
-def random_valid_action(core: OrderPlanningCore, generator: torch.Generator) -> torch.Tensor:
-    """Uniform random valid action for every row: [B] block ids, or router [B, 1 + K]."""
-    noise = torch.rand(core.B, core.N, generator=generator).to(core.device)
-    scores = torch.where(core.revealed, -1.0, noise)
-    ranked = scores.argsort(-1, descending=True)  # unrevealed blocks first, in random order
-    if not core.router:
-        return ranked[:, 0]
-    budget = torch.randint(len(core.budgets), (core.B, 1), generator=generator).to(core.device)
-    return torch.cat([budget, ranked[:, : core.K]], 1)

@@ -15,6 +15,8 @@ of an unrevealed block is 0 and the revealed embedding says which blocks are vis
 
 Checkpoints are safetensors files whose metadata carries the config (`save_orderhead` /
 `load_orderhead`); R is a forward argument, not a parameter, so any R runs on any checkpoint.
+
+Imports backbone/ only; never envs, agents.training or agents.evaluation.
 """
 
 from __future__ import annotations

@@ -12,10 +12,14 @@ Ties go to the lowest block id (stable sort), so actions are always unrevealed, 
 Rows whose episode is over (no unrevealed block) get an arbitrary in-range action, which the env
 ignores for inactive rows.
 
-Policies: `FixedOrderPolicy` (raster and the heuristic orders of `backbone.orders`), `RandomPolicy`,
+Policies: `FixedOrderPolicy` (raster and the heuristic orders of `backbone.orders`, or any given
+order [N] or per-image orders [M, N]), `RandomPolicy` (`envs.actions.random_valid_action`),
 `OraclePolicy` (argmax of the core's oracle utilities), `OrderHeadPolicy` (the learned planner).
 `make_policy(name, core, **kwargs)` builds any of them for a core; `GymPolicy` adapts one to numpy
-observations; `run_episodes` plays full episodes on chosen images.
+observations; `run_episodes` plays full episodes on chosen images (discounting by
+`envs.rewards.discounted_return`, the one discounting rule).
+
+Imports backbone/, envs/ and agents.planner only; never agents.training or agents.evaluation.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ from tensordict.nn import TensorDictModuleBase
 from agents.planner.orderhead import OrderHead, load_orderhead
 from backbone.blocks import BlockGeometry
 from backbone.orders import ORDER_NAMES, block_order
+from envs.actions import random_valid_action
 from envs.core import OrderPlanningCore
 from envs.episodes import Decision, play_episodes
+from envs.rewards import discount_factors, discounted_return
 
 __all__ = [
     "BlockPolicy",
@@ -107,36 +113,60 @@ class BlockPolicy(TensorDictModuleBase):
 
 
 class FixedOrderPolicy(BlockPolicy):
-    """A named block order (every `backbone.orders.ORDER_NAMES` entry but random), played dynamically:
-    the first still-unrevealed block in that order (router mode: the first K, with a fixed budget)."""
+    """A fixed block order, played dynamically: the first still-unrevealed block in that order
+    (router mode: the first K, with a fixed budget).
 
-    def __init__(self, order_name: str, geometry: BlockGeometry, budgets: Sequence[int] | None = None,
-                 budget: int | None = None):
-        if order_name not in FIXED_ORDERS:
-            raise ValueError(f"unknown fixed order {order_name!r}; choose from {FIXED_ORDERS} (random: RandomPolicy)")
-        super().__init__([], budgets, budget)
-        self.order_name = order_name
-        order = block_order(order_name, geometry)  # [N]
-        self.register_buffer("rank", geometry.block_rank_map(order), persistent=False)  # [N] step of each block
+    order: a name from `FIXED_ORDERS` (every `backbone.orders.ORDER_NAMES` entry but random; needs
+    `geometry`), one order [N] shared by every image, or per-image orders [M, N] where row b follows
+    orders[image_index[b] % M] (read from the observation's `image_index`; e.g. the teacher-forced
+    oracle's order of a same-class held-out image, played in generation mode). Tensor orders must
+    be permutations of the N blocks."""
+
+    def __init__(self, order: str | torch.Tensor, geometry: BlockGeometry | None = None,
+                 budgets: Sequence[int] | None = None, budget: int | None = None):
+        if isinstance(order, str):
+            if order not in FIXED_ORDERS:
+                raise ValueError(f"unknown fixed order {order!r}; choose from {FIXED_ORDERS} (random: RandomPolicy)")
+            if geometry is None:
+                raise ValueError(f"the named order {order!r} needs the block geometry")
+            self.order_name: str | None = order
+            order = block_order(order, geometry)  # [N]
+        else:
+            self.order_name = None
+            order = torch.as_tensor(order).long()
+        if order.dim() not in (1, 2):
+            raise ValueError(f"order must be a name, [N] or [M, N], got shape {tuple(order.shape)}")
+        N = order.shape[-1]
+        if geometry is not None and N != geometry.num_blocks:
+            raise ValueError(f"order has {N} blocks, the geometry {geometry.num_blocks}")
+        if not bool((order.sort(-1).values == torch.arange(N, device=order.device)).all()):
+            raise ValueError("every order must be a permutation of the N blocks")
+        self.per_image = order.dim() == 2
+        super().__init__(["image_index"] if self.per_image else [], budgets, budget)
+        steps = torch.arange(N, device=order.device).expand_as(order).contiguous()
+        rank = torch.empty_like(order).scatter_(-1, order, steps)  # [N] or [M, N]: step of each block
+        self.register_buffer("rank", rank, persistent=False)
 
     def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
         B = obs["action_mask"].shape[0]
+        if self.per_image:
+            idx = obs["image_index"].to(self.rank.device) % self.rank.shape[0]
+            return -self.rank[idx].float(), None
         return (-self.rank.float()).expand(B, -1), None
 
 
 class RandomPolicy(BlockPolicy):
     """Uniform over the unrevealed blocks (router mode: a uniform budget index and K distinct
-    blocks), from its own CPU generator: the same seed gives the same actions."""
+    blocks), from its own CPU generator: the same seed gives the same actions. The draw is
+    `envs.actions.random_valid_action`, the one random valid action."""
 
     def __init__(self, seed: int = 0, budgets: Sequence[int] | None = None):
         super().__init__([], budgets)
         self.generator = torch.Generator().manual_seed(int(seed))
 
-    def decide(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        B, N = obs["action_mask"].shape
-        scores = torch.rand(B, N, generator=self.generator)
-        bidx = torch.randint(len(self.budgets), (B,), generator=self.generator) if self.router else None
-        return scores, bidx
+    @torch.no_grad()
+    def act(self, obs: Obs) -> torch.Tensor:
+        return random_valid_action(obs["action_mask"], self.generator, self.budgets)
 
 
 class OraclePolicy(BlockPolicy):
@@ -277,14 +307,13 @@ def run_episodes(policy: BlockPolicy, core: OrderPlanningCore, image_index: torc
     play_episodes(core, image_index, policy.act, record)
     r, lv = torch.stack(rewards, 1), torch.stack(live, 1)  # [B, S]
     if core.smdp:
-        t = torch.stack(clock, 1).double()  # [B, S] block-time of each decision
+        t = torch.stack(clock, 1)  # [B, S] block-time of each decision
     else:
-        t = torch.arange(r.shape[1], device=r.device, dtype=torch.float64).expand_as(r)
-    discount = gamma**t
+        t = torch.arange(r.shape[1], device=r.device).expand_as(r)
     return {
         "return": r.sum(1),
-        "discounted_return": (r.double() * discount).sum(1).float(),
-        "discount": discount,
+        "discounted_return": discounted_return(r, gamma, t).float(),
+        "discount": discount_factors(t, gamma),
         "rewards": r,
         "live": lv,
         "decisions": lv.sum(1),

@@ -35,7 +35,7 @@ def random_obs(B: int = 6, seed: int = 0, token: bool = True) -> dict[str, torch
     mask[-1, 3] = False
     hidden = torch.randn(B, GEOM.num_tokens, D, generator=g) * GEOM.block_mask_to_token_mask(mask)[..., None]
     if not token:
-        hidden = hidden[:, GEOM.block_tokens].mean(2)  # what env.hidden=block observes
+        hidden = GEOM.pool_blocks(hidden)  # what env.hidden=block observes
     return {"hidden": hidden, "block_mask": mask}
 
 
@@ -68,13 +68,27 @@ def test_never_selects_revealed_block_with_planted_weights():
     assert not bool(mask.gather(1, out.logits.argmax(-1)[:, None]).any())
 
 
-def test_token_and_block_hidden_give_the_same_plan():
+def test_token_hidden_is_pooled_to_its_block_means():
+    """Token hidden states whose block means are known by construction (a value per block plus
+    per-token offsets that cancel inside each block) plan exactly like those block means."""
+    B, T = 4, GEOM.tokens_per_block
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(B, GEOM.num_blocks, generator=g) < 0.5
+    block_value = torch.randn(B, GEOM.num_blocks, D, generator=g) * mask[..., None]  # [B, N, D]
+    half = torch.randn(B, GEOM.num_blocks, T // 2, D, generator=g)
+    offsets = torch.cat([half, -half], 2) * mask[..., None, None]  # [B, N, T, D], zero sum over T
+    # block n = 4r + c of the 4x4 block grid holds tokens (2r + i) * 8 + 2c + j, t = 2i + j
+    tiles = (block_value[:, :, None] + offsets).view(B, 4, 4, 2, 2, D)  # [B, r, c, i, j, D]
+    hidden = tiles.permute(0, 1, 3, 2, 4, 5).reshape(B, GEOM.num_tokens, D)  # raster [B, L, D]
     model = small()
     with torch.no_grad():
-        a = model(random_obs(seed=2, token=True))
-        b = model(random_obs(seed=2, token=False))
+        a = model({"hidden": hidden, "block_mask": mask})
+        b = model({"hidden": block_value, "block_mask": mask})
+        # a wrong pooling (4 consecutive raster tokens per block) must give another plan
+        wrong = model({"hidden": hidden.view(B, GEOM.num_blocks, T, D).mean(2), "block_mask": mask})
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(a.value, b.value)
+    assert not torch.allclose(wrong.logits[~mask], b.logits[~mask], atol=1e-3)
 
 
 def test_R_runs_on_the_same_parameters_and_is_used():

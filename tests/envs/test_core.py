@@ -6,8 +6,6 @@ invalid actions, resets, seeding, generation mode and observations.
 Every reference here is computed with `gpt.forward_sequence` / `gpt.forward_train` (no KV cache, no
 query rows), so a wrong cache, query, reward or bookkeeping in the core shows up as a mismatch."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -17,12 +15,18 @@ from backbone.future_loss import naive_oracle_utilities
 from backbone.gpt import DecodeState
 from backbone.loading import Backbone, freeze
 from backbone.orders import block_order
-from envs.core import EnvConfig, OrderPlanningCore, SamplingSpec
-from envs.torchrl_env import random_valid_action
+from backbone.sampling import SamplingConfig
+from envs.actions import random_valid_action
+from envs.core import EnvConfig, OrderPlanningCore
 from tests.conftest import randomized_gpt, toy_core
 
 ATOL = 1e-4  # float32, nats
 RET_ATOL = 2e-3  # sums of ~64 per-token losses of ~5.5 nats
+
+
+def random_action(core, gen: torch.Generator) -> torch.Tensor:
+    """`envs.actions.random_valid_action` for the core's current state (plain or router)."""
+    return random_valid_action(~core.revealed, gen, core.cfg.budget if core.router else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,7 +169,7 @@ def test_future_loss_telescopes_with_router():
     ret, decisions, finished = torch.zeros(core.B), torch.zeros(core.B), torch.zeros(core.B, dtype=torch.bool)
     gen = torch.Generator().manual_seed(0)
     while not bool(finished.all()):
-        r, done = core.step(random_valid_action(core, gen))
+        r, done = core.step(random_action(core, gen))
         live = ~finished
         ret += torch.where(live, r, 0.0)
         decisions += live.float()
@@ -191,11 +195,11 @@ def test_token_loss_is_naive_loss_on_ragged_batches(ragged):
     gen = torch.Generator().manual_seed(7)
     if ragged == "partial_reset":
         for _ in range(3):
-            core.step(random_valid_action(core, gen))
+            core.step(random_action(core, gen))
         core.reset(torch.tensor([True, False, False]))
     rest = torch.tensor([naive_rest(core, b) for b in range(core.B)])
     for _ in range(4):
-        r, _ = core.step(random_valid_action(core, gen))
+        r, _ = core.step(random_action(core, gen))
         assert len(set(core.steps.tolist())) > 1  # ragged
         for b in range(core.B):
             tok, pos = prefix_of(core, b)
@@ -246,7 +250,7 @@ def test_anytime_reward(router):
     ret, expect = torch.zeros(core.B), torch.zeros(core.B)
     while not bool(core.done.any()):
         before = core.steps.clone()
-        r, _ = core.step(random_valid_action(core, gen))
+        r, _ = core.step(random_action(core, gen))
         k = core.steps - before
         rest = torch.tensor([naive_rest(core, b) for b in range(core.B)])
         torch.testing.assert_close(r, -k * rest / core.L, atol=ATOL, rtol=0)
@@ -271,7 +275,7 @@ def test_extrapolative_uniform_differs_by_revealed_block_loss(router):
     g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     gaps = []
     while not bool(fl.done.any()):
-        a1, a2 = random_valid_action(fl, g1), random_valid_action(ex, g2)
+        a1, a2 = random_action(fl, g1), random_action(ex, g2)
         assert torch.equal(a1, a2)
         revealed_before = fl.revealed.clone()
         prefixes = [prefix_of(fl, b) for b in range(fl.B)]  # S_t
@@ -296,10 +300,10 @@ def test_step_reward_equals_naive_utility(reward, weight):
     gen = torch.Generator().manual_seed(2)
     core.reset()
     for _ in range(4):
-        core.step(random_valid_action(core, gen))
+        core.step(random_action(core, gen))
     tok, pos = batched_prefix(core)
     naive = naive_oracle_utilities(core.gpt, core.label, tok, pos, core.x, core.geom, kind=reward, weight=weight)
-    a = random_valid_action(core, gen)
+    a = random_action(core, gen)
     r, _ = core.step(a)
     torch.testing.assert_close(r, naive[torch.arange(core.B), a], atol=ATOL * 10, rtol=0)
 
@@ -317,7 +321,7 @@ def test_oracle_utilities_equal_naive_mid_episode(kind, weight):
     core.reset()
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):
-        core.step(random_valid_action(core, gen))
+        core.step(random_action(core, gen))
     assert not bool(core.done.any()) and int(core.steps.min()) > 0
     before = snapshot(core)
     got = core.oracle_utilities(kind, weight)
@@ -336,7 +340,7 @@ def test_greedy_oracle_reward_is_max_utility(reward, weight, at):
     core.reset()
     gen = torch.Generator().manual_seed(3)
     for _ in range(at):
-        core.step(random_valid_action(core, gen))
+        core.step(random_action(core, gen))
     util = core.oracle_utilities(reward, weight)
     r, _ = core.step(util.argmax(-1))
     torch.testing.assert_close(r, util.max(-1).values, atol=ATOL * 10, rtol=0)
@@ -385,9 +389,9 @@ def test_invalid_plain_action_raises_and_changes_nothing(name):
     gen, gen2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     core.reset(), twin.reset()
     for _ in range(2):
-        core.step(random_valid_action(core, gen)), twin.step(random_valid_action(twin, gen2))
-    good = random_valid_action(core, gen)
-    assert torch.equal(good, random_valid_action(twin, gen2))
+        core.step(random_action(core, gen)), twin.step(random_action(twin, gen2))
+    good = random_action(core, gen)
+    assert torch.equal(good, random_action(twin, gen2))
     bad, match = _plain_case(name, core, good)
     before = snapshot(core)
     with pytest.raises(ValueError, match=match):
@@ -433,8 +437,8 @@ def test_invalid_router_action_raises_and_changes_nothing(name):
     core = toy_core(3, seed=9, budget=[1, 2, 4])
     gen = torch.Generator().manual_seed(0)
     core.reset()
-    core.step(random_valid_action(core, gen))
-    bad, match = _router_case(name, core, random_valid_action(core, gen))
+    core.step(random_action(core, gen))
+    bad, match = _router_case(name, core, random_action(core, gen))
     before = snapshot(core)
     with pytest.raises(ValueError, match=match):
         core.step(bad)
@@ -451,11 +455,11 @@ def test_router_ignores_entries_past_the_budget():
     # a budget larger than the blocks left is clipped to them
     gen = torch.Generator().manual_seed(0)
     while int(core.steps.max()) < core.N - 2:
-        a = random_valid_action(core, gen)
+        a = random_action(core, gen)
         a[:, 0] = 0
         core.step(a)
     left = (~core.revealed).sum(-1)
-    a = random_valid_action(core, gen)
+    a = random_action(core, gen)
     a[:, 0] = 2  # budget 4 > blocks left
     a[:, 1:] = torch.where(torch.arange(core.K) < left[:, None], a[:, 1:], -1)
     _, done = core.step(a)
@@ -489,7 +493,7 @@ def test_partial_reset_only_touches_those_rows():
     first = {b: float(core.token_loss[b].sum()) for b in range(core.B)}
     ret = torch.zeros(core.B)
     for _ in range(3):
-        r, _ = core.step(random_valid_action(core, gen))
+        r, _ = core.step(random_action(core, gen))
         ret += r
     keep = 1
     before = snapshot(core)
@@ -509,7 +513,7 @@ def test_partial_reset_only_touches_those_rows():
         assert abs(float(core.token_loss[b].sum()) - naive_rest_empty(core.gpt, core.label[b], core.x[b])) < RET_ATOL
     # the kept row's episode goes on correctly (its cache survived): it still telescopes
     while not bool(core.done[keep]):
-        r, _ = core.step(random_valid_action(core, gen))
+        r, _ = core.step(random_action(core, gen))
         ret += r
     assert abs(float(ret[keep]) - first[keep]) < RET_ATOL
 
@@ -522,9 +526,9 @@ def test_step_on_active_rows_only():
     core.reset()
     gen = torch.Generator().manual_seed(8)
     for _ in range(2):
-        core.step(random_valid_action(core, gen))
+        core.step(random_action(core, gen))
     active = torch.tensor([True, False, True])
-    a = random_valid_action(core, gen)
+    a = random_action(core, gen)
     a[1] = core.history[1, 0]  # invalid, but row 1 is inactive: not checked
     rest = [naive_rest(core, b) for b in range(core.B)]
     before = snapshot(core)
@@ -541,18 +545,18 @@ def test_step_on_active_rows_only():
     for b in (0, 2):
         assert abs(float(r[b]) - (rest[b] - naive_rest(core, b) - 0.5)) < ATOL * 10
     assert core.steps.tolist() == [3, 2, 3]
-    a2 = random_valid_action(core, gen)
+    a2 = random_action(core, gen)
     a2[1] = a[1]
     with pytest.raises(ValueError, match=r"rows \[1\].*already revealed"):
         core.step(a2)  # active by default: row 1's entry is checked now
     # finished rows may sit out while the others play
     while not bool(core.done[0]):
-        core.step(random_valid_action(core, gen), active=torch.tensor([True, False, True]))
+        core.step(random_action(core, gen), active=torch.tensor([True, False, True]))
     core.reset(torch.tensor([True, False, False]))
     while int(core.steps[1]) < core.N:
-        core.step(random_valid_action(core, gen), active=torch.tensor([False, True, False]))
+        core.step(random_action(core, gen), active=torch.tensor([False, True, False]))
     assert bool(core.done[1:].all()) and int(core.steps[0]) == 0
-    r, done = core.step(random_valid_action(core, gen), active=torch.tensor([True, False, False]))
+    r, done = core.step(random_action(core, gen), active=torch.tensor([True, False, False]))
     assert r[1:].tolist() == [0.0, 0.0] and done.tolist() == [False, True, True]
 
 
@@ -577,14 +581,14 @@ def _episode(core: OrderPlanningCore):
     core.reset()
     obs, rewards = [core.observation()], []
     while not bool(core.done.all()):
-        r, _ = core.step(random_valid_action(core, core.generator))
+        r, _ = core.step(random_action(core, core.generator))
         rewards.append(r)
         obs.append(core.observation())
     return obs, torch.stack(rewards)
 
 
 @pytest.mark.parametrize("fields", [dict(reward="future_loss"), dict(mode="generate", reward="entropy",
-                                                                     sampling=SamplingSpec(cfg_scale=2.0))],
+                                                                     sampling=SamplingConfig(cfg_scale=2.0))],
                          ids=["teacher_forced", "generate_cfg"])
 def test_same_seed_same_episode(fields):
     runs = [_episode(toy_core(3, seed=s, **fields)) for s in (21, 21, 22)]
@@ -609,7 +613,7 @@ def test_same_seed_same_episode(fields):
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0], ids=["no_cfg", "cfg"])
 def test_generation_mode_grid_and_entropy_reward(cfg_scale):
-    core = toy_core(3, seed=13, mode="generate", reward="entropy", sampling=SamplingSpec(cfg_scale=cfg_scale))
+    core = toy_core(3, seed=13, mode="generate", reward="entropy", sampling=SamplingConfig(cfg_scale=cfg_scale))
     core.reset()
     V = core.gpt.cfg.vocab_size
     # H_j(empty) == entropy of the (guided) explicit prediction from the class token alone
@@ -627,7 +631,7 @@ def test_generation_mode_grid_and_entropy_reward(cfg_scale):
     gen = torch.Generator().manual_seed(0)
     ret = torch.zeros(core.B)
     while not bool(core.done.all()):
-        r, _ = core.step(random_valid_action(core, gen))
+        r, _ = core.step(random_action(core, gen))
         ret += r
         tokens = core.observation()["tokens"]
         seen = ~core.unseen
@@ -654,7 +658,7 @@ def _check_generated_images(core: OrderPlanningCore, C: int, H: int, W: int) -> 
     assert obs["image"].shape == (core.B, C, H, W) and not bool(obs["image"].any())
     gen = torch.Generator().manual_seed(0)
     while not bool(core.done.all()):
-        core.step(random_valid_action(core, gen))
+        core.step(random_action(core, gen))
     obs = core.observation()
     V = core.gpt.cfg.vocab_size
     assert bool(((obs["tokens"] >= 0) & (obs["tokens"] < V)).all())
@@ -696,7 +700,7 @@ def test_observation_hidden_and_masks():
     assert obs["hidden"].shape == (core.B, core.L, core.D) and not bool(obs["hidden"].any())
     assert not bool(obs["block_mask"].any()) and bool(obs["action_mask"].all())
     for t in range(core.N):
-        core.step(random_valid_action(core, gen))
+        core.step(random_action(core, gen))
         obs = core.observation()
         assert torch.equal(obs["block_mask"], core.revealed) and torch.equal(obs["action_mask"], ~obs["block_mask"])
         assert obs["block_mask"].sum().item() == core.B * (t + 1) and obs["step"].tolist() == [t + 1] * core.B
@@ -721,15 +725,34 @@ def test_block_hidden_is_block_mean():
     tok_core.reset(), blk_core.reset()
     gen1, gen2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
     for _ in range(5):
-        tok_core.step(random_valid_action(tok_core, gen1)), blk_core.step(random_valid_action(blk_core, gen2))
+        tok_core.step(random_action(tok_core, gen1)), blk_core.step(random_action(blk_core, gen2))
     h_tok, h_blk = tok_core.observation()["hidden"], blk_core.observation()["hidden"]
-    assert h_blk.shape == (2, blk_core.N, blk_core.D)
-    expect = h_tok[:, tok_core.geom.block_tokens].mean(2)  # [B, N, T, D] -> [B, N, D]
+    B, D = 2, blk_core.D
+    assert h_blk.shape == (B, blk_core.N, D) == (B, 16, D)
+    # naive reference, independent of block_tokens: cut the raster 8x8 grid into 2x2 tiles by
+    # reshaping (token (2r + i) * 8 + 2c + j belongs to block 4r + c) and average each tile
+    expect = h_tok.view(B, 4, 2, 4, 2, D).mean(dim=(2, 4)).reshape(B, 16, D)
     torch.testing.assert_close(h_blk, expect)
     assert torch.equal((h_blk != 0).any(-1), blk_core.revealed)
     # e.g. block 3 (block-grid (0, 3)) pools tokens 6, 7, 14, 15 of the 8x8 grid
     assert blk_core.geom.block_tokens[3].tolist() == [6, 7, 14, 15]
     torch.testing.assert_close(h_blk[:, 3], h_tok[:, [6, 7, 14, 15]].mean(1))
+
+
+def test_pool_blocks_hand_computed():
+    # 4x4 token grid of 2x2 blocks: block 0 = tokens 0, 1, 4, 5; block 1 = 2, 3, 6, 7;
+    # block 2 = 8, 9, 12, 13; block 3 = 10, 11, 14, 15 (raster order of tokens and blocks)
+    geom = BlockGeometry(4, 4, 2)
+    hidden = torch.zeros(1, 16, 2)
+    hidden[0, :, 0] = torch.arange(16.0)  # channel 0: the token index
+    hidden[0, 5, 1] = 1.0  # channel 1: one token of block 0
+    pooled = geom.pool_blocks(hidden)
+    assert pooled.shape == (1, 4, 2)
+    # (0 + 1 + 4 + 5) / 4 = 2.5, (2 + 3 + 6 + 7) / 4 = 4.5, (8 + 9 + 12 + 13) / 4 = 10.5, (10 + 11 + 14 + 15) / 4 = 12.5
+    assert pooled[0, :, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert pooled[0, :, 1].tolist() == [0.25, 0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="L=16"):
+        geom.pool_blocks(torch.zeros(1, 8, 2))
 
 
 def test_env_config_validation():

@@ -10,13 +10,19 @@ import pytest
 import torch
 from torchrl.envs.utils import check_env_specs
 
+from envs.actions import random_valid_action
 from envs.core import EnvConfig
 from envs.gym_api import OrderPlanningGymEnv, OrderPlanningVectorEnv
-from envs.torchrl_env import OrderPlanningEnv, random_valid_action
+from envs.torchrl_env import OrderPlanningEnv
 from tests.conftest import toy_core
 
 BUDGETS = [1, 2, 4]
 GAMMA = 0.9
+
+
+def random_action(core, gen: torch.Generator) -> torch.Tensor:
+    """`envs.actions.random_valid_action` for the core's current state (plain or router)."""
+    return random_valid_action(~core.revealed, gen, core.cfg.budget if core.router else None)
 
 
 def smdp_episode(core, image_index: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,7 +36,7 @@ def smdp_episode(core, image_index: torch.Tensor, gen: torch.Generator) -> tuple
         active = ~core.done
         tau = core.steps.clone().double()
         before = core.steps.clone()
-        r, _ = core.step(random_valid_action(core, gen), active=active)
+        r, _ = core.step(random_action(core, gen), active=active)
         assert torch.equal(core.decision_blocks[active], (core.steps - before)[active])
         w = torch.where(active, GAMMA**tau, 0.0)
         ret += w * r.double()
@@ -79,7 +85,7 @@ def test_smdp_router_without_smdp_differs():
     ret_old, t = torch.zeros(3, dtype=torch.float64), 0
     while not bool(old.done.all()):
         active = ~old.done
-        r, _ = old.step(random_valid_action(old, gen_a), active=active)
+        r, _ = old.step(random_action(old, gen_a), active=active)
         ret_old += GAMMA**t * r.double()
         t += 1
     assert torch.equal(old.history, new.history)  # the same block orders
@@ -96,8 +102,8 @@ def test_smdp_gamma_one_equals_decision_reward(fields):
     a.reset(), b.reset()
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     while not bool(a.done.any()):
-        ra, _ = a.step(random_valid_action(a, g1))
-        rb, _ = b.step(random_valid_action(b, g2))
+        ra, _ = a.step(random_action(a, g1))
+        rb, _ = b.step(random_action(b, g2))
         assert torch.equal(a.x, b.x)
         torch.testing.assert_close(rb, ra, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(b.token_loss, a.token_loss, atol=1e-5, rtol=1e-5)

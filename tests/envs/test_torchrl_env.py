@@ -7,8 +7,8 @@ import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import check_env_specs, step_mdp
 
-from envs.core import SamplingSpec
-from envs.torchrl_env import OrderPlanningEnv, random_valid_action
+from backbone.sampling import SamplingConfig
+from envs.torchrl_env import OrderPlanningEnv
 from tests.conftest import toy_core
 
 ATOL = 1e-4
@@ -24,7 +24,7 @@ CONFIGS = {
     "hidden_block": dict(hidden="block"),
     "router": dict(budget=[1, 2, 4], decision_cost=0.1),
     "generate": dict(mode="generate", reward="entropy"),
-    "generate_cfg": dict(mode="generate", reward="entropy", sampling=SamplingSpec(cfg_scale=2.0)),
+    "generate_cfg": dict(mode="generate", reward="entropy", sampling=SamplingConfig(cfg_scale=2.0)),
 }
 
 
@@ -215,19 +215,3 @@ def test_step_after_done_raises_until_reset():
     td = env.reset()
     td = env.step(env.rand_action(td))
     assert not td["next", "done"].any()
-
-
-def test_random_valid_action():
-    core = toy_core(4, seed=8, budget=[1, 2, 4])
-    core.reset()
-    g = torch.Generator().manual_seed(0)
-    budgets = set()
-    for _ in range(3):
-        a = random_valid_action(core, g)
-        assert a.shape == (4, 1 + core.K) and a.dtype == torch.long
-        blocks = a[:, 1:]
-        assert not core.revealed.gather(1, blocks).any()
-        assert all(len(set(row.tolist())) == core.K for row in blocks)
-        budgets |= set(a[:, 0].tolist())
-        core.step(a)
-    assert budgets == {0, 1, 2}

@@ -1,0 +1,68 @@
+"""`envs.make_core` builds the core its arguments describe: keyword overrides apply on top of typed
+configs too (regression: with a BackboneConfig and an EnvConfig they were silently dropped), unknown
+keys fail naming the key, and the passed configs are left as they were. The backbone and its data
+are swapped for a random tiny GPT here (no artifacts needed): only the config plumbing is tested."""
+
+import pytest
+import torch
+
+import envs
+import envs.factory
+from backbone.blocks import BlockGeometry
+from backbone.config import BackboneConfig
+from backbone.loading import Backbone
+from backbone.sampling import SamplingConfig
+from envs.core import EnvConfig
+from tests.conftest import randomized_gpt
+
+
+@pytest.fixture
+def built(monkeypatch):
+    """Replace the backbone build and the token data by a random tiny GPT and random codes; records
+    the BackboneConfig the factory asked for."""
+    seen = {}
+
+    def build_backbone(cfg, device="cpu", dtype=None):
+        seen["backbone"] = cfg
+        return Backbone(cfg=cfg, gpt=randomized_gpt(), geometry=BlockGeometry(8, 8, 2), vq=None)
+
+    def load_token_data(cfg, split):
+        seen["split"] = split
+        codes = torch.randint(0, 64, (6, 64), generator=torch.Generator().manual_seed(0))
+        return codes, torch.arange(6) % 4
+
+    monkeypatch.setattr(envs.factory, "build_backbone", build_backbone)
+    monkeypatch.setattr(envs.factory, "load_token_data", load_token_data)
+    return seen
+
+
+def test_overrides_apply_onto_typed_configs(built):
+    bcfg, ecfg = BackboneConfig(), EnvConfig()
+    core = envs.make_core(backbone=bcfg, env=ecfg, batch_size=2, reward="anytime", budget=[1, 2])
+    assert core.cfg.reward == "anytime" and core.cfg.budget == [1, 2]
+    assert core.router and core.K == 2
+    assert ecfg.reward == "future_loss" and ecfg.budget is None  # the caller's config is not modified
+    # dotted keys reach nested configs, on the env and on the backbone
+    core = envs.make_core(backbone=bcfg, env=ecfg, batch_size=2, mode="generate", reward="entropy",
+                          **{"env.sampling.cfg_scale": 2.0, "env.split": "heldout", "backbone.block_size": 2})
+    assert core.cfg.sampling == SamplingConfig(cfg_scale=2.0) and core.use_cfg
+    assert built["split"] == "heldout" and built["backbone"].block_size == 2 and built["backbone"] is not bcfg
+    # a typed env with a backbone name: the env overrides are kept too
+    core = envs.make_core("tiny_mnist", env=ecfg, batch_size=2, hidden="block")
+    assert core.cfg.hidden == "block"
+
+
+def test_unknown_override_keys_fail_clearly(built):
+    with pytest.raises(ValueError, match="rewrad"):
+        envs.make_core(backbone=BackboneConfig(), env=EnvConfig(), batch_size=2, rewrad="anytime")
+    with pytest.raises(ValueError, match="sampling.cfg_scal"):
+        envs.make_core(backbone=BackboneConfig(), env=EnvConfig(), batch_size=2, **{"sampling.cfg_scal": 2.0})
+    with pytest.raises(ValueError, match="other.key"):
+        envs.make_core(backbone=BackboneConfig(), env=EnvConfig(), batch_size=2, **{"other.key": 1})
+
+
+def test_composed_path_unchanged(built):
+    core = envs.make_core("tiny_mnist", batch_size=2, reward="extrapolative", weight="neighbours", budget=[1, 2, 4])
+    assert (core.cfg.reward, core.cfg.weight, core.cfg.budget) == ("extrapolative", "neighbours", [1, 2, 4])
+    core = envs.make_core("tiny_mnist", batch_size=2, mode="generate", reward="entropy")
+    assert core.cfg.sampling.cfg_scale == 2.0  # the env=generate preset (configs/env/generate.yaml)
