@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointManager",
     "rng_state",
     "set_rng_state",
+    "check_identity",
 ]
 
 PathLike = str | os.PathLike
@@ -106,6 +107,20 @@ def sha256_file(path: PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_identity(saved: Mapping[str, Any], now: Mapping[str, Any], where: PathLike, hint: str,
+                   what: str = "it was made with a different setup") -> None:
+    """Refuse to continue something saved under another identity (a checkpoint to resume, a data set
+    to extend or reuse): raise ValueError naming every differing key with its saved and current
+    value, "{where}: {what}: k: saved a vs now b; ... {hint}".
+
+    Keys are those of `now` (in order), then those only `saved` has; a key missing on one side
+    reads as None, so a key added later with the value None keeps older files valid."""
+    keys = [*now, *(k for k in saved if k not in now)]
+    diff = [f"{k}: saved {saved.get(k)!r} vs now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
+    if diff:
+        raise ValueError(f"{where}: {what}: " + "; ".join(diff) + f". {hint}")
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> Path:

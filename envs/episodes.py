@@ -34,16 +34,20 @@ Act = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
 @torch.no_grad()
 def play_episodes(core: OrderPlanningCore, image_index: torch.Tensor | None, act: Act,
-                  after_step: Callable[[Decision], None] | None = None) -> int:
+                  after_step: Callable[[Decision], None] | None = None, rows: torch.Tensor | None = None) -> int:
     """Reset every row of `core` (on `image_index` [B] when given, else on fresh images) and play
     until all episodes are done: at each decision `act(core.observation())` returns the action of
     every row, the core steps the rows that are not done, and `after_step(Decision)` sees the result.
+    `rows` [B] bool (default all) limits the play to those rows: the others (e.g. padding rows of a
+    last, partial batch) are reset but never stepped, so batched computations over the state (the
+    oracle's candidate blocks) see exactly the rows that matter.
     Returns the number of decisions of the longest episode (at most N: every live row reveals at
     least one block per decision)."""
     core.reset(None, image_index)
+    rows = torch.ones(core.B, dtype=torch.bool, device=core.device) if rows is None else rows.to(core.device)
     decisions = 0
     for t in range(core.N):
-        active = ~core.done
+        active = ~core.done & rows
         if not bool(active.any()):
             break
         blocks_before = core.steps.clone()

@@ -1,10 +1,12 @@
 """Stage 3-4 (seed 000): behaviour cloning of the OrderHead on oracle labels.
 
 Data: the oracle data set of `scripts/build_oracle.py` (image index + revealed-block prefix + the
-full utility vector per state; built on the fly when missing). Hidden states are recomputed by the
-frozen backbone: every episode is replayed once through the env core and the block-pooled hidden
-states of its recorded states are kept in memory (`episode_features`), so training steps only run
-the OrderHead.
+full utility vector per state), configured by `oracle` (`OracleConfig`, the build's own fields),
+built or extended on the fly when it lacks images; a set of another identity in oracle.out_dir is
+refused, and exactly the requested seeded image subset is trained on (`load_or_build_oracle`).
+Hidden states are recomputed by the frozen backbone: every episode is replayed once through the
+env core and the block-pooled hidden states of its recorded states are kept in memory
+(`episode_features`, `BCData`), so training steps only run the OrderHead.
 
 Loss: cross-entropy on the oracle argmax block (or, with `bc.targets=soft`, on softmax(u / tau)
 over the unrevealed blocks). The latent-reasoning depth R follows a curriculum (`bc.R_schedule`,
@@ -29,12 +31,15 @@ recomputed: they stay those of the original backbone (the data set of `oracle.ou
 rollouts and their labels also use the original backbone. The tuned GPT is written to
 run_dir/gpt.safetensors and the held-out report scores every policy on it, next to the backbone's
 held-out bits/token before and after tuning.
+
+Imports backbone/, envs/, agents.planner, agents.evaluation (the held-out report) and the rest of
+agents.training.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -45,27 +50,30 @@ from agents.planner.orderhead import OrderHead, orderhead_config_for, save_order
 from agents.planner.policies import OrderHeadPolicy
 from agents.training.features import episode_features
 from agents.training.joint import JointConfig, JointTuner
-from agents.training.oracle_data import BuildOracleRun, OracleDataset, build_oracle, collect_states, select_images
-from backbone.checkpoint import CheckpointManager, atomic_write_json, load_safetensors, rng_state, set_rng_state, sha256_file
+from agents.training.oracle_data import (
+    MANIFEST,
+    BuildOracleRun,
+    OracleConfig,
+    OracleDataset,
+    build_identity,
+    build_oracle,
+    collect_states,
+    select_images,
+)
+from backbone.checkpoint import (
+    CheckpointManager,
+    atomic_write_json,
+    check_identity,
+    load_safetensors,
+    rng_state,
+    set_rng_state,
+    sha256_file,
+)
 from backbone.config import BackboneConfig, RunConfig
 from backbone.loading import save_gpt
 from backbone.run_utils import Logger, progress, setup_device
-from envs.core import EnvConfig
+from envs.core import EnvConfig, OrderPlanningCore
 from envs.factory import make_core
-
-
-@dataclass
-class OracleSpec:
-    """Which oracle data set to use (built into `out_dir` when missing)."""
-
-    out_dir: str = "runs/oracle/tiny_mnist"
-    num_images: int | None = 640
-    behaviour: str = "random"
-    kind: str = "future_loss"
-    weight: str = "uniform"
-    states_per_image: int | None = None
-    batch_size: int = 16
-    chunk_images: int = 64
 
 
 @dataclass
@@ -104,7 +112,7 @@ class BCRun(RunConfig):
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
-    oracle: OracleSpec = field(default_factory=OracleSpec)
+    oracle: OracleConfig = field(default_factory=OracleConfig)  # the data set (built into out_dir when missing)
     agent: AgentSpec = field(default_factory=AgentSpec)
     bc: BCConfig = field(default_factory=BCConfig)
     eval: EvalSpec = field(default_factory=EvalSpec)
@@ -142,156 +150,211 @@ def r_at(step: int, steps: int, schedule: list[int]) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _oracle_run(run: BCRun) -> BuildOracleRun:
-    o = run.oracle
-    return BuildOracleRun(backbone=run.backbone, env=replace(run.env, split="train", budget=None),
-                          out_dir=o.out_dir, device=run.device, seed=run.seed, split="train",
-                          num_images=o.num_images, behaviour=o.behaviour, kind=o.kind, weight=o.weight,
-                          states_per_image=o.states_per_image, batch_size=o.batch_size, chunk_images=o.chunk_images)
+def oracle_build_run(run: BCRun) -> BuildOracleRun:
+    """The build of `run.oracle`: the train split of the run's backbone, plain one-block actions,
+    the run's seed and device."""
+    shared = {f.name: getattr(run.oracle, f.name) for f in fields(OracleConfig)}
+    return BuildOracleRun(**shared, backbone=run.backbone, env=replace(run.env, split="train", budget=None),
+                          device=run.device, seed=run.seed, split="train")
 
 
-def load_or_build_oracle(run: BCRun) -> OracleDataset:
-    """The oracle data set of `run.oracle`, built (or resumed) first when it is not complete."""
-    root = Path(run.oracle.out_dir)
-    if not (root / "manifest.json").is_file():
-        print(f"oracle data not found in {root}: building it (scripts/build_oracle.py)")
-        build_oracle(_oracle_run(run))
-    ds = OracleDataset(root)
-    want = run.oracle.num_images
-    if want is not None and ds.manifest["counts"]["images"] < want:
-        # the same seeded subset, extended: finished images are skipped, the rest is built
-        print(f"{root} holds {ds.manifest['counts']['images']} images, oracle.num_images={want}: extending it")
-        build_oracle(_oracle_run(run))
+def load_or_build_oracle(run: BCRun, num_total: int) -> OracleDataset:
+    """The records of exactly the images `run.oracle` asks for, select_images(num_total,
+    oracle.num_images, seed) of the train split's `num_total` images.
+
+    A set in oracle.out_dir must have the identity of this build (`build_identity`: kind,
+    behaviour, weight, states_per_image, seed, backbone weights by sha256, data, ...), else
+    ValueError names the differing fields. When it lacks some of the images (or is missing), it is
+    built, resumed or extended first (a larger num_images with the same seed selects a superset);
+    a larger set is read down to the requested subset. The build leaves the global RNG as it was,
+    so a run that builds its data equals one that finds it."""
+    build = oracle_build_run(run)
+    root = Path(build.out_dir)
+    images = select_images(num_total, build.num_images, build.seed)
+    ds = None
+    if (root / MANIFEST).is_file():
         ds = OracleDataset(root)
-    if ds.kind != run.oracle.kind:
-        raise ValueError(f"{root} holds {ds.kind} utilities but oracle.kind={run.oracle.kind}")
-    return ds
+        check_identity(ds.manifest["identity"], build_identity(build), root / MANIFEST,
+                       f"Set oracle.out_dir to another directory to build this set there, or delete {root} to "
+                       "rebuild it.", what="the oracle data there was built with a different setup")
+        have = int(torch.isin(images, ds.images).sum())
+        if have < len(images):
+            print(f"{root} holds {have} of the {len(images)} images of oracle.num_images={build.num_images}: "
+                  "extending it")
+            ds = None
+    else:
+        print(f"oracle data not found in {root}: building it (scripts/build_oracle.py)")
+    if ds is None:
+        with torch.random.fork_rng(devices=[]):  # building a GPT draws its random init from the global RNG
+            build_oracle(build)
+        ds = OracleDataset(root)
+    return ds.subset(images)
 
 
-def train_bc(run: BCRun) -> dict:
-    """Behaviour cloning + the held-out report. Writes run_dir/{orderhead.safetensors, summary.json}."""
-    t0 = time.time()
-    device = setup_device(run.device)
-    torch.manual_seed(run.seed)
-    run_dir = Path(run.run_dir)
-    bc = run.bc
-    ds = load_or_build_oracle(run)
-    train_env = replace(run.env, split="train", budget=None)
-    core = make_core(run.backbone, env=train_env, batch_size=bc.replay_batch, device=device, seed=run.seed)
-    print(f"oracle data: {len(ds)} states from {ds.manifest['counts']['images']} images ({ds.kind}); "
-          f"recomputing hidden states with the frozen backbone")
-    hidden, mask = episode_features(core, ds.image_index, ds.prefix, ds.length)
-    util = ds.utilities.clone()
-    labels = core.labels.cpu()[ds.image_index]
-    jc = bc.joint
-    jc.validate(core.gpt.cfg.n_layer, bc.steps)
-    states = [ds.image_index.clone(), ds.prefix.clone(), ds.length.clone()]  # what joint tuning replays
+@dataclass
+class BCData:
+    """The training states in memory (S of them, CPU): block-pooled hidden states `hidden` [S, N, D]
+    float32 and block masks `mask` [S, N] from the frozen backbone, oracle utilities `util` [S, N]
+    (nats, -inf on revealed blocks), class labels `labels` [S], and the stored states themselves
+    (`image_index` [S], `prefix` [S, N], `length` [S]) that joint tuning replays on the tuned GPT."""
 
-    cfg = orderhead_config_for(core.D, core.geom, **asdict(run.agent), R=max(bc.R_schedule),
-                               num_classes=core.gpt.cfg.num_classes)
-    model = OrderHead(cfg).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=bc.lr, weight_decay=bc.weight_decay)
-    tuner, bits_before = None, None
-    if jc.top_n:
-        with torch.random.fork_rng(devices=[]):  # the global RNG (head dropout) stays that of a plain BC run
-            tuner = JointTuner(run, device, core.codes, core.labels)
-            if (run_dir / "gpt.safetensors").resolve() == tuner.base.resolve():
-                raise ValueError(f"run_dir {run_dir} holds the backbone being tuned (backbone.gpt_weights): joint "
-                                 "tuning writes run_dir/gpt.safetensors, use another run_dir")
-            bits_before = tuner.heldout_bits(run.backbone)
-    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=bc.keep_checkpoints)
-    start, history, dagger_done = 0, [], 0
-    # what a resumed run must share with the checkpoint (bc.steps may grow: the run continues)
-    identity = {"agent": asdict(run.agent), "oracle_dir": str(Path(run.oracle.out_dir).resolve()),
-                "states": len(ds), "targets": bc.targets, "soft_tau": bc.soft_tau, "R_schedule": list(bc.R_schedule),
-                "batch_size": bc.batch_size, "lr": bc.lr, "seed": run.seed, "backbone": run.backbone.name}
-    if tuner:  # (absent when off, so checkpoints of plain BC runs resume as before)
-        identity["joint"] = {**asdict(jc), "gpt_weights": str(tuner.base)}
-    ckpt = ckpts.load_latest()
-    if ckpt is not None:
-        saved = ckpt.get("identity", {})
-        keys = [*identity, *(["joint"] if "joint" in saved and "joint" not in identity else [])]  # joint -> plain too
-        diff = {k: (saved.get(k), identity.get(k)) for k in keys if saved.get(k) != identity.get(k)}
-        if diff:
-            raise ValueError(f"{ckpts.latest()}: cannot resume, the run changed: "
-                             + "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-                             + f". Use a new run_dir or delete {run_dir / 'checkpoints'}.")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if tuner:
-            tuner.load_state_dict(ckpt["joint"])
-        set_rng_state(ckpt["rng"])
-        start, history, dagger_done = int(ckpt["step"]), list(ckpt["history"]), int(ckpt["dagger_done"])
-        print(f"resumed from {ckpts.latest()} at step {start}")
+    hidden: torch.Tensor
+    mask: torch.Tensor
+    util: torch.Tensor
+    labels: torch.Tensor
+    image_index: torch.Tensor
+    prefix: torch.Tensor
+    length: torch.Tensor
 
-    # DAgger rounds happen at fixed steps; on resume, re-collect the rounds already done (same seeds)
-    round_steps = [bc.steps * (r + 1) // (bc.dagger_rounds + 1) for r in range(bc.dagger_rounds)]
-    used = set(ds.image_index.tolist())
+    @classmethod
+    def from_records(cls, core: OrderPlanningCore, rec: dict[str, torch.Tensor]) -> BCData:
+        """Features of oracle records (keys of `oracle_data.RECORD_KEYS`) replayed on `core`."""
+        hidden, mask = episode_features(core, rec["image_index"], rec["prefix"], rec["length"])
+        image_index = rec["image_index"].cpu()
+        return cls(hidden, mask, rec["utilities"].clone(), core.labels.cpu()[image_index], image_index.clone(),
+                   rec["prefix"].cpu().clone(), rec["length"].cpu().clone())
 
-    def dagger_round(r: int) -> None:
-        nonlocal hidden, mask, util, labels
-        pool = torch.tensor([i for i in select_images(core.num_images, None, run.seed).tolist() if i not in used])
-        imgs = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(run.seed + 100 + r))[:bc.dagger_images]]
-        used.update(imgs.tolist())
+    def __len__(self) -> int:
+        return len(self.util)
+
+    def extend(self, more: BCData) -> None:
+        """Append `more`'s states (a DAgger round) after these."""
+        for f in fields(self):
+            setattr(self, f.name, torch.cat([getattr(self, f.name), getattr(more, f.name)]))
+
+
+class DaggerRounds:
+    """DAgger: at fixed steps, states visited by the current (greedy) learner on train images not
+    used yet, labelled by the oracle. Round r draws its images and behaviour from seeds of
+    (seed, r) only."""
+
+    def __init__(self, run: BCRun, core: OrderPlanningCore, kind: str, used: torch.Tensor):
+        bc = run.bc
+        self.run, self.core, self.kind = run, core, kind
+        self.steps = [bc.steps * (r + 1) // (bc.dagger_rounds + 1) for r in range(bc.dagger_rounds)]
+        self.used = set(used.tolist())
+
+    def due(self, done: int, step: int) -> bool:
+        """Whether round `done` (rounds done so far) starts at `step`."""
+        return done < len(self.steps) and step >= self.steps[done]
+
+    def add(self, data: BCData, r: int, model: OrderHead) -> None:
+        """Append round r's states to `data` (the model is left in train mode)."""
+        run, core = self.run, self.core
+        pool = torch.tensor([i for i in select_images(core.num_images, None, run.seed).tolist() if i not in self.used])
+        perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(run.seed + 100 + r))
+        imgs = pool[perm[:run.bc.dagger_images]]
+        self.used.update(imgs.tolist())
         learner = OrderHeadPolicy(model.eval(), greedy=True)
-        rec = collect_states(core, lambda obs: learner.act(obs), imgs, ds.kind, run.oracle.weight,
+        rec = collect_states(core, lambda obs: learner.act(obs), imgs, self.kind, run.oracle.weight,
                              generator=torch.Generator().manual_seed(run.seed + 200 + r))
-        h, m = episode_features(core, rec["image_index"], rec["prefix"], rec["length"])
-        hidden, mask = torch.cat([hidden, h]), torch.cat([mask, m])
-        util = torch.cat([util, rec["utilities"]])
-        for j, key in enumerate(("image_index", "prefix", "length")):
-            states[j] = torch.cat([states[j], rec[key].cpu()])
-        labels = torch.cat([labels, core.labels.cpu()[rec["image_index"]]])
+        data.extend(BCData.from_records(core, rec))
         model.train()
-        print(f"DAgger round {r + 1}: +{len(rec['image_index'])} learner-visited states ({len(util)} in all)")
+        print(f"DAgger round {r + 1}: +{len(rec['image_index'])} learner-visited states ({len(data)} in all)")
 
-    for r in range(dagger_done):
-        dagger_round(r)
-    logger = Logger(run, run_dir, job="bc")
-    model.train()
-    bar = progress(range(start, bc.steps), initial=start, total=bc.steps, desc="bc")
-    for step in bar:
-        if dagger_done < bc.dagger_rounds and step >= round_steps[dagger_done]:
-            dagger_round(dagger_done)
-            dagger_done += 1
-        gen = torch.Generator().manual_seed(run.seed * 1_000_003 + step)
-        idx = torch.randint(len(util), (bc.batch_size,), generator=gen)
-        R = r_at(step, bc.steps, bc.R_schedule)
-        joint = tuner is not None and step >= jc.start_step
-        if joint:
-            h, m = tuner.features(states[0][idx], labels[idx], states[1][idx], states[2][idx])
-            if h.requires_grad:  # the backbone's share of L_OH is lambda * its gradient; the head's is 1
-                h.register_hook(lambda g: g * jc.lam)
-        else:
-            h, m = hidden[idx].to(device), mask[idx].to(device)
-        loss, out = bc_loss(model, h, m, util[idx].to(device), bc.targets, bc.soft_tau, R, labels[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        if joint:
-            tuner.opt.zero_grad(set_to_none=True)
-            loss_ar = tuner.ar_loss(step)
-            (loss + loss_ar).backward()  # head: grad L_OH; tuned backbone: grad (L_AR + lam * L_OH)
-            torch.nn.utils.clip_grad_norm_(tuner.params, jc.grad_clip)
-            tuner.opt.step()
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), bc.grad_clip)
-        opt.step()
-        done = step + 1
-        if done % bc.log_every == 0 or done == bc.steps:
-            acc = float((out.logits.argmax(-1).cpu() == util[idx].argmax(-1)).float().mean())
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}", R=R)
-            history.append({"step": done, "loss": float(loss.detach()), "train_agreement": acc, "R": R})
-            logger.log({"train/loss": float(loss.detach()), "train/agreement": acc, "train/R": R}, done)
-            if joint:
-                history[-1]["loss_ar"] = float(loss_ar)
-                logger.log({"train/loss_ar": float(loss_ar)}, done)
-        if done % bc.ckpt_every == 0 or done == bc.steps:
-            extra = {"joint": tuner.state_dict()} if tuner else {}
-            ckpts.save(done, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                              "rng": rng_state(), "history": history, "dagger_done": dagger_done,
-                              "identity": identity, **extra})
-    bar.close()
-    model.eval()
+
+def _checkpoint_identity(run: BCRun, ds: OracleDataset, tuner: JointTuner | None) -> dict:
+    """What a resumed run must share with its checkpoint (bc.steps may grow: the run continues)."""
+    bc = run.bc
+    identity = {"agent": asdict(run.agent), "oracle_dir": str(Path(run.oracle.out_dir).resolve()),
+                "oracle": ds.manifest["identity"], "states": len(ds), "targets": bc.targets,
+                "soft_tau": bc.soft_tau, "R_schedule": list(bc.R_schedule), "batch_size": bc.batch_size,
+                "lr": bc.lr, "seed": run.seed, "backbone": run.backbone.name}
+    if tuner:  # (absent when off, so a joint checkpoint does not resume as a plain run, nor the reverse)
+        identity["joint"] = {**asdict(bc.joint), "gpt_weights": str(tuner.base)}
+    return identity
+
+
+def _make_tuner(run: BCRun, device: torch.device, core: OrderPlanningCore) -> tuple[JointTuner | None, dict | None]:
+    """The joint tuner and the backbone's held-out bits/token before tuning (None, None when off)."""
+    if not run.bc.joint.top_n:
+        return None, None
+    with torch.random.fork_rng(devices=[]):  # the global RNG (head dropout) stays that of a plain BC run
+        tuner = JointTuner(run, device, core.codes, core.labels)
+        if (Path(run.run_dir) / "gpt.safetensors").resolve() == tuner.base.resolve():
+            raise ValueError(f"run_dir {run.run_dir} holds the backbone being tuned (backbone.gpt_weights): joint "
+                             "tuning writes run_dir/gpt.safetensors, use another run_dir")
+        return tuner, tuner.heldout_bits(run.backbone)
+
+
+def _restore(ckpts: CheckpointManager, identity: dict, model: OrderHead, opt: torch.optim.Optimizer,
+             tuner: JointTuner | None) -> tuple[int, list[dict], int]:
+    """Load the latest checkpoint, if any, into model / optimizer / tuner / RNG after checking its
+    identity. Returns (step, history, DAgger rounds done); (0, [], 0) for a fresh run."""
+    ckpt = ckpts.load_latest()
+    if ckpt is None:
+        return 0, [], 0
+    check_identity(ckpt.get("identity", {}), identity, ckpts.latest(),
+                   f"Use a new run_dir or delete {ckpts.ckpt_dir}.", what="cannot resume, the run changed")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if tuner:
+        tuner.load_state_dict(ckpt["joint"])
+    set_rng_state(ckpt["rng"])
+    print(f"resumed from {ckpts.latest()} at step {int(ckpt['step'])}")
+    return int(ckpt["step"]), list(ckpt["history"]), int(ckpt["dagger_done"])
+
+
+@dataclass
+class StepOut:
+    """One optimisation step: the minibatch, its depth R, the BC loss (nats/state) and, in joint
+    steps, L_AR (nats/token)."""
+
+    idx: torch.Tensor
+    R: int
+    loss: torch.Tensor
+    logits: torch.Tensor
+    loss_ar: torch.Tensor | None
+
+
+def _train_step(run: BCRun, step: int, data: BCData, model: OrderHead, opt: torch.optim.Optimizer,
+                tuner: JointTuner | None, device: torch.device) -> StepOut:
+    """Step `step`: the minibatch drawn from (seed, step) only (exact resume), one update of the
+    head (and, from bc.joint.start_step on, of the tuned backbone)."""
+    bc, jc = run.bc, run.bc.joint
+    gen = torch.Generator().manual_seed(run.seed * 1_000_003 + step)
+    idx = torch.randint(len(data), (bc.batch_size,), generator=gen)
+    R = r_at(step, bc.steps, bc.R_schedule)
+    joint = tuner is not None and step >= jc.start_step
+    if joint:
+        h, m = tuner.features(data.image_index[idx], data.labels[idx], data.prefix[idx], data.length[idx])
+        if h.requires_grad:  # the backbone's share of L_OH is lambda * its gradient; the head's is 1
+            h.register_hook(lambda g: g * jc.lam)
+    else:
+        h, m = data.hidden[idx].to(device), data.mask[idx].to(device)
+    loss, out = bc_loss(model, h, m, data.util[idx].to(device), bc.targets, bc.soft_tau, R, data.labels[idx].to(device))
+    opt.zero_grad(set_to_none=True)
+    loss_ar = None
+    if joint:
+        tuner.opt.zero_grad(set_to_none=True)
+        loss_ar = tuner.ar_loss(step)
+        (loss + loss_ar).backward()  # head: grad L_OH; tuned backbone: grad (L_AR + lam * L_OH)
+        torch.nn.utils.clip_grad_norm_(tuner.params, jc.grad_clip)
+        tuner.opt.step()
+    else:
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), bc.grad_clip)
+    opt.step()
+    return StepOut(idx, R, loss.detach(), out.logits.detach(), None if loss_ar is None else loss_ar.detach())
+
+
+def _log(s: StepOut, data: BCData, done: int, history: list[dict], logger: Logger, bar) -> None:
+    """Append step `done`'s loss, agreement with the oracle argmax and R to the history and the logger."""
+    acc = float((s.logits.argmax(-1).cpu() == data.util[s.idx].argmax(-1)).float().mean())
+    bar.set_postfix(loss=f"{float(s.loss):.3f}", acc=f"{acc:.2f}", R=s.R)
+    history.append({"step": done, "loss": float(s.loss), "train_agreement": acc, "R": s.R})
+    logger.log({"train/loss": float(s.loss), "train/agreement": acc, "train/R": s.R}, done)
+    if s.loss_ar is not None:
+        history[-1]["loss_ar"] = float(s.loss_ar)
+        logger.log({"train/loss_ar": float(s.loss_ar)}, done)
+
+
+def _save_weights(run: BCRun, model: OrderHead, tuner: JointTuner | None, bits_before: dict | None,
+                  kind: str) -> tuple[Path, BackboneConfig, dict | None]:
+    """Write run_dir/orderhead.safetensors (and, when tuned, run_dir/gpt.safetensors). Returns the
+    head's path, the backbone the report scores on (the tuned GPT when tuned) and the joint summary."""
+    bc, jc = run.bc, run.bc.joint
+    run_dir = Path(run.run_dir)
     weights, gpt_path = run_dir / "orderhead.safetensors", run_dir / "gpt.safetensors"
     eval_backbone, joint_summary = run.backbone, None
     if tuner:
@@ -310,20 +373,70 @@ def train_bc(run: BCRun) -> dict:
         # the tuned backbone of an earlier joint run in this run_dir does not belong to this planner (PPO would use it)
         print(f"removing {gpt_path}: left by an earlier joint-tuning run, this run's planner uses the frozen backbone")
         gpt_path.unlink()
-    save_orderhead(model, weights, {"stage": "bc", "steps": bc.steps, "oracle_kind": ds.kind,
+    save_orderhead(model, weights, {"stage": "bc", "steps": bc.steps, "oracle_kind": kind,
                                     "backbone": run.backbone.name,
                                     **({"gpt_weights": str(gpt_path)} if tuner else {})})
+    return weights, eval_backbone, joint_summary
 
+
+def _finish(run: BCRun, model: OrderHead, tuner: JointTuner | None, bits_before: dict | None, kind: str,
+            device: torch.device, logger: Logger, t0: float, extra: dict) -> dict:
+    """Save the weights, run the held-out report, write run_dir/summary.json (report + `extra`,
+    wall time since `t0`)."""
+    model.eval()
+    weights, eval_backbone, joint_summary = _save_weights(run, model, tuner, bits_before, kind)
     report = heldout_report(eval_backbone, run.env, run.eval, model, device, run.seed, run.oracle.kind)
-    logger.log({f"eval/return_{k}": v for k, v in report["returns"].items()}, bc.steps)
+    logger.log({f"eval/return_{k}": v for k, v in report["returns"].items()}, run.bc.steps)
     logger.close()
     summary = {**report, "stage": "bc", "weights": str(weights), "params": sum(p.numel() for p in model.parameters()),
-               "train_states": len(util), "steps": bc.steps, "resumed_from": start, "history": history,
-               "wall_time_s": time.time() - t0, "config": asdict(run)}
+               **extra, "wall_time_s": time.time() - t0, "config": asdict(run)}
     if joint_summary:
         summary["joint"] = joint_summary
-    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_json(Path(run.run_dir) / "summary.json", summary)
     print_report(summary)
     return summary
 
 
+def train_bc(run: BCRun) -> dict:
+    """Behaviour cloning + the held-out report. Writes run_dir/{orderhead.safetensors, summary.json}."""
+    t0 = time.time()
+    device = setup_device(run.device)
+    torch.manual_seed(run.seed)
+    bc = run.bc
+    train_env = replace(run.env, split="train", budget=None)
+    core = make_core(run.backbone, env=train_env, batch_size=bc.replay_batch, device=device, seed=run.seed)
+    ds = load_or_build_oracle(run, core.num_images)
+    print(f"oracle data: {len(ds)} states from {len(ds.images)} images ({ds.kind}); "
+          f"recomputing hidden states with the frozen backbone")
+    data = BCData.from_records(core, {"image_index": ds.image_index, "prefix": ds.prefix, "length": ds.length,
+                                      "utilities": ds.utilities})
+    bc.joint.validate(core.gpt.cfg.n_layer, bc.steps)
+    cfg = orderhead_config_for(core.D, core.geom, **asdict(run.agent), R=max(bc.R_schedule),
+                               num_classes=core.gpt.cfg.num_classes)
+    model = OrderHead(cfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=bc.lr, weight_decay=bc.weight_decay)
+    tuner, bits_before = _make_tuner(run, device, core)
+    ckpts = CheckpointManager(Path(run.run_dir) / "checkpoints", keep_last=bc.keep_checkpoints)
+    identity = _checkpoint_identity(run, ds, tuner)
+    start, history, dagger_done = _restore(ckpts, identity, model, opt, tuner)
+    dagger = DaggerRounds(run, core, ds.kind, ds.image_index)
+    for r in range(dagger_done):  # on resume, re-collect the rounds already done (same seeds)
+        dagger.add(data, r, model)
+    logger = Logger(run, Path(run.run_dir), job="bc")
+    model.train()
+    bar = progress(range(start, bc.steps), initial=start, total=bc.steps, desc="bc")
+    for step in bar:
+        if dagger.due(dagger_done, step):
+            dagger.add(data, dagger_done, model)
+            dagger_done += 1
+        out = _train_step(run, step, data, model, opt, tuner, device)
+        done = step + 1
+        if done % bc.log_every == 0 or done == bc.steps:
+            _log(out, data, done, history, logger, bar)
+        if done % bc.ckpt_every == 0 or done == bc.steps:
+            ckpts.save(done, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                              "rng": rng_state(), "history": history, "dagger_done": dagger_done,
+                              "identity": identity, **({"joint": tuner.state_dict()} if tuner else {})})
+    bar.close()
+    extra = {"train_states": len(data), "steps": bc.steps, "resumed_from": start, "history": history}
+    return _finish(run, model, tuner, bits_before, ds.kind, device, logger, t0, extra)

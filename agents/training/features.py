@@ -117,22 +117,29 @@ def episode_features(core: OrderPlanningCore, image_index: torch.Tensor, prefix:
     images, longest = _episodes(image_index, prefix, length)
     for e0 in range(0, len(images), core.B):
         imgs, top = images[e0:e0 + core.B], longest[e0:e0 + core.B]
-        want = torch.full((len(imgs), N + 1), -1, dtype=torch.long)  # record id per (episode, length)
-        for r, img in enumerate(imgs.tolist()):
-            recs = torch.nonzero(image_index == img).flatten()
-            want[r, length[recs]] = recs
-
-        def read(t: int, obs: dict[str, torch.Tensor]) -> None:
-            hit = want[:, t] >= 0
-            if bool(hit.any()):
-                h = obs["hidden"][:len(imgs)].float().cpu()
-                if h.shape[1] != N:
-                    h = core.geom.pool_blocks(h)
-                hidden[want[hit, t]] = h[hit]
-                mask[want[hit, t]] = obs["block_mask"][:len(imgs)].cpu()[hit]
-
-        replay(core, imgs, prefix[top], length[top], visit=read)
+        # every record of these episodes, with its episode row and length (duplicate records of one
+        # state all read it: a table of one record per (episode, length) would leave copies at 0)
+        recs = torch.nonzero(torch.isin(image_index, imgs)).flatten()
+        row, at = torch.searchsorted(imgs, image_index[recs]), length[recs]  # imgs is sorted (unique)
+        replay(core, imgs, prefix[top], length[top], visit=_reader(core, len(imgs), recs, row, at, hidden, mask))
     return hidden, mask
+
+
+def _reader(core: OrderPlanningCore, n: int, recs: torch.Tensor, row: torch.Tensor, at: torch.Tensor,
+            hidden: torch.Tensor, mask: torch.Tensor) -> Visitor:
+    """The `replay` visitor of `episode_features`: at step t, copy the pooled hidden states and block
+    masks of the episode rows `row` into the records `recs` whose length `at` is t."""
+
+    def read(t: int, obs: dict[str, torch.Tensor]) -> None:
+        hit = at == t
+        if bool(hit.any()):
+            h = obs["hidden"][:n].float().cpu()
+            if h.shape[1] != core.N:
+                h = core.geom.pool_blocks(h)
+            hidden[recs[hit]] = h[row[hit]]
+            mask[recs[hit]] = obs["block_mask"][:n].cpu()[row[hit]]
+
+    return read
 
 
 def state_features(gpt: GPT, geom: BlockGeometry, codes: torch.Tensor, labels: torch.Tensor, prefix: torch.Tensor,

@@ -15,18 +15,24 @@ On disk (`out_dir`): `shard_{rank:03d}_{chunk:05d}.pt` (one chunk of images, wri
 `progress_{rank:03d}.json` (the chunks a rank has finished, moved only after the shard is
 complete: a rerun skips finished images exactly and overwrites a shard left orphaned by a crash),
 and `manifest.json` (written by rank 0 once every rank is done: the identity of the build, the
-shard list, counts). A rerun against a directory built differently (kind, backbone, data, ...)
-raises ValueError instead of mixing two data sets.
+shard list, counts). The identity (`build_identity`) is every config field that shapes the data,
+with the GPT weights by sha256; a rerun against a directory built differently (kind, behaviour,
+seed, states_per_image, backbone weights, data, ...) raises ValueError naming the differing fields
+instead of mixing two data sets, and so does a BC run reading it (`agents.training.bc`).
 
 Under torchrun, rank r builds images[r::world] (its own shards and progress file); rank 0 checks
 that every image is covered exactly once and writes the manifest after a barrier.
 
 Randomness (random behaviour, the subset of states kept) is drawn from a generator seeded by
 (seed, the chunk's first image), so an interrupted and resumed build equals an uninterrupted one.
+
+Imports backbone/, envs/ and agents.training.features only (never agents.planner or
+agents.evaluation: a learner's policy comes in as a callable behaviour).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import time
@@ -36,19 +42,23 @@ from pathlib import Path
 
 import torch
 
-from backbone.checkpoint import atomic_torch_save, atomic_write_json, load_torch_checkpoint, sha256_file
+from backbone.checkpoint import atomic_torch_save, atomic_write_json, check_identity, load_torch_checkpoint, sha256_file
 from backbone.config import BackboneConfig, resolve_path
 from agents.training.features import check_replay_core, replay_states
+from envs.actions import random_valid_action  # its plain rule is exactly this data set's draw
 from envs.core import EnvConfig
+from envs.episodes import play_episodes
 
 __all__ = [
     "RECORD_KEYS",
+    "OracleConfig",
     "BuildOracleRun",
     "OracleDataset",
     "collect_states",
     "replay_states",
     "select_images",
     "oracle_identity",
+    "build_identity",
     "check_out_dir",
     "build_shards",
     "write_manifest",
@@ -79,8 +89,7 @@ def _behaviour_action(core, behaviour: Behaviour, util: torch.Tensor | None,
     if behaviour == "oracle":
         return util.argmax(-1)
     if behaviour == "random":
-        scores = torch.rand(core.B, core.N, generator=generator).to(core.device)
-        return scores.masked_fill(core.revealed, -1.0).argmax(-1)
+        return random_valid_action(~core.revealed, generator)
     raise ValueError(f"unknown behaviour {behaviour!r}; use one of {BEHAVIOURS} or a callable obs -> action")
 
 
@@ -108,16 +117,15 @@ def collect_states(core, behaviour: Behaviour, image_index: torch.Tensor, kind: 
         idx = image_index[i0:i0 + B]
         n = len(idx)
         real = torch.arange(B, device=dev) < n
-        # padding rows of the last batch replay an image of the batch and are never recorded
-        core.reset(image_index=torch.cat([idx, idx[:1].expand(B - n)]).to(dev))
         if states_per_image is None or states_per_image >= N:
             keep = torch.ones(B, N, dtype=torch.bool)
         else:  # a random subset of the steps of each episode
             order = torch.rand(B, N, generator=generator).argsort(-1)
             keep = torch.zeros(B, N, dtype=torch.bool).scatter_(1, order[:, :states_per_image], True)
         keep = keep.to(dev) & real[:, None]
-        for t in range(N):  # plain actions: every live row reveals one block per step
-            rec = keep[:, t]
+
+        def act(obs: dict[str, torch.Tensor], keep: torch.Tensor = keep) -> torch.Tensor:
+            rec = keep[:, int(core.steps[0])]  # plain actions: row 0 (always real) has revealed t blocks
             util = None
             if behaviour == "oracle" or bool(rec.any()):
                 util = core.oracle_utilities(kind, weight)
@@ -126,8 +134,10 @@ def collect_states(core, behaviour: Behaviour, image_index: torch.Tensor, kind: 
                 out["prefix"].append(core.history[rec].cpu())
                 out["length"].append(core.steps[rec].cpu())
                 out["utilities"].append(util[rec].float().cpu())
-            action = _behaviour_action(core, behaviour, util, generator)
-            core.step(action.to(dev).long(), active=real)
+            return _behaviour_action(core, behaviour, util, generator).to(dev).long()
+
+        # padding rows are reset with an image of the batch but never stepped nor recorded
+        play_episodes(core, torch.cat([idx, idx[:1].expand(B - n)]).to(dev), act, rows=real)
     if not out["image_index"]:
         return {"image_index": torch.zeros(0, dtype=torch.long), "prefix": torch.zeros(0, N, dtype=torch.long),
                 "length": torch.zeros(0, dtype=torch.long), "utilities": torch.zeros(0, N)}
@@ -164,11 +174,8 @@ def oracle_identity(kind: str, behaviour: str, split: str, backbone: str, data: 
 
 
 def _check_identity(saved: dict, now: dict, where: Path) -> None:
-    keys = sorted(set(saved) | set(now))
-    diff = [f"{k}: saved {saved.get(k)!r} vs now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
-    if diff:
-        raise ValueError(f"{where}: the oracle data there was built with a different setup ("
-                         + "; ".join(diff) + "). Use another out_dir, or delete it to rebuild.")
+    check_identity(saved, now, where, f"Use another out_dir, or delete {where.parent} to rebuild it.",
+                   what="the oracle data there was built with a different setup")
 
 
 def _progress_path(out_dir: Path, rank: int) -> Path:
@@ -345,6 +352,25 @@ class OracleDataset:
     def oracle_action(self) -> torch.Tensor:
         return self.utilities.argmax(-1)
 
+    @property
+    def images(self) -> torch.Tensor:
+        """The images [M] holding at least one record, sorted."""
+        return self.image_index.unique()
+
+    def subset(self, images: torch.Tensor) -> OracleDataset:
+        """The records of `images` [M] only, in stored order (a copy sharing the manifest).
+        Raises ValueError when one of them has no record here."""
+        images = torch.as_tensor(images).long().flatten()
+        missing = images[~torch.isin(images, self.image_index)]
+        if len(missing):
+            raise ValueError(f"{self.root}: no records of images {missing[:10].tolist()} "
+                             f"({len(missing)} of the {len(images)} asked for)")
+        out = copy.copy(self)
+        keep = torch.isin(self.image_index, images)
+        for k in RECORD_KEYS:
+            setattr(out, k, getattr(self, k)[keep])
+        return out
+
 
 # ----------------------------------------------------------------------------------------------
 # The script: configs/build_oracle.yaml
@@ -352,15 +378,11 @@ class OracleDataset:
 
 
 @dataclass
-class BuildOracleRun:
-    """Schema of configs/build_oracle.yaml (`python scripts/build_oracle.py key=value ...`)."""
+class OracleConfig:
+    """Which oracle data set, and how it is built: the top level of configs/build_oracle.yaml and the
+    `oracle:` group of configs/bc.yaml (a BC run builds it when missing). Declared here only."""
 
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    env: EnvConfig = field(default_factory=EnvConfig)
     out_dir: str = "runs/oracle/tiny_mnist"  # shards, progress files, manifest.json, summary.json
-    device: str = "cpu"  # cpu | cuda (one GPU per process under torchrun)
-    seed: int = 0  # image subset, random behaviour, state subsets
-    split: str = "train"  # train | heldout (the env draws from it: env.split follows)
     num_images: int | None = 640  # a seeded subset of the split; null = every image
     behaviour: str = "random"  # random | oracle: the policy that visits the states
     kind: str = "future_loss"  # future_loss | extrapolative: the utility stored
@@ -370,12 +392,41 @@ class BuildOracleRun:
     chunk_images: int = 64  # images per shard (the unit of resume)
 
 
+@dataclass
+class BuildOracleRun(OracleConfig):
+    """Schema of configs/build_oracle.yaml (`python scripts/build_oracle.py key=value ...`): the
+    OracleConfig fields at the top level, plus what the script runs on."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    device: str = "cpu"  # cpu | cuda (one GPU per process under torchrun)
+    seed: int = 0  # image subset, random behaviour, state subsets
+    split: str = "train"  # train | heldout (the env draws from it: env.split follows)
+
+
+def build_identity(run: BuildOracleRun) -> dict:
+    """The identity (`oracle_identity`) of the data set `run` builds, from its config alone (no
+    core is built): every field that shapes the stored states and utilities, with the GPT weights
+    as their sha256 and the data as `data_fingerprint`. `num_images` is not part of it: a larger
+    set of the same identity extends a smaller one (`select_images` nests), and a reader takes the
+    subset it asked for (`OracleDataset.subset`). Nor are batch_size and chunk_images: with random
+    behaviour or states_per_image they change which draw an image gets, not how it is drawn."""
+    from backbone.blocks import BlockGeometry
+    from backbone.loading import backbone_gpt_config, data_fingerprint
+
+    gpt = backbone_gpt_config(run.backbone)
+    num_blocks = BlockGeometry(gpt.grid_h, gpt.grid_w, run.backbone.block_size).num_blocks
+    weights = resolve_path(run.backbone.gpt_weights, what="GPT weights") if run.backbone.gpt_weights else None
+    return oracle_identity(run.kind, run.behaviour, run.split, run.backbone.name, data_fingerprint(run.backbone),
+                           num_blocks, run.states_per_image, run.seed, run.weight, run.env.neighbour_weight,
+                           gpt_weights_sha256=sha256_file(weights) if weights else None)
+
+
 def build_oracle(run: BuildOracleRun) -> dict:
     """Build (or resume) the oracle data set of `run` in `run.out_dir`; under torchrun each rank
     builds its share. Returns the summary written to out_dir/summary.json (rank 0; {} elsewhere)."""
     import torch.distributed as dist
 
-    from backbone.loading import data_fingerprint
     from backbone.run_utils import dist_info, setup_device
     from envs.factory import make_core
 
@@ -391,11 +442,9 @@ def build_oracle(run: BuildOracleRun) -> dict:
     t0 = time.time()
     core = make_core(run.backbone, env=run.env, batch_size=run.batch_size, device=device, seed=run.seed)
     images = select_images(core.num_images, run.num_images, run.seed)
-    weights = resolve_path(run.backbone.gpt_weights, what="GPT weights") if run.backbone.gpt_weights else None
-    identity = oracle_identity(
-        run.kind, run.behaviour, run.split, run.backbone.name, data_fingerprint(run.backbone), core.N,
-        run.states_per_image, run.seed, run.weight, run.env.neighbour_weight,
-        gpt_weights_sha256=sha256_file(weights) if weights else None)
+    identity = build_identity(run)
+    if identity["num_blocks"] != core.N:  # build_identity reads the geometry off the config, the core off the GPT
+        raise RuntimeError(f"build_identity says {identity['num_blocks']} blocks, the core has {core.N}")
     out_dir = Path(run.out_dir)
     if rank == 0:
         print(f"oracle data: {len(images)} {run.split} images x {run.states_per_image or core.N} states, "

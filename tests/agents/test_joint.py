@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from agents.evaluation.report import EvalSpec
-from agents.training.bc import BCConfig, BCRun, OracleSpec, train_bc
+from agents.training.bc import BCConfig, BCRun, train_bc
 from agents.training.features import episode_features, state_features
 from agents.training.joint import JointConfig, JointTuner
-from agents.training.oracle_data import collect_states
+from agents.training.oracle_data import OracleConfig, collect_states
 from backbone.checkpoint import load_safetensors
 from backbone.config import BackboneConfig, DataSpec, GPTSpec, compose, to_typed
 from backbone.loading import load_gpt, save_gpt
@@ -58,7 +58,7 @@ def setup(tmp_path_factory):
     save_gpt(randomized_gpt(seed=3), weights)
     backbone = BackboneConfig(name="toy", gpt=GPTSpec("tiny", {"n_layer": 2}), gpt_weights=str(weights),
                               vq_weights=None, data=DataSpec("codes", str(codes)))
-    oracle = OracleSpec(out_dir=str(root / "oracle"), num_images=6, batch_size=8)
+    oracle = OracleConfig(out_dir=str(root / "oracle"), num_images=6, batch_size=8)
     return root, backbone, oracle
 
 
@@ -108,6 +108,18 @@ def test_top_block_only_moves_and_the_report_uses_the_tuned_gpt(setup):
     shutil.rmtree(setup[0] / "top1_noout" / "checkpoints")
     train_bc(_run(setup, "top1_noout"))
     assert not (setup[0] / "top1_noout" / "gpt.safetensors").exists()
+
+
+def test_a_run_that_builds_its_oracle_data_equals_one_that_finds_it(setup):
+    """Regression (issue 10): building the oracle set inside train_bc drew the build's GPT init from
+    the global RNG, so the head started from another init than in a run that found the set."""
+    root, _, oracle = setup
+    builds = replace(_run(setup, "builds"), oracle=replace(oracle, out_dir=str(root / "oracle_built_here")))
+    train_bc(builds)
+    train_bc(replace(builds, run_dir=str(root / "finds")))
+    a, b = _state(root / "builds" / "orderhead.safetensors"), _state(root / "finds" / "orderhead.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_lambda_and_l_ar_shape_the_update(setup):
