@@ -4,8 +4,10 @@
     python scripts/ppo.py agent.router=true env.decision_cost=1.0   # + budget router (1, 2 or 4 blocks)
 
 Writes run_dir/orderhead.safetensors and run_dir/summary.json (held-out returns of raster, random,
-oracle and the learned policy, oracle agreement, regret; with the router its mean budget and
-decisions per episode). Rerunning resumes from the last checkpoint.
+oracle and the learned policy, oracle agreement, regret; with the router its decisions per episode
+and the mean and histogram of the budgets it chose). Rerunning resumes from the last checkpoint.
+
+Imports agents.training.ppo_run and backbone.config only: the run lives there.
 """
 
 import sys

@@ -17,7 +17,8 @@ blocks: a decision revealing k blocks is followed by a discount gamma^k, not gam
 already discounts its own blocks (envs/core.py). GAE then runs with a per-step gamma^k: TorchRL's
 `GAE` raises its scalar gamma to the power of the `steps_to_next_obs` entry (the env's
 ("next", "decision_blocks")) and runs the vectorised estimator on the resulting [B, T, 1] gamma
-tensor; lambda stays per decision. The env's gamma must equal cfg.gamma (checked).
+tensor; lambda stays per decision. ppo.gamma is the source of truth: the env's gamma must equal
+it (`smdp_env_gamma`, the one check, also used by scripts/ppo.py to fill in env.gamma).
 
 Initialising from a BC checkpoint is the caller's job: pass the loaded OrderHead as `model` (call
 `model.enable_router(budgets)` first for router mode). The model is trained in place.
@@ -35,6 +36,8 @@ iteration) only:
 So a run stopped after iteration i and restarted reproduces the uninterrupted run bit for bit on
 the CPU (tested: identical weights). On a GPU the same holds up to the non-determinism of CUDA
 kernels (same iterations, frames and images; weights equal up to float rounding).
+
+Imports backbone/, envs/ and agents.planner only; never agents.evaluation.
 """
 
 from __future__ import annotations
@@ -61,11 +64,12 @@ from torchrl.objectives.value import GAE
 
 from agents.planner.distributions import RouterDistribution
 from agents.planner.orderhead import OrderHead, save_orderhead
-from backbone.checkpoint import CheckpointManager, rng_state, set_rng_state
-from backbone.run_utils import progress
+from backbone.checkpoint import CheckpointManager, check_identity, rng_state, set_rng_state
+from backbone.run_utils import progress as progress_bar
+from envs.rewards import discount_factors
 
 __all__ = ["OBS_KEYS", "PPOConfig", "make_actor_critic", "make_gae", "make_loss", "train_ppo", "iteration_seed",
-           "discounted_episode_returns"]
+           "discounted_episode_returns", "smdp_env_gamma"]
 
 OBS_KEYS = ["hidden", "block_mask"]  # what the OrderHead reads; the distribution also reads action_mask
 
@@ -257,19 +261,74 @@ def _router_of(env: EnvBase) -> bool:
     return len(env.action_spec.shape) > len(env.batch_size)
 
 
+def smdp_env_gamma(env_gamma: float | None, ppo_gamma: float) -> float:
+    """The per-block discount of a semi-MDP router env, checked once here for every caller.
+    ppo.gamma is the source of truth: env.gamma left None takes it; a set env.gamma must equal it
+    (ValueError naming both keys), since GAE discounts with ppo.gamma^k what the env's rewards
+    discounted with env.gamma^i inside a decision."""
+    if env_gamma is not None and not math.isclose(float(env_gamma), float(ppo_gamma), rel_tol=0.0, abs_tol=1e-12):
+        raise ValueError(f"the env discounts per block with env.gamma={env_gamma} (semi-MDP router) but "
+                         f"ppo.gamma={ppo_gamma}: leave env.gamma null (it is set to ppo.gamma) or make them equal")
+    return float(ppo_gamma)
+
+
 def _smdp_of(env: EnvBase, gamma: float) -> bool:
     """Whether `env` is a semi-MDP router env (an OrderPlanningEnv whose core has env.gamma set);
-    raises ValueError when its per-block gamma differs from PPO's."""
+    raises ValueError when its per-block gamma differs from PPO's (`smdp_env_gamma`)."""
     core = getattr(env, "core", None)
     if not getattr(core, "smdp", False):
         return False
-    if not math.isclose(float(core.cfg.gamma), float(gamma), rel_tol=0.0, abs_tol=1e-12):
-        raise ValueError(f"the env discounts per block with env.gamma={core.cfg.gamma} (semi-MDP router) but "
-                         f"ppo.gamma={gamma}: set them equal")
+    smdp_env_gamma(core.cfg.gamma, gamma)
     return True
 
 
 # -- training -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RunPlan:
+    """The derived sizes and modes of a run, checked once against the env and the model."""
+
+    B: int  # env rows
+    F: int  # frames (decisions over all rows) per iteration
+    num_iterations: int
+    last_iteration: int  # num_iterations, or cfg.stop_at when that comes first
+    router: bool  # actions are (budget index, K blocks)
+    budgets: list[int] | None  # the router's block counts
+    smdp: bool  # semi-MDP router env: GAE discounts a decision by gamma^k
+
+
+@dataclass
+class _Learner:
+    """What every iteration works with; the actor and critic share the one OrderHead."""
+
+    train_env: TransformedEnv  # the env + RewardSum + StepCounter
+    actor: ProbabilisticActor
+    loss_module: ClipPPOLoss
+    gae: GAE
+    optim: torch.optim.Adam
+    storage: LazyTensorStorage  # one batch of frames, reused every iteration
+
+
+@dataclass
+class _Progress:
+    """The counters a checkpoint restores."""
+
+    iteration: int = 0  # iterations done
+    frames: int = 0  # frames collected
+    reward_scale: float | None = None  # None until the first batch sets it (auto scale)
+
+
+class _SeedEnvPerIteration:
+    """The collector's `pre_collect_hook`: seeds the env from (seed, iteration) just before the reset
+    that opens every iteration, so the images of an iteration do not depend on earlier ones."""
+
+    def __init__(self, env: EnvBase, seed: int, iteration: int):
+        self.env, self.seed, self.iteration = env, seed, iteration
+
+    def __call__(self) -> None:
+        self.iteration += 1
+        self.env.set_seed(iteration_seed(self.seed, self.iteration), static_seed=True)
 
 
 def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Path, logger: Any = None,
@@ -288,12 +347,74 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
     iteration's train/ and time/ metrics), "eval" (the last eval metrics), "checkpoint",
     "orderhead" (paths)}.
     """
-    # -- derived sizes, checked once --------------------------------------------------------------
+    # -- setup: sizes and checks, agent and loss, resume, collector, RNG ---------------------------
     run_dir = Path(run_dir)
+    plan = _plan_run(env, model, cfg)
+    device = next(model.parameters()).device
+    model.eval()  # the behaviour policy and the policy inside the loss must be the same function: no dropout
+    learner = _build_learner(env, model, cfg, plan, device)
+    manager = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_checkpoints)
+    progress, saved_rng = _restore(manager, cfg, model, learner.optim)
+    collector = _make_collector(learner, cfg, plan, progress.iteration)
+    # Building the collector ran the policy once; the RNG streams start (or resume) here.
+    if saved_rng is not None:
+        set_rng_state(saved_rng)
+    else:
+        torch.manual_seed(cfg.seed)
+
+    # -- the loop: rollout, learning from it, evaluation, logging, checkpoint ----------------------
+    metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    ckpt_path = manager.latest()
+    bar = progress_bar(total=plan.num_iterations, initial=progress.iteration, desc="ppo")
+    t_start = time.perf_counter()
+    batches = collector if plan.last_iteration > progress.iteration else ()
+    try:
+        for data in batches:  # data [B, F / B]
+            progress.iteration += 1
+            progress.frames += data.numel()
+            t_collect = time.perf_counter() - t_start
+            metrics = _learn_from_batch(data, learner, model, cfg, plan, progress)
+            t_train = time.perf_counter() - t_start - t_collect
+            metrics["time/fps"] = plan.F / max(t_collect + t_train, 1e-9)
+            metrics["time/collect_s"] = t_collect
+            metrics["time/train_s"] = t_train
+            metrics["train/iteration"] = float(progress.iteration)
+
+            final = progress.iteration == plan.last_iteration
+            if eval_fn is not None and _eval_due(cfg, progress.iteration, plan.num_iterations):
+                eval_metrics = _run_eval(eval_fn, model, progress.iteration, device)
+                metrics.update(eval_metrics)
+            if logger is not None:
+                logger.log(metrics, step=progress.frames)
+            if progress.iteration % cfg.ckpt_every == 0 or final:
+                ckpt_path = _save_checkpoint(manager, model, learner.optim, cfg, plan, progress)
+            bar.update(1)
+            bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in
+                             ("train/mean_return", "train/approx_kl", "train/entropy") if k in metrics})
+            t_start = time.perf_counter()
+            if final:
+                break
+    finally:
+        bar.close()
+        collector.shutdown(close_env=False)  # the env is the caller's
+
+    orderhead_path = save_orderhead(model, run_dir / "orderhead.safetensors",
+                                    {"iteration": progress.iteration, "frames": progress.frames, "algorithm": "ppo"})
+    return {"iterations": progress.iteration, "frames": progress.frames, "num_iterations": plan.num_iterations,
+            "finished": progress.iteration >= plan.num_iterations, "metrics": metrics, "eval": eval_metrics,
+            "checkpoint": None if ckpt_path is None else str(ckpt_path), "orderhead": str(orderhead_path)}
+
+
+# -- setup and resume -----------------------------------------------------------------------------
+
+
+def _plan_run(env: EnvBase, model: OrderHead, cfg: PPOConfig) -> _RunPlan:
+    """Derived sizes and modes, with every check against the env and the model (ValueError);
+    warns when an iteration is too short to hold an episode of one block per decision."""
     B = int(env.batch_size.numel())
     cfg.validate(B)
-    num_iterations, F = cfg.num_iterations, cfg.frames_per_batch
-    last_iteration = num_iterations if cfg.stop_at is None else min(cfg.stop_at, num_iterations)
+    F = cfg.frames_per_batch
     router = _router_of(env)
     if router and not model.has_router:
         raise ValueError("the env takes router actions but the OrderHead has no router head (model.enable_router)")
@@ -307,165 +428,157 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
         warnings.warn(f"frames_per_batch={F} gives {F // B} decisions per env row and iteration, fewer than the "
                       f"N={N} of a one-block-per-decision episode: the env is reset at every iteration, so the "
                       f"later decisions of longer episodes are never collected; use frames_per_batch >= {B * N}",
-                      stacklevel=2)
-    device = next(model.parameters()).device
-    # The behaviour policy and the policy inside the loss must be the same function: no dropout.
-    model.eval()
+                      stacklevel=3)
+    last_iteration = cfg.num_iterations if cfg.stop_at is None else min(cfg.stop_at, cfg.num_iterations)
+    return _RunPlan(B, F, cfg.num_iterations, last_iteration, router, budgets, smdp)
 
-    # -- env, agent, loss, optimiser, storage -----------------------------------------------------
+
+def _build_learner(env: EnvBase, model: OrderHead, cfg: PPOConfig, plan: _RunPlan, device: torch.device) -> _Learner:
     train_env = TransformedEnv(env, RewardSum())  # episode_reward: the undiscounted return, in nats
     train_env.append_transform(StepCounter())  # step_count: decisions so far
-    actor, critic = make_actor_critic(model, router, budgets, cfg.R)
-    loss_module, gae = make_loss(actor, critic, cfg, smdp)
+    actor, critic = make_actor_critic(model, plan.router, plan.budgets, cfg.R)
+    loss_module, gae = make_loss(actor, critic, cfg, plan.smdp)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
-    storage = LazyTensorStorage(F, device=env.device or device)  # one batch of frames, reused every iteration
+    storage = LazyTensorStorage(plan.F, device=env.device or device)
+    return _Learner(train_env, actor, loss_module, gae, optim, storage)
 
-    # -- resume -----------------------------------------------------------------------------------
-    manager = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_checkpoints)
+
+def _restore(manager: CheckpointManager, cfg: PPOConfig, model: OrderHead,
+             optim: torch.optim.Optimizer) -> tuple[_Progress, dict | None]:
+    """Load the latest checkpoint into `model` and `optim` (cfg.resume): returns the counters and
+    the saved RNG states (None on a fresh start, which begins from cfg.reward_scale)."""
     state = manager.load_latest() if cfg.resume else None
-    iteration, frames, reward_scale = 0, 0, cfg.reward_scale
-    if state is not None:
-        if int(state["frames_per_batch"]) != F:
-            raise ValueError(f"the checkpoint in {manager.ckpt_dir} was made with frames_per_batch="
-                             f"{state['frames_per_batch']}, this run has {F}: resume needs the same batches")
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optimizer"])
-        iteration, frames = int(state["iteration"]), int(state["frames"])
-        reward_scale = state["reward_scale"]
+    if state is None:
+        return _Progress(reward_scale=cfg.reward_scale), None
+    check_identity({"frames_per_batch": int(state["frames_per_batch"])}, {"frames_per_batch": cfg.frames_per_batch},
+                   manager.ckpt_dir, "Exact resume needs the same batches: set ppo.frames_per_batch back, or use "
+                   "another run_dir.", what="cannot resume, the checkpoint was made with another batch size")
+    model.load_state_dict(state["model"])
+    optim.load_state_dict(state["optimizer"])
+    return _Progress(int(state["iteration"]), int(state["frames"]), state["reward_scale"]), state["rng"]
 
-    # -- collector: env seeded per iteration, reset at every iteration (see the module doc) ------
-    counter = {"iteration": iteration}
 
-    def seed_env() -> None:
-        counter["iteration"] += 1
-        train_env.set_seed(iteration_seed(cfg.seed, counter["iteration"]), static_seed=True)
+def _make_collector(learner: _Learner, cfg: PPOConfig, plan: _RunPlan, iteration: int) -> Collector:
+    """A collector for the iterations after `iteration` (at least one batch long, so that it can be
+    built when nothing is left): the env is seeded per iteration and reset at every iteration (see
+    the module doc)."""
+    remaining = max(plan.last_iteration - iteration, 0)
+    return Collector(learner.train_env, learner.actor, frames_per_batch=plan.F,
+                     total_frames=max(remaining, 1) * plan.F, reset_at_each_iter=True,
+                     pre_collect_hook=_SeedEnvPerIteration(learner.train_env, cfg.seed, iteration),
+                     auto_register_policy_transforms=False)
 
-    remaining = max(last_iteration - iteration, 0)
-    collector = Collector(train_env, actor, frames_per_batch=F, total_frames=max(remaining, 1) * F,
-                          reset_at_each_iter=True, pre_collect_hook=seed_env,
-                          auto_register_policy_transforms=False)
-    # Building the collector ran the policy once; the RNG streams start (or resume) here.
-    if state is not None:
-        set_rng_state(state["rng"])
-    else:
-        torch.manual_seed(cfg.seed)
 
-    metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
-    ckpt_path = manager.latest()
-    bar = progress(total=num_iterations, initial=iteration, desc="ppo")
-    t_start = time.perf_counter()
-    data_iter = iter(collector) if remaining > 0 else iter(())
-    try:
-        for data in data_iter:  # data [B, F / B]
-            # -- rollout done ---------------------------------------------------------------------
-            iteration += 1
-            frames += data.numel()
-            t_collect = time.perf_counter() - t_start
-            t_train0 = time.perf_counter()
-            if cfg.anneal_lr:
-                for group in optim.param_groups:
-                    group["lr"] = cfg.lr * (1.0 - (iteration - 1) / num_iterations)
-            next_td = data.get("next")
-            raw_reward = next_td.get("reward")
-            if reward_scale is None:  # auto: per-decision rewards of order 1
-                rms = float(raw_reward.float().pow(2).mean().sqrt())
-                reward_scale = 1.0 / rms if rms > 0 and math.isfinite(rms) else 1.0
-            next_td.set("reward", raw_reward * reward_scale)
+def _save_checkpoint(manager: CheckpointManager, model: OrderHead, optim: torch.optim.Optimizer, cfg: PPOConfig,
+                     plan: _RunPlan, progress: _Progress) -> Path:
+    return manager.save(progress.iteration, {
+        "model": model.state_dict(), "optimizer": optim.state_dict(), "iteration": progress.iteration,
+        "frames": progress.frames, "frames_per_batch": plan.F, "reward_scale": float(progress.reward_scale),
+        "rng": rng_state(), "config": asdict(cfg), "orderhead_config": model.cfg.to_dict(),
+    })
 
-            # -- advantages -----------------------------------------------------------------------
-            if smdp and SMDP_STEPS_KEY not in data.keys(True):  # GAE would silently fall back to gamma
-                raise KeyError(f"a semi-MDP env must write {SMDP_STEPS_KEY} (k per decision)")
+
+# -- one iteration --------------------------------------------------------------------------------
+
+
+def _learn_from_batch(data: TensorDictBase, learner: _Learner, model: OrderHead, cfg: PPOConfig, plan: _RunPlan,
+                      progress: _Progress) -> dict[str, float]:
+    """Everything an iteration does with its batch data [B, F / B]: learning-rate schedule, reward
+    scaling (sets progress.reward_scale on the first batch), advantages, the minibatch epochs.
+    Returns the iteration's train/ metrics."""
+    if cfg.anneal_lr:
+        for group in learner.optim.param_groups:
+            group["lr"] = cfg.lr * (1.0 - (progress.iteration - 1) / plan.num_iterations)
+    next_td = data.get("next")
+    raw_reward = next_td.get("reward")  # [B, T, 1] nats, kept for the logged returns
+    if progress.reward_scale is None:  # auto: per-decision rewards of order 1
+        rms = float(raw_reward.float().pow(2).mean().sqrt())
+        progress.reward_scale = 1.0 / rms if rms > 0 and math.isfinite(rms) else 1.0
+    next_td.set("reward", raw_reward * progress.reward_scale)
+
+    if plan.smdp and SMDP_STEPS_KEY not in data.keys(True):  # GAE would silently fall back to gamma
+        raise KeyError(f"a semi-MDP env must write {SMDP_STEPS_KEY} (k per decision)")
+    with torch.no_grad():
+        data = learner.gae(data)
+    explained_var = _explained_variance(data.get("state_value"), data.get("value_target"))
+    sums, n_updates, epochs = _update_epochs(data, learner, model, cfg)
+
+    metrics = {f"train/{k}": float(v) / n_updates for k, v in sums.items()}
+    metrics["train/explained_variance"] = explained_var
+    metrics["train/epochs"] = float(epochs)
+    metrics["train/lr"] = float(learner.optim.param_groups[0]["lr"])
+    metrics["train/reward_scale"] = float(progress.reward_scale)
+    metrics.update(_episode_metrics(data, raw_reward, cfg.gamma, plan))
+    return metrics
+
+
+def _update_epochs(data: TensorDictBase, learner: _Learner, model: OrderHead,
+                   cfg: PPOConfig) -> tuple[dict[str, torch.Tensor], int, int]:
+    """cfg.epochs passes of minibatch updates over the batch (fewer when cfg.target_kl stops them).
+    Returns the summed diagnostics of every update (device tensors: no sync per update), the
+    number of updates and of epochs run."""
+    # A fresh sampler per iteration: SamplerWithoutReplacement draws the next permutation as soon as
+    # one runs out, so a sampler kept across iterations would carry a draw made before the
+    # checkpoint into the next iteration (a resume could not reproduce it).
+    buffer = ReplayBuffer(storage=learner.storage, sampler=SamplerWithoutReplacement(),
+                          batch_size=cfg.minibatch_size)
+    sums: dict[str, torch.Tensor] = {}
+    n_updates = 0
+    for epoch in range(cfg.epochs):
+        if cfg.gae_every_epoch and epoch > 0:
             with torch.no_grad():
-                data = gae(data)
-            explained_var = _explained_variance(data.get("state_value"), data.get("value_target"))
-
-            # -- minibatch epochs -----------------------------------------------------------------
-            # A fresh sampler per iteration: SamplerWithoutReplacement draws the next permutation as
-            # soon as one runs out, so a sampler kept across iterations would carry a draw made
-            # before the checkpoint into the next iteration (a resume could not reproduce it).
-            buffer = ReplayBuffer(storage=storage, sampler=SamplerWithoutReplacement(), batch_size=cfg.minibatch_size)
-            sums: dict[str, torch.Tensor] = {}  # summed on the device, read once per epoch (no sync per update)
-            n_updates = 0
-            for epoch in range(cfg.epochs):
-                if cfg.gae_every_epoch and epoch > 0:
-                    with torch.no_grad():
-                        data = gae(data)
-                buffer.extend(data.exclude("next").reshape(-1))  # the loss needs no next obs
-                kl_before = sums.get("approx_kl", 0.0)
-                for _ in range(cfg.num_minibatches):
-                    batch = buffer.sample()
-                    loss = loss_module(batch)
-                    total = loss["loss_objective"] + loss["loss_critic"]
-                    if "loss_entropy" in loss.keys():
-                        total = total + loss["loss_entropy"]
-                    optim.zero_grad(set_to_none=True)
-                    total.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optim.step()
-                    for k, v in _minibatch_stats(loss, grad_norm).items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_updates += 1
-                if cfg.target_kl is not None:
-                    epoch_kl = float(sums["approx_kl"] - kl_before) / cfg.num_minibatches
-                    if epoch_kl > cfg.target_kl:
-                        break
-
-            # -- diagnostics ----------------------------------------------------------------------
-            t_train = time.perf_counter() - t_train0
-            metrics = {f"train/{k}": float(v) / n_updates for k, v in sums.items()}
-            metrics["train/explained_variance"] = explained_var
-            metrics["train/epochs"] = float(epoch + 1)
-            metrics["train/lr"] = float(optim.param_groups[0]["lr"])
-            metrics["train/reward_scale"] = float(reward_scale)
-            done = next_td.get("done")[..., 0]
-            if bool(done.any()):
-                metrics["train/mean_return"] = float(next_td.get("episode_reward")[..., 0][done].mean())
-                # what PPO maximises; with reward=future_loss the undiscounted return is the same
-                # for every order (it telescopes), so this is the one that shows learning. Semi-MDP:
-                # a decision is discounted by the blocks revealed before it (the `step` observation)
-                clock = data.get("step") if smdp else data.get("step_count")[..., 0]
-                metrics["train/mean_discounted_return"] = float(discounted_episode_returns(
-                    raw_reward[..., 0], clock, done, cfg.gamma).mean())
-                metrics["train/mean_decisions"] = float(next_td.get("step_count")[..., 0][done].float().mean())
-                metrics["train/episodes"] = float(done.sum())
-            if router:
-                budget_sizes = torch.as_tensor(budgets, device=data.device)[data.get("action")[..., 0]]
-                metrics["train/mean_budget"] = float(budget_sizes.float().mean())
-            metrics["time/fps"] = F / max(t_collect + t_train, 1e-9)
-            metrics["time/collect_s"] = t_collect
-            metrics["time/train_s"] = t_train
-            metrics["train/iteration"] = float(iteration)
-
-            # -- evaluation, logging, checkpoint --------------------------------------------------
-            final = iteration == last_iteration
-            eval_now = cfg.eval_every > 0 and (iteration % cfg.eval_every == 0 or iteration == num_iterations)
-            if eval_fn is not None and eval_now:
-                eval_metrics = _run_eval(eval_fn, model, iteration, device)
-                metrics.update(eval_metrics)
-            if logger is not None:
-                logger.log(metrics, step=frames)
-            if iteration % cfg.ckpt_every == 0 or final:
-                ckpt_path = manager.save(iteration, {
-                    "model": model.state_dict(), "optimizer": optim.state_dict(), "iteration": iteration,
-                    "frames": frames, "frames_per_batch": F, "reward_scale": float(reward_scale),
-                    "rng": rng_state(), "config": asdict(cfg), "orderhead_config": model.cfg.to_dict(),
-                })
-            bar.update(1)
-            bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in
-                             ("train/mean_return", "train/approx_kl", "train/entropy") if k in metrics})
-            t_start = time.perf_counter()
-            if final:
+                data = learner.gae(data)
+        buffer.extend(data.exclude("next").reshape(-1))  # the loss needs no next obs
+        kl_before = sums.get("approx_kl", 0.0)
+        for _ in range(cfg.num_minibatches):
+            for k, v in _update(buffer.sample(), learner, model, cfg.max_grad_norm).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_updates += 1
+        if cfg.target_kl is not None:
+            epoch_kl = float(sums["approx_kl"] - kl_before) / cfg.num_minibatches
+            if epoch_kl > cfg.target_kl:
                 break
-    finally:
-        bar.close()
-        collector.shutdown(close_env=False)  # the env is the caller's
+    return sums, n_updates, epoch + 1
 
-    orderhead_path = save_orderhead(model, run_dir / "orderhead.safetensors",
-                                    {"iteration": iteration, "frames": frames, "algorithm": "ppo"})
-    return {"iterations": iteration, "frames": frames, "num_iterations": num_iterations,
-            "finished": iteration >= num_iterations, "metrics": metrics, "eval": eval_metrics,
-            "checkpoint": None if ckpt_path is None else str(ckpt_path), "orderhead": str(orderhead_path)}
+
+def _update(batch: TensorDictBase, learner: _Learner, model: OrderHead, max_grad_norm: float) -> dict[str, torch.Tensor]:
+    """One gradient step on a minibatch [minibatch_size]; returns its diagnostics (`_minibatch_stats`)."""
+    loss = learner.loss_module(batch)
+    total = loss["loss_objective"] + loss["loss_critic"]
+    if "loss_entropy" in loss.keys():
+        total = total + loss["loss_entropy"]
+    learner.optim.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    learner.optim.step()
+    return _minibatch_stats(loss, grad_norm)
+
+
+def _episode_metrics(data: TensorDictBase, raw_reward: torch.Tensor, gamma: float, plan: _RunPlan) -> dict[str, float]:
+    """train/ metrics of the episodes that ended in the batch (returns in nats, unscaled) and, with
+    the router, the mean budget asked (blocks per decision, before the end-of-episode clip)."""
+    metrics: dict[str, float] = {}
+    next_td = data.get("next")
+    done = next_td.get("done")[..., 0]
+    if bool(done.any()):
+        metrics["train/mean_return"] = float(next_td.get("episode_reward")[..., 0][done].mean())
+        # what PPO maximises; with reward=future_loss the undiscounted return is the same for every
+        # order (it telescopes), so this is the one that shows learning. Semi-MDP: a decision is
+        # discounted by the blocks revealed before it (the `step` observation)
+        clock = data.get("step") if plan.smdp else data.get("step_count")[..., 0]
+        metrics["train/mean_discounted_return"] = float(discounted_episode_returns(
+            raw_reward[..., 0], clock, done, gamma).mean())
+        metrics["train/mean_decisions"] = float(next_td.get("step_count")[..., 0][done].float().mean())
+        metrics["train/episodes"] = float(done.sum())
+    if plan.router:
+        budget_sizes = torch.as_tensor(plan.budgets, device=data.device)[data.get("action")[..., 0]]
+        metrics["train/mean_budget"] = float(budget_sizes.float().mean())
+    return metrics
+
+
+def _eval_due(cfg: PPOConfig, iteration: int, num_iterations: int) -> bool:
+    """eval_fn runs every cfg.eval_every iterations and after the last one (never when eval_every = 0)."""
+    return cfg.eval_every > 0 and (iteration % cfg.eval_every == 0 or iteration == num_iterations)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -485,11 +598,11 @@ def _minibatch_stats(loss: TensorDictBase, grad_norm: torch.Tensor) -> dict[str,
 
 def discounted_episode_returns(reward: torch.Tensor, step: torch.Tensor, done: torch.Tensor,
                                gamma: float) -> torch.Tensor:
-    """sum_t gamma^step_t r_t of every episode that ends in a rollout [B, T] whose episodes all start
-    inside it (the collector resets the env at every iteration). reward [B, T] (nats), step [B, T]
+    """sum_t gamma^step_t r_t (`envs.rewards.discount_factors`) of every episode that ends in a
+    rollout [B, T] whose episodes all start inside it (the collector resets the env at every iteration). reward [B, T] (nats), step [B, T]
     decisions made before each one (StepCounter's root step_count; semi-MDP: blocks revealed before
     it), done [B, T] bool. Returns the returns of the finished episodes, in (row, time) order."""
-    c = reward.double() * gamma ** step.double()  # [B, T]
+    c = reward.double() * discount_factors(step, gamma)  # [B, T]
     cs = c.cumsum(-1)
     t = torch.arange(reward.shape[-1], device=reward.device).expand_as(done)
     last_end = torch.where(done, t, -1).cummax(-1).values  # last episode end at or before t

@@ -2,10 +2,19 @@
 the budget router as an extra action head when `agent.router=true` (Stage 6). The held-out report
 is the one BC writes, plus the router's mean budget and decisions per episode.
 
-Router runs discount in block time (semi-MDP, envs/core.py): the training env gets env.gamma =
-ppo.gamma (env.gamma left null is filled in; a different value fails), and the held-out report's
-router core uses eval.gamma, so its returns are per-block discounted returns minus the discounted
-decision costs, on the scale of the one-block-per-decision BC planner."""
+Router runs discount in block time (semi-MDP, envs/core.py). Two gammas, each the source of truth
+for one core: ppo.gamma (what PPO maximises) sets env.gamma of the training env (env.gamma left null
+is filled in; a different value fails, `agents.training.ppo.smdp_env_gamma`), and eval.gamma (the
+report's yardstick, shared with BC's summary) sets env.gamma of the held-out report's router core,
+so its returns are per-block discounted returns minus the discounted decision costs, on the scale of
+the one-block-per-decision BC planner. The two may differ on purpose; BC's return is compared only
+when BC reported with the same gamma.
+
+The router summary reports the budgets the learned router chooses on the held-out images (before an
+episode's last decision is clipped to the blocks left): their mean and histogram.
+
+Imports backbone/, envs/ and agents/ (it is the PPO run: training, then the held-out report).
+"""
 
 from __future__ import annotations
 
@@ -14,14 +23,18 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
 
 from agents.evaluation.report import EvalSpec, heldout_report, print_report
-from agents.planner.orderhead import load_orderhead
-from agents.training.ppo import PPOConfig, train_ppo
+from agents.evaluation.rollouts import balanced_images, index_batches
+from agents.planner.orderhead import OrderHead, load_orderhead
+from agents.planner.policies import BlockPolicy, OrderHeadPolicy
+from agents.training.ppo import PPOConfig, smdp_env_gamma, train_ppo
 from backbone.checkpoint import atomic_write_json
 from backbone.config import BackboneConfig, RunConfig, resolve_path
 from backbone.run_utils import Logger, setup_device
-from envs.core import EnvConfig
+from envs.core import EnvConfig, OrderPlanningCore
+from envs.episodes import Decision, play_episodes
 from envs.factory import make_core
 from envs.torchrl_env import OrderPlanningEnv
 
@@ -50,13 +63,47 @@ class PPORun(RunConfig):
 def smdp_gamma(run: PPORun) -> float | None:
     """env.gamma of the training env: ppo.gamma for router runs (block-time discounting, so a
     decision revealing k blocks is followed by gamma^k), raising ValueError when env.gamma is set to
-    something else; plain runs keep env.gamma (it changes nothing when every decision is one block)."""
+    something else (`smdp_env_gamma`); plain runs keep env.gamma (it changes nothing when every
+    decision is one block)."""
     if not run.agent.router:
         return run.env.gamma
-    if run.env.gamma is not None and run.env.gamma != run.ppo.gamma:
-        raise ValueError(f"router runs discount per block with ppo.gamma={run.ppo.gamma}, but env.gamma="
-                         f"{run.env.gamma}: leave env.gamma null (it is set to ppo.gamma) or make them equal")
-    return run.ppo.gamma
+    return smdp_env_gamma(run.env.gamma, run.ppo.gamma)
+
+
+def chosen_budgets(core: OrderPlanningCore, policy: BlockPolicy, image_index: torch.Tensor) -> torch.Tensor:
+    """The budget (blocks asked for, from core.cfg.budget) of every decision `policy` makes on the
+    images image_index [M], played with `play_episodes` in chunks of core.B rows (a router core).
+    A budget is counted as chosen, before the clip of an episode's last decision to the blocks left.
+    Returns [decisions over all M episodes] long, CPU, in play order."""
+    if not core.router:
+        raise ValueError("chosen_budgets needs a router core (env.budget set)")
+    budgets = torch.as_tensor(core.cfg.budget)
+    chosen: list[torch.Tensor] = []
+    for chunk, n in index_batches(image_index, core.B):
+        decisions: list[Decision] = []
+        play_episodes(core, chunk.to(core.device), policy.act, decisions.append)
+        real = torch.arange(core.B) < n  # padding rows of the last chunk are not counted
+        for d in decisions:
+            chosen.append(budgets[d.action[:, 0].cpu()][d.active.cpu() & real])  # action[:, 0]: budget index
+    return torch.cat(chosen)
+
+
+def budget_summary(chosen: torch.Tensor, budgets: list[int]) -> dict:
+    """mean_budget (blocks per decision) and budget_histogram {str(budget): decisions} of the chosen
+    budgets [D] (`chosen_budgets`); every budget of the router has an entry."""
+    return {"mean_budget": float(chosen.double().mean()),
+            "budget_histogram": {str(k): int((chosen == k).sum()) for k in budgets}}
+
+
+def heldout_budgets(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, model: OrderHead,
+                    device: torch.device, seed: int, router_budgets: list[int]) -> dict:
+    """`budget_summary` of the learned router, greedy as in the report, on the report's held-out
+    images (`balanced_images`): the arguments are those of `heldout_report`, and the core is built
+    as it builds it."""
+    env = replace(env_cfg, split="heldout", budget=router_budgets)
+    core = make_core(backbone, env=env, batch_size=ev.batch_size, device=device, seed=seed)
+    policy = OrderHeadPolicy(model.eval(), greedy=True, router=True)
+    return budget_summary(chosen_budgets(core, policy, balanced_images(core.labels, ev.num_images)), router_budgets)
 
 
 def run_ppo(run: PPORun) -> dict:
@@ -92,9 +139,9 @@ def run_ppo(run: PPORun) -> dict:
                "train_metrics": result["metrics"], "wall_time_s": time.time() - t0, "config": asdict(run)}
     summary["bc_tuned_backbone"] = run.backbone.gpt_weights if tuned.is_file() else None
     if budgets is not None:
-        d = report["decisions_per_episode"]["learned"]
         summary["router"] = {"budgets": budgets, "decision_cost": env_cfg.decision_cost, "smdp_gamma": env_cfg.gamma,
-                             "decisions_per_episode": d, "mean_budget": core.N / d}
+                             "decisions_per_episode": report["decisions_per_episode"]["learned"],
+                             **heldout_budgets(run.backbone, eval_env, run.eval, model, device, run.seed, budgets)}
     bc_summary = init.parent / "summary.json"
     if bc_summary.is_file():  # the BC numbers under the same images, reward and gamma, for comparison
         bc = json.loads(bc_summary.read_text())
@@ -105,9 +152,13 @@ def run_ppo(run: PPORun) -> dict:
                 per_block = report["returns_per_block"]["learned"]
                 summary["router"]["return_per_block"] = per_block
                 summary["router"]["return_loss_vs_bc"] = (summary["bc_return"] - per_block) / abs(summary["bc_return"])
+        else:
+            print(f"note: no bc_return: BC reported gamma={bc.get('gamma')} on {bc.get('num_images')} images, this "
+                  f"report eval.gamma={report['gamma']} on {report['num_images']}")
     atomic_write_json(Path(run.run_dir) / "summary.json", summary)
     print_report(summary)
     if "router" in summary:
         r = summary["router"]
-        print(f"router: {r['decisions_per_episode']:.2f} decisions per episode, mean budget {r['mean_budget']:.2f} blocks")
+        print(f"router: {r['decisions_per_episode']:.2f} decisions per episode, mean budget chosen "
+              f"{r['mean_budget']:.2f} blocks, histogram {r['budget_histogram']}")
     return summary

@@ -424,6 +424,10 @@ def test_discounted_episode_returns():
     step = torch.tensor([[0, 1, 0, 1, 2], [0, 1, 2, 3, 4]])
     got = discounted_episode_returns(reward, step, done, 0.5)
     assert torch.allclose(got, torch.tensor([1 + 0.5 * 2, 4 + 0.5 * 8 + 0.25 * 16]))
+    # the project's one discounting rule, episode by episode
+    from envs.rewards import discounted_return
+    want = [discounted_return(reward[:1, a:b], 0.5, step[:1, a:b]) for a, b in ((0, 2), (2, 5))]
+    assert torch.allclose(got.double(), torch.cat(want))
 
 
 def test_ppo_improves_on_the_key_block_toy(tmp_path):
@@ -534,3 +538,44 @@ def test_router_runs_discount_per_block():
     run.env.gamma = 0.5
     with pytest.raises(ValueError, match="env.gamma"):
         smdp_gamma(run)
+
+
+def test_smdp_env_gamma_is_the_one_check_of_the_two_gammas():
+    """ppo.gamma is the source of truth: env.gamma None takes it, an equal one passes, another fails
+    naming both keys (the same function serves scripts/ppo.py and train_ppo)."""
+    from agents.training.ppo import smdp_env_gamma
+
+    assert smdp_env_gamma(None, 0.9) == 0.9 and smdp_env_gamma(0.9, 0.9) == 0.9
+    with pytest.raises(ValueError, match=r"env.gamma=0.5 .* ppo.gamma=0.9"):
+        smdp_env_gamma(0.5, 0.9)
+
+
+# -- the router summary of scripts/ppo.py ---------------------------------------------------------
+
+
+def test_router_summary_counts_the_budgets_chosen_not_blocks_per_decision():
+    """Issue 10, defect 5: mean_budget was N / decisions, which counts an episode's last decision at
+    its clipped size. Budgets [1, 3] on N = 16 blocks and a policy that always asks 3: five decisions
+    reveal 3 blocks, the sixth is clipped to the 1 block left, so N / decisions = 16 / 6 while every
+    chosen budget is 3."""
+    from agents.evaluation.report import policy_returns
+    from agents.planner.policies import FixedOrderPolicy
+    from agents.training.ppo_run import budget_summary, chosen_budgets
+
+    core = toy_core(batch_size=2, budget=[1, 3])
+    policy = FixedOrderPolicy("raster", core.geom, [1, 3], budget=3)
+    images = torch.arange(3)  # two chunks of 2 rows, the second padded: its padding row is not counted
+    chosen = chosen_budgets(core, policy, images)
+    assert chosen.tolist() == [3] * (3 * 6)
+    decisions = policy_returns(policy, core, images, gamma=0.9)["decisions"]  # what the report says
+    assert decisions == 6.0 and core.N / decisions == pytest.approx(16 / 6)
+    assert budget_summary(chosen, [1, 3]) == {"mean_budget": 3.0, "budget_histogram": {"1": 0, "3": 18}}
+
+
+def test_resume_refuses_a_different_batch_size(tmp_path):
+    env = toy_env(batch_size=2)
+    cfg = PPOConfig(frames_per_batch=32, total_frames=64, minibatch_size=16, epochs=1, eval_every=0, stop_at=1)
+    train_ppo(env, small_head(env.core), cfg, tmp_path)
+    with pytest.raises(ValueError, match=r"frames_per_batch: saved 32 vs now 64"):
+        train_ppo(env, small_head(env.core), PPOConfig(frames_per_batch=64, total_frames=128, minibatch_size=16),
+                  tmp_path)
