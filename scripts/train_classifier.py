@@ -1,5 +1,6 @@
 """Train the MNIST digit classifier whose features give FID / KID and class accuracy on the
-embedded default (agents/evaluation/feature_net.py).
+embedded default (agents/evaluation/classifier_training.py; the network is in
+agents/evaluation/feature_net.py).
 
     python scripts/train_classifier.py                          # ~1-2 min on one CPU thread
     python scripts/train_classifier.py update_manifest=true     # regenerate the committed artifact
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import hydra
 from omegaconf import DictConfig
 
-from agents.evaluation.feature_net import ClassifierRun, train_classifier
+from agents.evaluation.classifier_training import ClassifierRun, train_classifier
 from backbone.config import to_typed
 
 

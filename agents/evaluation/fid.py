@@ -1,4 +1,5 @@
-"""FID / KID statistics over cached features, with the noise floor and bootstrap intervals.
+"""FID / KID statistics over cached features, with the noise floor and bootstrap intervals, and the
+ADM evaluator's npz sample layout.
 
 Features are extracted once per image set (`agents.evaluation.feature_net`: the project's MNIST classifier or
 InceptionV3 from local weights) and cached as float64 [N, F]. Every number below is computed by
@@ -8,12 +9,15 @@ the headline FID, the noise floor and every bootstrap replicate.
 
 FID at different N is not comparable (the estimator is biased upward at small N), so every function
 here reports the N it used.
+
+Imports backbone/ only (atomic writes); never envs, agents.planner or agents.training.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +101,41 @@ def bootstrap_interval(stat: Callable[[torch.Tensor, torch.Tensor], float], real
     return max(float(lo), 0.0), float(hi)  # re-centring can cross 0 at small N; FID cannot
 
 
-def noise_floor(real: torch.Tensor, seed: int = 0) -> tuple[float, int]:
-    """FID between two random halves of the reference set: what "indistinguishable from real"
-    reads as at this N. Returns (FID, size of each half)."""
-    perm = torch.randperm(real.shape[0], generator=torch.Generator().manual_seed(seed))
-    half = real.shape[0] // 2
-    return frechet_distance(real[perm[:half]], real[perm[half:2 * half]]), half
+NOISE_FLOOR_METHODS = {
+    "second_real_set": "FID between the reference set and a second, disjoint real set of N images: "
+                       "measured at the policies' N",
+    "reference_halves": "estimate: FID between two random halves of the reference set (N/2 each); FID is "
+                        "biased upward at smaller N, so this overstates the floor at the policies' N",
+}
+
+
+@dataclass
+class NoiseFloor:
+    """What "indistinguishable from real" reads as: the FID of real images against real images."""
+
+    fid: float  # squared feature units
+    n: int  # images in each compared real set (method "second_real_set": the second set's N)
+    method: str  # a key of NOISE_FLOOR_METHODS
+
+    @property
+    def description(self) -> str:
+        return NOISE_FLOOR_METHODS[self.method]
+
+
+def noise_floor(reference: torch.Tensor, second: torch.Tensor | None = None, seed: int = 0) -> NoiseFloor:
+    """The FID noise floor of reference features [M, F].
+
+    With `second` [N, F] (real images disjoint from the reference, as many as the policies'
+    samples): FID(reference, second), the same comparison as a policy's FID(reference, samples [N, F]),
+    so it is measured at the policies' N. Without it (e.g. an ADM .npz reference, no other real
+    images at hand): the FID of two random halves of the reference (seeded), labelled as an estimate
+    at N = M // 2, which FID's small-sample bias pushes above the floor at the policies' N."""
+    if second is not None:
+        return NoiseFloor(frechet_distance(reference, second), int(second.shape[0]), "second_real_set")
+    perm = torch.randperm(reference.shape[0], generator=torch.Generator().manual_seed(seed))
+    half = reference.shape[0] // 2
+    return NoiseFloor(frechet_distance(reference[perm[:half]], reference[perm[half:2 * half]]), half,
+                      "reference_halves")
 
 
 @torch.no_grad()

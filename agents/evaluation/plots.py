@@ -2,6 +2,8 @@
 
 Images come in model space, float [*, C, H, W] in [-1, 1]; block orders as reveal sequences [*, N]
 or masks [*, N] over the geometry's block grid (blocks_h x blocks_w, row-major).
+
+Imports backbone/ only (block geometry, atomic writes); never envs, agents.planner or agents.training.
 """
 
 from __future__ import annotations

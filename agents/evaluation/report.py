@@ -13,6 +13,11 @@ Numbers (nats unless stated):
 * oracle_agreement: fraction of the learned policy's decisions that pick the oracle's argmax block.
 * regret: mean over those decisions of max_a u(a|S) - u(chosen|S) (u: the oracle utility of
   `oracle_kind`), in nats.
+
+Episodes are played by `envs.episodes.play_episodes` (through `run_episodes` or directly), returns
+discounted by `envs.rewards.discounted_return`, images chosen by `rollouts.balanced_images`.
+
+Imports backbone/, envs/, agents.planner and agents.evaluation.rollouts; never agents.training.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from agents.evaluation.rollouts import discounted, index_batches, replay_order
+from agents.evaluation.rollouts import balanced_images, index_batches, replay_order
 from agents.planner.orderhead import OrderHead
 from agents.planner.policies import BlockPolicy, OrderHeadPolicy, make_policy, run_episodes
 from backbone.config import BackboneConfig
-from backbone.data import class_interleaved_order
 from envs.core import EnvConfig, OrderPlanningCore
+from envs.episodes import Decision, play_episodes
 from envs.factory import make_core
+from envs.rewards import discounted_return
 
 
 @dataclass
@@ -40,19 +46,12 @@ class EvalSpec:
     baselines: list[str] = field(default_factory=lambda: ["raster", "random", "oracle"])
 
 
-def heldout_images(core: OrderPlanningCore, num_images: int) -> torch.Tensor:
-    """The first `num_images` image indices of the core's split in class-interleaved order (the same
-    set for every policy; the embedded splits are sorted by class, so a plain prefix would hold only
-    the first digits)."""
-    return class_interleaved_order(core.labels.cpu())[:num_images]
-
-
 def order_returns(core: OrderPlanningCore, image_index: torch.Tensor, blocks: torch.Tensor, gamma: float) -> torch.Tensor:
     """Discounted return [B] (float64, CPU) of fixed block sequences `blocks` [B, N] replayed one block
     per step (gamma per block, no decision cost) in a plain copy of `core`. This scores the *order* a
     router policy produced on the same scale as plain policies."""
     rep = replay_order(core.bb, core.codes, core.labels, core.cfg, blocks.cpu(), core.B, image_index)
-    return discounted(rep.rewards, gamma)
+    return discounted_return(rep.rewards, gamma)
 
 
 def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
@@ -84,19 +83,23 @@ def oracle_comparison(policy: BlockPolicy, core: OrderPlanningCore, image_index:
     the first block of a router decision is compared)."""
     agree, regret = [], []
     for chunk, n in index_batches(image_index, core.B):
-        core.reset(None, chunk.to(core.device))
-        real = torch.arange(core.B, device=core.device) < n
-        while not bool(core.done.all()):
-            active = ~core.done
-            util = core.oracle_utilities(kind)  # [B, N], -inf on revealed
-            action = policy.act(core.observation())
+        real = torch.arange(core.B, device=core.device) < n  # padding rows of the last chunk are not scored
+        pending: dict[str, torch.Tensor] = {}
+
+        def act(obs: dict[str, torch.Tensor], pending: dict = pending) -> torch.Tensor:
+            util = core.oracle_utilities(kind)  # [B, N], -inf on revealed; the state the policy acts in
+            action = policy.act(obs)
             first = action if action.dim() == 1 else action[:, 1]
-            chosen = util.gather(1, first[:, None])[:, 0]
-            best, best_idx = util.max(-1)
-            rows = active & real
-            agree.append((first == best_idx)[rows].double().cpu())
-            regret.append((best - chosen)[rows].double().cpu())
-            core.step(action, active=active)
+            pending["best"], pending["best_idx"] = util.max(-1)
+            pending["first"], pending["chosen"] = first, util.gather(1, first[:, None])[:, 0]
+            return action
+
+        def record(d: Decision, pending: dict = pending, real: torch.Tensor = real) -> None:
+            rows = d.active & real
+            agree.append((pending["first"] == pending["best_idx"])[rows].double().cpu())
+            regret.append((pending["best"] - pending["chosen"])[rows].double().cpu())
+
+        play_episodes(core, chunk.to(core.device), act, record)
     return {"oracle_agreement": float(torch.cat(agree).mean()), "regret": float(torch.cat(regret).mean())}
 
 
@@ -104,7 +107,7 @@ def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_imag
              learned: str | None = "learned", oracle_kind: str = "future_loss") -> dict:
     """The held-out report: returns of every policy on the same images, and the learned policy's
     agreement with the oracle and regret. The core must be teacher-forced on the held-out split."""
-    images = heldout_images(core, num_images)
+    images = balanced_images(core.labels, num_images)
     stats = {name: policy_returns(p, core, images, gamma) for name, p in policies.items()}
     report = {
         "num_images": len(images),

@@ -11,8 +11,14 @@ for every policy (plain or router):
 
 Generation mode (no ground truth): sample i is conditioned on class `labels[i]` and every policy
 gets the same labels and the same sampler seed per batch. A policy that needs ground truth (the
-oracle) is played by `FixedOrdersPolicy` with the teacher-forced order of a held-out image of the
-same class (order transfer), which is the closest the oracle comes to generation.
+oracle) is played by `FixedOrderPolicy` (agents.planner.policies) with the teacher-forced order of a
+held-out image of the same class (order transfer), which is the closest the oracle comes to generation.
+
+Every full episode here goes through `envs.episodes.play_episodes` (per-step recording in its `act`
+and `after_step` callables), every discount through `envs.rewards.discounted_return`, and every
+choice of class-balanced images through `balanced_images`.
+
+Imports backbone/, envs/ and agents.planner only; never agents.training.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from agents.planner.policies import BlockPolicy, run_episodes
+from backbone.data import class_interleaved_order
 from backbone.loading import Backbone
 from envs.core import EnvConfig, OrderPlanningCore
+from envs.episodes import Decision, play_episodes
+from envs.rewards import discounted_return
 
 PolicyFactory = Callable[[OrderPlanningCore], BlockPolicy]
 
@@ -41,16 +50,26 @@ def index_batches(image_index: torch.Tensor, batch: int):
         yield chunk, n
 
 
+def balanced_images(labels: torch.Tensor, num_images: int | None = None) -> torch.Tensor:
+    """The image indices [min(num_images, M)] every policy is scored on: the split's images (labels
+    [M]) in class-interleaved order, first `num_images` of them (all when None). The embedded splits
+    are sorted by class, so a plain prefix would hold only the first digits; any prefix of this
+    order covers every class. The one class-balancing rule of the held-out report and the evaluate
+    run."""
+    order = class_interleaved_order(torch.as_tensor(labels).cpu())
+    return order if num_images is None else order[:num_images]
+
+
 # -- teacher-forced ------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def order_of(make: PolicyFactory, core: OrderPlanningCore, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Play a fresh policy from `make(core)` on images 0..num_images-1 of the core's split.
+def order_of(make: PolicyFactory, core: OrderPlanningCore, image_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Play a fresh policy from `make(core)` on images `image_index` [M] of the core's split.
     Returns blocks [M, N] (reveal order) and decisions [M] (< N for router policies)."""
     policy = make(core)
     blocks, decisions = [], []
-    for idx, real in index_batches(torch.arange(num_images), core.B):
+    for idx, real in index_batches(image_index.cpu(), core.B):
         out = run_episodes(policy, core, idx.to(core.device))
         blocks.append(out["blocks"][:real].cpu())
         decisions.append(out["decisions"][:real].cpu())
@@ -77,21 +96,20 @@ def replay_order(backbone: Backbone, codes: torch.Tensor, labels: torch.Tensor, 
     image_index = torch.arange(M) if image_index is None else image_index.cpu()
     rewards, remaining = [], []
     for idx, real in index_batches(torch.arange(M), batch_size):
-        core.reset(None, image_index[idx].to(core.device))
-        rest = [core.token_loss.sum(-1)]  # 0 on revealed tokens, so this is L_rest
-        r = []
-        for t in range(core.N):
-            step_r, _ = core.step(blocks[idx, t].to(core.device))
-            r.append(step_r)
+        order = blocks[idx].to(core.device)  # [B, N]
+        rest: list[torch.Tensor] = []  # L_rest(S_t) before each decision (token_loss is 0 on revealed tokens)
+        r: list[torch.Tensor] = []
+
+        def act(obs: dict[str, torch.Tensor], order: torch.Tensor = order, rest: list = rest) -> torch.Tensor:
             rest.append(core.token_loss.sum(-1))
+            # one block per step, so `step` (blocks revealed) is the index into the order
+            return order.gather(1, obs["step"].to(core.device)[:, None])[:, 0]
+
+        play_episodes(core, image_index[idx].to(core.device), act, lambda d, r=r: r.append(d.reward))
+        rest.append(core.token_loss.sum(-1))  # after the last block: 0
         rewards.append(torch.stack(r, 1)[:real].double().cpu())
         remaining.append((torch.stack(rest, 1)[:real] / core.L).double().cpu())
     return Replay(torch.cat(rewards), torch.cat(remaining))
-
-
-def discounted(rewards: torch.Tensor, gamma: float) -> torch.Tensor:
-    """sum_t gamma^t r_t of rewards [M, T] -> [M]."""
-    return (rewards.double() * gamma ** torch.arange(rewards.shape[1], dtype=torch.float64)).sum(1)
 
 
 def auc(remaining: torch.Tensor) -> torch.Tensor:
@@ -102,8 +120,10 @@ def auc(remaining: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_forced_metrics(blocks: torch.Tensor, backbone: Backbone, codes: torch.Tensor, labels: torch.Tensor,
-                           env: EnvConfig, rewards: Sequence[str], gamma: float, batch_size: int) -> dict:
-    """Every per-order metric of the module docstring, averaged over the images of `blocks` [M, N].
+                           env: EnvConfig, rewards: Sequence[str], gamma: float, batch_size: int,
+                           image_index: torch.Tensor | None = None) -> dict:
+    """Every per-order metric of the module docstring, averaged over the images of `blocks` [M, N]
+    (image `image_index[i]` of (codes, labels) follows blocks[i]; default 0..M-1).
     Returns {"returns": {reward: mean}, "order_nll_bits", "auc_remaining_loss",
     "remaining_curve": [N + 1] list} (plus the per-image tensors under "_per_image")."""
     out: dict = {"returns": {}}
@@ -111,9 +131,9 @@ def teacher_forced_metrics(blocks: torch.Tensor, backbone: Backbone, codes: torc
     kinds = list(dict.fromkeys([*rewards, "likelihood"]))
     curve = None
     for kind in kinds:
-        rep = replay_order(backbone, codes, labels, replace(env, reward=kind), blocks, batch_size)
+        rep = replay_order(backbone, codes, labels, replace(env, reward=kind), blocks, batch_size, image_index)
         if kind in rewards:
-            per_image[f"return_{kind}"] = discounted(rep.rewards, gamma)
+            per_image[f"return_{kind}"] = discounted_return(rep.rewards, gamma)
             out["returns"][kind] = float(per_image[f"return_{kind}"].mean())
         if kind == "likelihood":
             L = codes.shape[1]
@@ -129,26 +149,6 @@ def teacher_forced_metrics(blocks: torch.Tensor, backbone: Backbone, codes: torc
 
 
 # -- generation mode -----------------------------------------------------------------------------
-
-
-class FixedOrdersPolicy(BlockPolicy):
-    """Plays a given block order per episode: orders [M, N], row b follows orders[image_index[b] % M].
-    Used to play the teacher-forced oracle's order (of a same-class held-out image) in generation mode."""
-
-    def __init__(self, orders: torch.Tensor):
-        super().__init__(["image_index"])
-        if orders.dim() != 2:
-            raise ValueError(f"orders must be [M, N], got shape {tuple(orders.shape)}")
-        M, N = orders.shape
-        if not bool((orders.sort(-1).values == torch.arange(N)).all()):
-            raise ValueError("every row of orders must be a permutation of the N blocks")
-        rank = torch.empty_like(orders)
-        rank.scatter_(1, orders, torch.arange(N).expand(M, N).contiguous())
-        self.register_buffer("rank", rank, persistent=False)  # [M, N] step at which each block is revealed
-
-    def decide(self, obs) -> tuple[torch.Tensor, None]:
-        idx = obs["image_index"].to(self.rank.device) % self.rank.shape[0]
-        return -self.rank[idx].float(), None
 
 
 @dataclass
@@ -184,16 +184,17 @@ def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tens
     batches = list(index_batches(torch.arange(S), batch_size))
     for j, (idx, real) in enumerate(progress_bar(batches) if progress_bar else batches):
         core.seed(seed + j)
-        core.reset(None, idx.to(core.device))
         total = torch.zeros(core.B, dtype=torch.float64)
         count = torch.zeros(core.B, dtype=torch.long)
         taken = torch.zeros(core.B, len(fractions), dtype=torch.bool)
-        while not bool(core.done.all()):
-            active = ~core.done
-            r, _ = core.step(policy.act(core.observation()), active=active)
-            total += r.double().cpu()
-            count += active.long().cpu()
+
+        def record(d: Decision, idx: torch.Tensor = idx, real: int = real, total: torch.Tensor = total,
+                   count: torch.Tensor = count, taken: torch.Tensor = taken) -> None:
+            total.add_(d.reward.double().cpu())
+            count.add_(d.active.long().cpu())
             _take_snapshots(core, idx, real, thresholds, taken, snaps, snap_masks)
+
+        play_episodes(core, idx.to(core.device), policy.act, record)
         images.append(core.decode_images(torch.ones(core.B, dtype=torch.bool, device=core.device))[:real].cpu())
         tokens.append(core.x[:real].cpu())
         blocks.append(core.history[:real].cpu())

@@ -8,8 +8,18 @@ Per policy (DESIGN.md section 7):
   (nats) on the first `eval.agreement_images` of them (one batched oracle pass per decision);
 * generation mode, `eval.num_samples` samples (sample i conditioned on the label of held-out image
   i mod M, sampler reseeded per batch): FID with its bootstrap interval, KID mean and std, and the
-  feature classifier's accuracy against the conditioning labels. The noise floor is the FID of two
-  halves of the reference set. FID at different N is not comparable: results always carry N.
+  feature classifier's accuracy against the conditioning labels. FID at different N is not
+  comparable: results always carry N.
+
+The FID noise floor is measured at the policies' N: the FID between the reference set and a second,
+disjoint set of N = `eval.num_samples` real images (reference = the embedded held-out split: the
+first N train images in class-interleaved order), the comparison a policy's FID makes with its N
+samples. Where no such set is at hand (an .npz or image-folder reference) it falls back to two halves
+of the reference set, labelled in results.json (`fid_noise_floor_method`) as an estimate at N/2.
+Held-out images, their class balance and the second real set all come from one rule,
+`rollouts.balanced_images`.
+
+Imports backbone/, envs/, agents.planner and agents.evaluation; never agents.training.
 
 Outputs in run_dir: results.json, results.md, PNGs (samples_<policy>.png, progressive_<policy>.png,
 order_heatmaps.png, remaining_loss.png) and, with eval.npz=true, samples_<policy>.npz for the ADM
@@ -27,18 +37,19 @@ from typing import Any
 import torch
 
 from agents.evaluation import plots as eval_plots
-from agents.evaluation.rollouts import FixedOrdersPolicy, generate_samples, order_of, teacher_forced_metrics
+from agents.evaluation.rollouts import balanced_images, generate_samples, order_of, teacher_forced_metrics
 from agents.evaluation.report import oracle_comparison
 from agents.evaluation.fid import (bootstrap_interval, export_npz, extract_features, frechet_distance, kernel_distance,
-                        load_npz_images, noise_floor)
+                                   load_npz_images, noise_floor)
 from agents.planner.orderhead import load_orderhead
-from agents.planner.policies import FIXED_ORDERS, BlockPolicy, make_policy
+from agents.planner.policies import FIXED_ORDERS, BlockPolicy, FixedOrderPolicy, make_policy
 from backbone.checkpoint import atomic_write_bytes, atomic_write_json
 from backbone.config import BackboneConfig, RunConfig, resolve_path
-from backbone.data import ImageFolderDataset, class_interleaved_order, images_to_model, load_embedded_mnist
+from backbone.data import ImageFolderDataset, images_to_model, load_embedded_mnist
 from backbone.loading import Backbone, build_backbone, load_token_data
 from backbone.run_utils import Logger, progress, setup_device
-from envs.core import REWARDS, EnvConfig, OrderPlanningCore, SamplingSpec
+from backbone.sampling import SamplingConfig
+from envs.core import REWARDS, EnvConfig, OrderPlanningCore
 
 ORACLES = {"oracle": "future_loss", "oracle_extrapolative": "extrapolative"}
 
@@ -53,7 +64,7 @@ class EvalOptions:
     rewards: list[str] = field(default_factory=lambda: ["future_loss", "extrapolative", "anytime", "likelihood"])
     oracle_kind: str = "future_loss"  # utility behind oracle agreement / regret
     agreement_images: int = 100  # oracle agreement / regret on the first images (costliest metric); 0 = off
-    sampling: SamplingSpec = field(default_factory=lambda: SamplingSpec(cfg_scale=2.0))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=2.0))
     R: int | None = None  # OrderHead latent reasoning steps (None = the checkpoint's)
     greedy: bool = True  # OrderHead: argmax (false: sample with the policy's seed)
     npz: bool = False  # also write samples_<policy>.npz (uint8 [N, H, W, 3] under arr_0)
@@ -187,6 +198,19 @@ def reference_images(run: EvaluateRun, image_size: int) -> torch.Tensor:
     return images[:limit] if limit is not None else images
 
 
+def second_real_images(run: EvaluateRun, n: int) -> torch.Tensor | None:
+    """n real images float [n, C, H, W] in [-1, 1] disjoint from the reference set, for the noise floor
+    at the policies' N: with the embedded held-out split as reference, the first n train-split images
+    in class-interleaved order (`balanced_images`, the rule that picks the held-out images). None
+    when no such set is at hand (another reference, or n above the train split's size)."""
+    if run.features.reference != "heldout" or run.backbone.data.kind != "mnist_embedded":
+        return None
+    train, train_labels = load_embedded_mnist("train")
+    if n > len(train_labels):
+        return None
+    return images_to_model(train[balanced_images(torch.as_tensor(train_labels), n).numpy()])
+
+
 # -- the run -------------------------------------------------------------------------------------
 
 
@@ -217,15 +241,14 @@ def run_evaluation(run: EvaluateRun) -> dict:
 
     bb = build_backbone(run.backbone, device=device)
     codes, labels = load_token_data(run.backbone, "heldout")
-    order = class_interleaved_order(labels)  # the split is sorted by class; any prefix should cover all classes
-    codes, labels = codes[order], labels[order]
+    images = balanced_images(labels)  # [M] class-interleaved: any prefix covers every class
     specs = [resolve_policy(p, run, bb) for p in run.policies]  # fail on a bad name before any work
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"policy names must be unique, got {[s.name for s in specs]}")
-    n_tf = min(ev.num_images, len(codes))
+    n_tf = min(ev.num_images, len(images))
     n_agree = min(ev.agreement_images, n_tf)
-    n_orders = min(max(n_tf, ev.num_samples), len(codes))  # orders the oracles replay in generation mode
-    gen_labels = labels[torch.arange(ev.num_samples) % len(labels)]
+    n_orders = min(max(n_tf, ev.num_samples), len(images))  # orders the oracles replay in generation mode
+    gen_labels = labels[images[torch.arange(ev.num_samples) % len(images)]]
     env_tf = replace(run.env, mode="teacher_forced", split="heldout", reward=ev.reward, decision_cost=0.0)
     env_gen = replace(run.env, sampling=ev.sampling)
 
@@ -233,10 +256,13 @@ def run_evaluation(run: EvaluateRun) -> dict:
     extractor = extractor.to(device).eval()
     ref = reference_images(run, bb.gpt.cfg.grid_h * (bb.vq.config.downsample_factor if bb.vq is not None else 1))
     real = extract_features(extractor, ref, run.features.batch_size, device)
-    floor, half = noise_floor(real, run.seed)
+    second = second_real_images(run, ev.num_samples)
+    floor = noise_floor(real, None if second is None else
+                        extract_features(extractor, second, run.features.batch_size, device), run.seed)
     classify = getattr(extractor, "classify", None) if run.features.kind == "classifier" else None
 
-    results: dict = {"num_samples": ev.num_samples, "fid_noise_floor": floor, "fid_noise_floor_half_size": half,
+    results: dict = {"num_samples": ev.num_samples, "fid_noise_floor": floor.fid, "fid_noise_floor_n": floor.n,
+                     "fid_noise_floor_method": floor.method, "fid_noise_floor_description": floor.description,
                      "num_reference": len(real), "num_images_teacher_forced": n_tf,
                      "num_images_agreement": n_agree, "gamma": ev.gamma,
                      "reward": ev.reward, "features": run.features.kind, "sampling": vars(ev.sampling),
@@ -246,20 +272,18 @@ def run_evaluation(run: EvaluateRun) -> dict:
         t0 = time.time()
         print(f"[evaluate] {spec.name}: teacher-forced rollouts on {n_tf} held-out images", flush=True)
         tf_core = OrderPlanningCore(bb, codes, labels, replace(env_tf, budget=spec.budgets), ev.batch_size, seed=run.seed)
-        blocks, decisions = order_of(spec.make, tf_core, n_orders if spec.ground_truth else n_tf)
-        tf = teacher_forced_metrics(blocks[:n_tf], bb, codes, labels, env_tf, ev.rewards, ev.gamma, ev.batch_size)
+        blocks, decisions = order_of(spec.make, tf_core, images[:n_orders if spec.ground_truth else n_tf])
+        tf = teacher_forced_metrics(blocks[:n_tf], bb, codes, labels, env_tf, ev.rewards, ev.gamma, ev.batch_size,
+                                    image_index=images[:n_tf])
         row: dict = {"return": tf["returns"][ev.reward], "returns": tf["returns"],
                      "order_nll_bits": tf["order_nll_bits"], "auc_remaining_loss": tf["auc_remaining_loss"],
                      "decisions_per_episode": float(decisions[:n_tf].double().mean()), "source": spec.source}
-        if n_agree > 0:
-            if ORACLES.get(spec.name) == ev.oracle_kind:
-                row.update(oracle_agreement=1.0, regret=0.0)
-            else:
-                row.update(oracle_comparison(spec.make(tf_core), tf_core, torch.arange(n_agree), ev.oracle_kind))
+        if n_agree > 0:  # measured for every policy, the oracles too (a check of the oracle policy itself)
+            row.update(oracle_comparison(spec.make(tf_core), tf_core, images[:n_agree], ev.oracle_kind))
         orders_for_heatmap[spec.name] = blocks[:run.plots.heatmap_images]
         curves[spec.name] = tf["remaining_curve"]
 
-        make_gen = (lambda core, b=blocks: FixedOrdersPolicy(b)) if spec.ground_truth else spec.make
+        make_gen = (lambda core, b=blocks: FixedOrderPolicy(b)) if spec.ground_truth else spec.make
         gen_env = replace(env_gen, budget=spec.budgets)
         samples = generate_samples(make_gen, bb, gen_labels, gen_env, ev.batch_size, run.seed,
                                    num_snapshots=run.plots.snapshot_samples,
@@ -289,7 +313,7 @@ def run_evaluation(run: EvaluateRun) -> dict:
         print(f"[evaluate] {spec.name}: FID {row['fid']:.3f} (N={ev.num_samples}), return {row['return']:.2f}, "
               f"order NLL {row['order_nll_bits']:.3f} bits/token ({row['seconds']} s)", flush=True)
 
-    heat_imgs = bb.vq.decode_codes(codes[:run.plots.heatmap_images].to(device).view(
+    heat_imgs = bb.vq.decode_codes(codes[images[:run.plots.heatmap_images]].to(device).view(
         -1, bb.gpt.cfg.grid_h, bb.gpt.cfg.grid_w)).float().cpu() if bb.vq is not None else None
     if heat_imgs is not None:
         eval_plots.order_heatmaps(run_dir / "order_heatmaps.png", orders_for_heatmap, heat_imgs, bb.geometry)
@@ -315,8 +339,8 @@ def results_markdown(results: dict) -> str:
         "",
         f"- generated samples per policy N = {n} (FID at different N is not comparable); features: "
         f"{results['features']}; reference images: {results['num_reference']}",
-        f"- FID noise floor (two halves of the reference set, {results['fid_noise_floor_half_size']} each): "
-        f"{results['fid_noise_floor']:.3f}",
+        f"- FID noise floor {results['fid_noise_floor']:.3f} at N = {results['fid_noise_floor_n']} "
+        f"({results['fid_noise_floor_description']})",
         f"- teacher-forced metrics on {results['num_images_teacher_forced']} held-out images; return = discounted "
         f"{results['reward']} return (gamma {results['gamma']} per block, nats); oracle agreement on the first "
         f"{results['num_images_agreement']}",

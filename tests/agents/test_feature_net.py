@@ -1,6 +1,7 @@
-"""Feature networks for FID/KID: the digit classifier (shapes, checkpoint I/O, seeded training,
-manifest update), the InceptionV3 wrapper's error paths (torch-fidelity is optional and nothing
-downloads), and the YAML config of scripts/train_classifier.py."""
+"""Feature networks for FID/KID: the digit classifier (shapes, checkpoint I/O), its training
+(`agents.evaluation.classifier_training`: seeded, manifest update), the InceptionV3 wrapper's error
+paths (torch-fidelity is optional and nothing downloads), and the YAML config of
+scripts/train_classifier.py."""
 
 import json
 
@@ -9,19 +10,17 @@ import torch
 from safetensors.torch import save_file
 
 from agents.evaluation import feature_net
+from agents.evaluation.classifier_training import ClassifierRun, shift_augment, train_classifier
 from agents.evaluation.feature_net import (
     ClassifierConfig,
     ClassifierFeatures,
-    ClassifierRun,
     DigitClassifier,
     InceptionFeatures,
     load_classifier,
     make_feature_extractor,
     save_classifier,
-    shift_augment,
-    train_classifier,
 )
-from backbone.checkpoint import CheckpointCorruptError, sha256_file
+from backbone.checkpoint import CheckpointCorruptError, load_safetensors, sha256_file
 
 
 def _images(n: int = 6, seed: int = 0, channels: int = 1) -> torch.Tensor:
@@ -147,8 +146,8 @@ def _tiny_run(run_dir, **overrides) -> ClassifierRun:
 def test_tiny_training_is_seeded_and_learns(tmp_path):
     s1 = train_classifier(_tiny_run(tmp_path / "a"))
     s2 = train_classifier(_tiny_run(tmp_path / "b"))
-    w1, _ = feature_net.load_safetensors(tmp_path / "a" / "classifier.safetensors")
-    w2, _ = feature_net.load_safetensors(tmp_path / "b" / "classifier.safetensors")
+    w1, _ = load_safetensors(tmp_path / "a" / "classifier.safetensors")
+    w2, _ = load_safetensors(tmp_path / "b" / "classifier.safetensors")
     assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
     assert s1["sha256"] == s2["sha256"]
     assert s1["heldout"]["accuracy"] > 0.3  # chance is 0.1
