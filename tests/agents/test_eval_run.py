@@ -108,6 +108,7 @@ def test_unknown_or_missing_policies_fail_before_any_work(tmp_path):
     assert not (tmp_path / "results.json").exists()
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_tiny_evaluation_writes_results(tmp_path):
     from agents.evaluation.run import EvaluateRun, run_evaluation
 

@@ -74,6 +74,7 @@ def _state(path) -> dict[str, torch.Tensor]:
     return load_safetensors(path)[0]
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_top_block_only_moves_and_the_report_uses_the_tuned_gpt(setup):
     base = _state(setup[1].gpt_weights)
     plain = train_bc(_run(setup, "plain"))
@@ -110,6 +111,7 @@ def test_top_block_only_moves_and_the_report_uses_the_tuned_gpt(setup):
     assert not (setup[0] / "top1_noout" / "gpt.safetensors").exists()
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_a_run_that_builds_its_oracle_data_equals_one_that_finds_it(setup):
     """Regression (issue 10): building the oracle set inside train_bc drew the build's GPT init from
     the global RNG, so the head started from another init than in a run that found the set."""
@@ -134,6 +136,7 @@ def test_lambda_and_l_ar_shape_the_update(setup):
         assert small["heldout_bits_after"][order] < big["heldout_bits_after"][order]
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_start_step_delays_tuning_and_plain_bc_is_unchanged(setup):
     """Before start_step the joint run is plain BC bit for bit (same head init, batches, dropout)."""
     root = setup[0]
@@ -177,6 +180,7 @@ def test_interrupted_joint_run_resumes_exactly(setup, monkeypatch):
                                                                             joint=JointConfig(top_n=1, lam=2.0))))
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_ppo_uses_the_tuned_backbone(setup):
     from agents.training.ppo import PPOConfig
     from agents.training.ppo_run import PPOAgentSpec, PPORun, run_ppo

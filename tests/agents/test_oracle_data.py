@@ -221,6 +221,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_torchrun_two_processes_cover_every_image_once(toy_codes, tmp_path):
     from backbone.loading import save_gpt
     from tests.conftest import randomized_gpt

@@ -388,6 +388,7 @@ def mean_return(env: MarkedBlockEnv, model: OrderHead, router: bool, greedy: boo
     return float(data["next", "reward"].sum() / data["next", "done"].sum())
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 @pytest.mark.parametrize("router", [False, True])
 def test_ppo_learns_to_pick_the_marked_block(router, tmp_path):
     env = MarkedBlockEnv(router=router)
@@ -430,6 +431,7 @@ def test_discounted_episode_returns():
     assert torch.allclose(got.double(), torch.cat(want))
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_ppo_improves_on_the_key_block_toy(tmp_path):
     """On the key-block toy (one block per class determines the image) PPO from a random planner
     raises the discounted future-loss return: it learns to reveal the class's key block early."""

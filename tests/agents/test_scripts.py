@@ -20,6 +20,7 @@ def _run(script: str, args: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 @pytest.mark.skipif(not (REPO / "artifacts/tiny_mnist/gpt.safetensors").exists(), reason="needs the embedded default")
 def test_bc_then_ppo_write_their_summaries(tmp_path):
     small_eval = ["eval.num_images=8", "eval.batch_size=8"]

@@ -40,6 +40,7 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_safetensors(run_dir / "gpt.safetensors")[0]
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_script_writes_checkpoint_summary_and_resumes_exactly(toy_codes, tmp_path):
     resumed, straight = tmp_path / "resumed", tmp_path / "straight"
     _run(_overrides(toy_codes, resumed, 4))
@@ -71,6 +72,7 @@ def test_resume_refuses_a_changed_run(toy_codes, tmp_path):
     assert proc.returncode != 0 and "cannot resume" in proc.stderr
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_torchrun_ddp_two_cpu_processes(toy_codes, tmp_path):
     run_dir = tmp_path / "ddp"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]

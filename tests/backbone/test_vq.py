@@ -306,6 +306,7 @@ def test_safetensors_round_trip(tmp_path):
 # ---- entry points ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_train_vq_cli_then_extract_codes(tmp_path):
     """Through the CLI overrides a user types; then encode the embedded MNIST with the result."""
     cmd = [sys.executable, str(REPO / "scripts" / "train_vq.py"), "run_dir=vqrun", "train.max_steps=3",
