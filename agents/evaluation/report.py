@@ -133,14 +133,21 @@ def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_imag
     return report
 
 
-def heldout_report(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, model: OrderHead, device: torch.device,
-                   seed: int = 0, oracle_kind: str = "future_loss", router_budgets: list[int] | None = None) -> dict:
-    """Learned policy next to the baselines on the same held-out images, reward and gamma (with the
-    budget router when `router_budgets` is given; baselines then reveal one block per decision)."""
+def heldout_core(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, device: torch.device, seed: int = 0,
+                 router_budgets: list[int] | None = None) -> OrderPlanningCore:
+    """The teacher-forced held-out core every report plays on (with the budget router when
+    `router_budgets` is given)."""
     env = replace(env_cfg, split="heldout", budget=router_budgets)
-    if router_budgets is None:
-        env.decision_cost = env_cfg.decision_cost
-    core = make_core(backbone, env=env, batch_size=ev.batch_size, device=device, seed=seed)
+    return make_core(backbone, env=env, batch_size=ev.batch_size, device=device, seed=seed)
+
+
+def heldout_report(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, model: OrderHead, device: torch.device,
+                   seed: int = 0, oracle_kind: str = "future_loss", router_budgets: list[int] | None = None,
+                   core: OrderPlanningCore | None = None) -> dict:
+    """Learned policy next to the baselines on the same held-out images, reward and gamma (with the
+    budget router when `router_budgets` is given; baselines then reveal one block per decision).
+    `core`: a `heldout_core` of the same arguments to reuse (built when None)."""
+    core = core or heldout_core(backbone, env_cfg, ev, device, seed, router_budgets)
     policies = {name: make_policy(name, core) for name in ev.baselines}
     policies["learned"] = OrderHeadPolicy(model.eval(), greedy=True, router=router_budgets is not None)
     return evaluate(policies, core, ev.num_images, ev.gamma, learned="learned", oracle_kind=oracle_kind)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from agents.evaluation.report import EvalSpec, heldout_report, print_report
+from agents.evaluation.report import EvalSpec, heldout_core, heldout_report, print_report
 from agents.evaluation.rollouts import balanced_images, index_batches
 from agents.planner.orderhead import OrderHead, load_orderhead
 from agents.planner.policies import BlockPolicy, OrderHeadPolicy
@@ -95,13 +95,9 @@ def budget_summary(chosen: torch.Tensor, budgets: list[int]) -> dict:
             "budget_histogram": {str(k): int((chosen == k).sum()) for k in budgets}}
 
 
-def heldout_budgets(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, model: OrderHead,
-                    device: torch.device, seed: int, router_budgets: list[int]) -> dict:
+def heldout_budgets(core: OrderPlanningCore, ev: EvalSpec, model: OrderHead, router_budgets: list[int]) -> dict:
     """`budget_summary` of the learned router, greedy as in the report, on the report's held-out
-    images (`balanced_images`): the arguments are those of `heldout_report`, and the core is built
-    as it builds it."""
-    env = replace(env_cfg, split="heldout", budget=router_budgets)
-    core = make_core(backbone, env=env, batch_size=ev.batch_size, device=device, seed=seed)
+    images (`balanced_images`) of the report's core (`heldout_core`)."""
     policy = OrderHeadPolicy(model.eval(), greedy=True, router=True)
     return budget_summary(chosen_budgets(core, policy, balanced_images(core.labels, ev.num_images)), router_budgets)
 
@@ -131,7 +127,8 @@ def run_ppo(run: PPORun) -> dict:
 
     # the report discounts with eval.gamma; a semi-MDP router core must discount its blocks the same way
     eval_env = replace(run.env, gamma=run.eval.gamma if budgets is not None else run.env.gamma)
-    report = heldout_report(run.backbone, eval_env, run.eval, model, device, run.seed, run.oracle_kind, budgets)
+    core = heldout_core(run.backbone, eval_env, run.eval, device, run.seed, budgets)  # one core for both reports
+    report = heldout_report(run.backbone, eval_env, run.eval, model, device, run.seed, run.oracle_kind, budgets, core)
     logger.log({f"eval/return_{k}": v for k, v in report["returns"].items()}, result["frames"])
     logger.close()
     summary = {**report, "stage": "ppo", "init_from": str(init), "weights": str(Path(run.run_dir) / "orderhead.safetensors"),
@@ -141,7 +138,7 @@ def run_ppo(run: PPORun) -> dict:
     if budgets is not None:
         summary["router"] = {"budgets": budgets, "decision_cost": env_cfg.decision_cost, "smdp_gamma": env_cfg.gamma,
                              "decisions_per_episode": report["decisions_per_episode"]["learned"],
-                             **heldout_budgets(run.backbone, eval_env, run.eval, model, device, run.seed, budgets)}
+                             **heldout_budgets(core, run.eval, model, budgets)}
     bc_summary = init.parent / "summary.json"
     if bc_summary.is_file():  # the BC numbers under the same images, reward and gamma, for comparison
         bc = json.loads(bc_summary.read_text())
