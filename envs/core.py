@@ -11,6 +11,12 @@ cache, then runs one batch of query rows over the still-unseen tokens. That sing
 new per-token losses (hence every reward), and one extra target-free row gives the hidden state
 of the new pending token. Nothing is recomputed from scratch.
 
+Beliefs: the same query gives the model's predictive entropy H_j(S) of every unseen token
+(`token_entropy`, kept in both modes: `block_entropy` is what confident_first ranks) and, with
+env.beliefs, the target-aware query hidden states pooled per unrevealed block (`query_hidden`); both
+join the observation with env.beliefs. `expected_utilities` is the ground-truth-free oracle
+(backbone/belief_utility.py) on the current state.
+
 Rewards: the core hands the per-token losses before and after each decision to
 `envs.rewards.information_reward` and `decision_reward`; every reward formula (`env.reward=`
 future_loss | extrapolative | anytime | likelihood | entropy, and the decision cost) and the one
@@ -38,15 +44,26 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
+from backbone.belief_utility import BeliefUtilities, expected_utilities
 from backbone.future_loss import _scatter_targets, extrapolative_weights, oracle_utilities
 from backbone.loading import Backbone
 from backbone.sampling import SamplingConfig, guided, sample_logits
 from envs.rewards import REWARDS, decision_reward, discounted_return, information_reward
 
 MODES = ("teacher_forced", "generate")
+
+
+class QueryResult(NamedTuple):
+    """What one query over the unseen tokens gives (`OrderPlanningCore._query_losses`)."""
+
+    loss: torch.Tensor  # [B, L] float32 l_j(S) (nats; H_j(S) in generation mode), 0 on revealed tokens
+    entropy: torch.Tensor  # [B, L] float32 H_j(S) (nats), 0 on revealed tokens
+    query_hidden: torch.Tensor | None  # [B, N, D] block means of the query rows (env.beliefs only)
+    pending_hidden: torch.Tensor  # [B, D] the pending token's target-free hidden state
 
 
 @dataclass
@@ -64,6 +81,8 @@ class EnvConfig:
     gamma: float | None = None  # router only: semi-MDP discount per block (see module doc); None = per decision
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # generation mode (LlamaGen knobs)
     oracle_chunk: int | None = None  # candidates per batched oracle pass (memory bound); None = all
+    beliefs: bool = False  # observation adds entropy [B, L] and query_hidden [B, N, D] (the model's beliefs)
+    belief_samples: int = 4  # K: sampled completions per candidate block of `expected_utilities`
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -82,6 +101,8 @@ class EnvConfig:
             raise ValueError(f"env.budget must be a non-empty list of positive block counts, got {self.budget}")
         if self.gamma is not None and not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"env.gamma must lie in (0, 1] (or be null: per-decision rewards), got {self.gamma}")
+        if int(self.belief_samples) < 1:
+            raise ValueError(f"env.belief_samples must be >= 1, got {self.belief_samples}")
 
 
 class OrderPlanningCore:
@@ -125,11 +146,15 @@ class OrderPlanningCore:
         self.decision_blocks = torch.zeros(B, dtype=torch.long, device=dev)
         self.hidden_tok = torch.zeros(B, self.L, self.D, dtype=self.dtype, device=dev)
         self.token_loss = torch.zeros(B, self.L, dtype=torch.float32, device=dev)
+        # the model's beliefs about the unseen tokens, from the same query rows as token_loss
+        self.token_entropy = torch.zeros(B, self.L, dtype=torch.float32, device=dev)  # H_j(S), nats
+        self.query_hidden = torch.zeros(B, self.N, self.D, dtype=self.dtype, device=dev)  # block means of query rows
         self.needs_reset = torch.ones(B, dtype=torch.bool, device=dev)
         self.state = self.gpt.init_state(self.label)
         self.ustate = self.gpt.init_state(torch.full_like(self.label, g.null_class)) if self.use_cfg else None
         self.generator = torch.Generator(device="cpu")
         self.sample_generator = torch.Generator(device=dev)
+        self.belief_generator = torch.Generator(device=dev)  # expected_utilities' sampled completions
         self.seed(seed)
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -140,6 +165,7 @@ class OrderPlanningCore:
         seed = int.from_bytes(os.urandom(8), "little") % (2**62) if seed is None else int(seed)
         self.generator.manual_seed(seed)
         self.sample_generator.manual_seed(seed + 1)
+        self.belief_generator.manual_seed(seed + 2)
         return seed
 
     @property
@@ -154,13 +180,19 @@ class OrderPlanningCore:
     def observation(self) -> dict[str, torch.Tensor]:
         """Fresh tensors (safe to store): hidden [B, L, D] or [B, N, D], block_mask / action_mask
         [B, N] bool, label, step, image_index [B]; in generation mode also tokens [B, L] (-1 where
-        not generated yet) and image [B, C, H, W] (decoded where the episode is done, else 0)."""
+        not generated yet) and image [B, C, H, W] (decoded where the episode is done, else 0).
+        With env.beliefs: entropy [B, L] float32 (H_j(S) in nats of every unseen token, 0 on
+        revealed ones) and query_hidden [B, N, D] (each unrevealed block's mean of the target-aware
+        query rows' hidden states of its tokens, 0 on revealed blocks)."""
         if self.cfg.hidden == "token":
             hidden = self.hidden_tok.clone()
         else:
             hidden = self.geom.pool_blocks(self.hidden_tok)  # [B, N, D]
         obs = {"hidden": hidden, "block_mask": self.revealed.clone(), "action_mask": ~self.revealed,
                "label": self.label.clone(), "step": self.steps.clone(), "image_index": self.image_index.clone()}
+        if self.cfg.beliefs:
+            obs["entropy"] = self.token_entropy.clone()
+            obs["query_hidden"] = self.query_hidden.clone()
         if self.cfg.mode == "generate":
             obs["tokens"] = torch.where(self.unseen, -1, self.x)
             obs["image"] = self.decode_images(self.done)
@@ -214,8 +246,8 @@ class OrderPlanningCore:
         self.state.reset_rows_(rows, self.label[rows])
         if self.ustate is not None:
             self.ustate.reset_rows_(rows, torch.full_like(self.label[rows], self.gpt.cfg.null_class))
-        losses, _ = self._query_losses()
-        self.token_loss = torch.where(rows[:, None], losses, self.token_loss)
+        q = self._query_losses()
+        self._keep_query(q, rows)
         self.needs_reset = self.needs_reset & ~rows
 
     # -- actions ----------------------------------------------------------------------------------
@@ -293,10 +325,10 @@ class OrderPlanningCore:
             if not bool(active.any()):
                 break
             loglik += self._reveal_block(blocks[:, i], active, i)
-        losses, hid = self._query_losses()
-        self._store_pending_hidden(hid, torch.ones(self.B, dtype=torch.bool, device=self.device))
-        reward = self._reward(blocks, k, unseen_before, loss_before, self.unseen, losses, loglik)
-        self.token_loss = torch.where((k > 0)[:, None], losses, self.token_loss)
+        q = self._query_losses()
+        self._store_pending_hidden(q.pending_hidden, torch.ones(self.B, dtype=torch.bool, device=self.device))
+        reward = self._reward(blocks, k, unseen_before, loss_before, self.unseen, q.loss, loglik)
+        self._keep_query(q, k > 0)
         return reward
 
     def _step_smdp(self, blocks: torch.Tensor) -> torch.Tensor:
@@ -310,11 +342,11 @@ class OrderPlanningCore:
                 break
             unseen_before, loss_before = self.unseen, self.token_loss
             loglik = self._reveal_block(blocks[:, i], active, i)
-            losses, hid = self._query_losses()
-            self._store_pending_hidden(hid, active)
-            r = self._information_reward(blocks[:, i:i + 1], one, unseen_before, loss_before, self.unseen, losses, loglik)
+            q = self._query_losses()
+            self._store_pending_hidden(q.pending_hidden, active)
+            r = self._information_reward(blocks[:, i:i + 1], one, unseen_before, loss_before, self.unseen, q.loss, loglik)
             per_block.append(torch.where(active, r, 0.0))
-            self.token_loss = torch.where(active[:, None], losses, self.token_loss)
+            self._keep_query(q, active)
         if not per_block:
             return decision_reward(torch.zeros(self.B, dtype=torch.float64, device=self.device), self.cfg.decision_cost)
         # block i of the decision is discounted by gamma^i (block time inside the decision)
@@ -376,10 +408,10 @@ class OrderPlanningCore:
         b, t = torch.nonzero(ok, as_tuple=True)
         self.hidden_tok[b, positions[b, t]] = hidden[b, t].to(self.dtype)
 
-    def _query_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """One query over every unseen token plus one target-free row per image. Returns per-token
-        losses [B, L] (l_j(S) in nats, or H_j(S) in generation mode; 0 on revealed tokens) and the
-        pending token's target-free hidden state [B, D]."""
+    def _query_losses(self) -> QueryResult:
+        """One query over every unseen token plus one target-free row per image: per-token losses
+        l_j(S) (H_j(S) in generation mode), entropies H_j(S), the block-pooled query hidden states
+        (with env.beliefs) and the pending token's hidden state; see `QueryResult`."""
         unseen = self.unseen
         Q = int(unseen.sum(-1).max())
         # unseen positions first (ascending), padding and the summary row carry target -1
@@ -393,14 +425,31 @@ class OrderPlanningCore:
             logits = ulogits + self.sc.cfg_scale * (logits - ulogits)
         logp = torch.log_softmax(logits[:, :Q].float(), -1)
         valid = targets[:, :Q] >= 0
+        ent = (-(logp.exp() * logp).sum(-1)).clamp(min=0.0)  # [B, Q]; rounding can dip below 0
         if self.cfg.mode == "teacher_forced":
             per = -logp.gather(-1, self.x.gather(1, targets[:, :Q].clamp(min=0))[..., None])[..., 0]
         else:
-            per = -(logp.exp() * logp).sum(-1)
+            per = ent
         # padding rows (target -1) land in a dropped extra column, never on token 0
-        losses = _scatter_targets(torch.where(valid, per, 0.0), targets[:, :Q], self.L)
-        losses = torch.where(unseen, losses, 0.0)
-        return losses, hid[:, -1]
+        def scatter(v: torch.Tensor) -> torch.Tensor:
+            return torch.where(unseen, _scatter_targets(torch.where(valid, v, 0.0), targets[:, :Q], self.L), 0.0)
+
+        losses, entropy = scatter(per), scatter(ent)
+        query_hidden = None
+        if self.cfg.beliefs:
+            # each query row's hidden state at its target's raster slot, then block means (unrevealed
+            # blocks are wholly unseen, so the mean is over all T of their tokens)
+            idx = torch.where(valid, targets[:, :Q], self.L)[..., None].expand(-1, -1, self.D)
+            tok = hid.new_zeros(self.B, self.L + 1, self.D).scatter_(1, idx, hid[:, :Q])[:, :self.L]
+            query_hidden = self.geom.pool_blocks(tok)
+        return QueryResult(losses, entropy, query_hidden, hid[:, -1])
+
+    def _keep_query(self, q: QueryResult, rows: torch.Tensor) -> None:
+        """Store a query's per-token losses and beliefs on rows [B] bool (the others keep theirs)."""
+        self.token_loss = torch.where(rows[:, None], q.loss, self.token_loss)
+        self.token_entropy = torch.where(rows[:, None], q.entropy, self.token_entropy)
+        if q.query_hidden is not None:
+            self.query_hidden = torch.where(rows[:, None, None], q.query_hidden.to(self.dtype), self.query_hidden)
 
     def _reward(self, blocks, k, unseen_before, loss_before, unseen_after, loss_after, loglik) -> torch.Tensor:
         """Reward [B] (float32, nats) of a decision that revealed blocks [B, K] (k [B] of them), decision
@@ -434,6 +483,23 @@ class OrderPlanningCore:
                                weight=weight or self.cfg.weight, candidates=candidates,
                                chunk=self.cfg.oracle_chunk, neighbour_weight=self.cfg.neighbour_weight)
         return torch.where(live[:, None], out, util)
+
+    @torch.no_grad()
+    def expected_utilities(self, K: int | None = None, candidates: torch.Tensor | None = None) -> BeliefUtilities:
+        """The ground-truth-free oracle: û(a|S) [B, N] (nats; -inf on revealed blocks and finished rows)
+        of revealing each block next, with the unknown tokens replaced by K completions sampled from
+        the model (`backbone.belief_utility.expected_utilities`; K defaults to env.belief_samples).
+        Works in both modes (it never reads `x` beyond the revealed blocks); draws from the core's
+        `belief_generator`. The returned `forwards` [B] is its cost in backbone forwards."""
+        K = self.cfg.belief_samples if K is None else int(K)
+        return expected_utilities(self.gpt, self.state, self.revealed, self.geom, K, self.belief_generator,
+                                  candidates=candidates, chunk=self.cfg.oracle_chunk)
+
+    def block_entropy(self) -> torch.Tensor:
+        """[B, N] mean predictive entropy H_j(S) (nats/token) of each block's tokens given the current
+        state; nan on revealed blocks. No extra forward: the step's query computed it."""
+        ent = self.geom.pool_blocks(self.token_entropy[..., None])[..., 0]
+        return ent.masked_fill(self.revealed, float("nan"))
 
 
 def _rows(mask: torch.Tensor) -> list[int]:

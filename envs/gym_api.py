@@ -10,7 +10,8 @@ Observations are dicts of numpy arrays (`obs_to_numpy`): hidden float32 [L, D] (
 env.hidden=block; bf16 on GPU is converted), block_mask / action_mask int8 [N] (Gymnasium's mask
 convention: 1 = unrevealed block, a legal choice), label, step, image_index (integers); generation
 mode adds tokens int64 [L] (-1 where not generated yet) and image float32 [C, H, W] in [-1, 1]
-(zeros until the episode is done). The vector env batches each entry along a leading axis.
+(zeros until the episode is done); env.beliefs adds entropy float32 [L] (H_j(S), nats) and
+query_hidden float32 [N, D]. The vector env batches each entry along a leading axis.
 
 Actions: a block index, Discrete(N); with the budget router MultiDiscrete([len(budgets)] + [N] * K)
 (budget index, then K ordered blocks; entries past the clipped budget are ignored). An invalid action
@@ -106,6 +107,9 @@ def observation_space(core: OrderPlanningCore) -> spaces.Dict:
         "step": spaces.Discrete(N + 1),
         "image_index": spaces.Discrete(core.num_images),
     }
+    if core.cfg.beliefs:
+        d["entropy"] = spaces.Box(0.0, np.inf, (L,), np.float32)
+        d["query_hidden"] = spaces.Box(-np.inf, np.inf, (N, D), np.float32)
     if core.cfg.mode == "generate":
         d["tokens"] = spaces.Box(-1, core.gpt.cfg.vocab_size - 1, (L,), np.int64)
         d["image"] = spaces.Box(-1.0, 1.0, core.image_shape(), np.float32)

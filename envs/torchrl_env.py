@@ -3,7 +3,8 @@ for the env and the backbone). The dynamics live in `envs.core.OrderPlanningCore
 
 Observation keys: hidden [B, L, D] (or [B, N, D] with env.hidden=block), block_mask [B, N] bool,
 action_mask [B, N] bool, label [B], step [B], image_index [B]; generation mode adds tokens [B, L]
-and image [B, C, H, W]. Action: `action` [B] (a block index, masked to unrevealed blocks), or with
+and image [B, C, H, W]; env.beliefs adds entropy [B, L] (H_j(S), nats) and query_hidden [B, N, D]
+(block means of the unseen tokens' query rows). Action: `action` [B] (a block index, masked to unrevealed blocks), or with
 the budget router [B, 1 + K] (budget index, then K ordered blocks). Reward [B, 1] in nats.
 With the router in semi-MDP mode (env.gamma set, see envs/core.py) the step output also carries
 `decision_blocks` [B, 1] long: k, the blocks revealed by the decision that led to this observation
@@ -53,6 +54,9 @@ class OrderPlanningEnv(EnvBase):
             "step": Bounded(low=0, high=N, shape=(B,), dtype=torch.long, device=dev),
             "image_index": Categorical(n=c.num_images, shape=(B,), dtype=torch.long, device=dev),
         }
+        if c.cfg.beliefs:
+            obs["entropy"] = Bounded(low=0.0, high=float("inf"), shape=(B, L), dtype=torch.float32, device=dev)
+            obs["query_hidden"] = Unbounded(shape=(B, N, D), dtype=c.dtype, device=dev)
         if c.smdp:
             obs["decision_blocks"] = Bounded(low=0, high=c.K, shape=(B, 1), dtype=torch.long, device=dev)
         if c.cfg.mode == "generate":
