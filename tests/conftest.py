@@ -68,3 +68,14 @@ def toy_core(batch_size: int = 3, seed: int = 0, n_images: int = 20, **env_field
     codes = torch.randint(0, gpt.cfg.vocab_size, (n_images, gpt.cfg.num_tokens), generator=g)
     labels = torch.arange(n_images) % gpt.cfg.num_classes
     return OrderPlanningCore(bb, codes, labels, EnvConfig(**env_fields), batch_size, seed=seed)
+
+
+def revealed_prefix(core) -> tuple[torch.Tensor, torch.Tensor]:
+    """Revealed tokens / raster positions [B, P] of a core's rows in reveal order (position -1 pads),
+    from its history: the prefix the naive (uncached) references take."""
+    P = max(int(core.steps.max()) * core.T, 1)
+    tok, pos = torch.zeros(core.B, P, dtype=torch.long), torch.full((core.B, P), -1, dtype=torch.long)
+    for b in range(core.B):
+        p = core.block_tokens[core.history[b, : int(core.steps[b])]].reshape(-1)
+        tok[b, : len(p)], pos[b, : len(p)] = core.x[b, p], p
+    return tok, pos

@@ -42,7 +42,7 @@ from agents.evaluation.report import oracle_comparison
 from agents.evaluation.fid import (bootstrap_interval, export_npz, extract_features, frechet_distance, kernel_distance,
                                    load_npz_images, noise_floor)
 from agents.planner.orderhead import load_orderhead
-from agents.planner.policies import FIXED_ORDERS, BlockPolicy, FixedOrderPolicy, make_policy
+from agents.planner.policies import BELIEF_POLICIES, FIXED_ORDERS, BlockPolicy, FixedOrderPolicy, make_policy
 from backbone.checkpoint import atomic_write_bytes, atomic_write_json
 from backbone.config import BackboneConfig, RunConfig, resolve_path
 from backbone.data import ImageFolderDataset, images_to_model, load_embedded_mnist
@@ -124,6 +124,7 @@ class PolicySpec:
     budgets: list[int] | None = None  # router policies: the env's budget list
     ground_truth: bool = False  # oracles: generation mode replays a same-class held-out image's order
     source: str = ""
+    beliefs: bool = False  # a planner that reads the env's belief features (its cores get env.beliefs=true)
 
 
 def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySpec:
@@ -133,13 +134,15 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
         return PolicySpec(entry, lambda core: make_policy(entry, core), source="fixed order")
     if entry == "random":
         return PolicySpec(entry, lambda core: make_policy("random", core, seed=run.seed), source=f"seed {run.seed}")
+    if entry in BELIEF_POLICIES:  # the model's own beliefs: no ground truth, so generation plays them live
+        return PolicySpec(entry, lambda core: make_policy(entry, core), source="model beliefs")
     if entry in ORACLES:
         return PolicySpec(entry, lambda core: make_policy(entry, core), ground_truth=True,
                           source=f"argmax {ORACLES[entry]} utility")
     path_str = run.checkpoints.get(entry, entry if entry.endswith(".safetensors") else None)
     if path_str is None:
         raise ValueError(f"unknown policy {entry!r}: use a registry name ({', '.join(FIXED_ORDERS)}, random, "
-                         f"{', '.join(ORACLES)}), a key of checkpoints ({', '.join(run.checkpoints)}) or a "
+                         f"{', '.join(BELIEF_POLICIES)}, {', '.join(ORACLES)}), a key of checkpoints ({', '.join(run.checkpoints)}) or a "
                          ".safetensors path")
     path = resolve_path(path_str, must_exist=False)
     if path is None or not path.is_file():
@@ -154,7 +157,7 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
     def make(core: OrderPlanningCore) -> BlockPolicy:
         return make_policy("orderhead", core, model=model, R=run.eval.R, greedy=run.eval.greedy, seed=run.seed)
 
-    return PolicySpec(name, make, budgets=budgets, source=str(path))
+    return PolicySpec(name, make, budgets=budgets, source=str(path), beliefs=model.cfg.beliefs)
 
 
 def _check_same_backbone(entry: str, path: Path, backbone: BackboneConfig) -> None:
@@ -271,7 +274,8 @@ def run_evaluation(run: EvaluateRun) -> dict:
     for spec in specs:
         t0 = time.time()
         print(f"[evaluate] {spec.name}: teacher-forced rollouts on {n_tf} held-out images", flush=True)
-        tf_core = OrderPlanningCore(bb, codes, labels, replace(env_tf, budget=spec.budgets), ev.batch_size, seed=run.seed)
+        tf_env = replace(env_tf, budget=spec.budgets, beliefs=env_tf.beliefs or spec.beliefs)
+        tf_core = OrderPlanningCore(bb, codes, labels, tf_env, ev.batch_size, seed=run.seed)
         blocks, decisions = order_of(spec.make, tf_core, images[:n_orders if spec.ground_truth else n_tf])
         tf = teacher_forced_metrics(blocks[:n_tf], bb, codes, labels, env_tf, ev.rewards, ev.gamma, ev.batch_size,
                                     image_index=images[:n_tf])
@@ -284,7 +288,7 @@ def run_evaluation(run: EvaluateRun) -> dict:
         curves[spec.name] = tf["remaining_curve"]
 
         make_gen = (lambda core, b=blocks: FixedOrderPolicy(b)) if spec.ground_truth else spec.make
-        gen_env = replace(env_gen, budget=spec.budgets)
+        gen_env = replace(env_gen, budget=spec.budgets, beliefs=env_gen.beliefs or spec.beliefs)
         samples = generate_samples(make_gen, bb, gen_labels, gen_env, ev.batch_size, run.seed,
                                    num_snapshots=run.plots.snapshot_samples,
                                    progress_bar=lambda it, n=spec.name: progress(it, desc=f"{n}: generating"))

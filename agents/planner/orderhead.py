@@ -1,7 +1,9 @@
 """OrderHead: the latent next-block planner of seed 000 (Algorithm 3) with the budget router of
 Algorithm 4, as one small transformer over per-block features.
 
-    f   = Norm(Proj(mean of each block's token hidden states) + row/col embedding + revealed embedding)
+    f   = Norm(Proj(mean of each block's token hidden states) + row/col embedding + revealed embedding
+               [+ for unrevealed blocks, with cfg.beliefs: Proj(mean query-row hidden state of the
+                block's tokens) + Proj(the block's T per-token predictive entropies)])
     z0  = Pool(f)                          n_latents learned queries cross-attend to the blocks
     z_r = PlannerCore(z_{r-1}, f)          r = 1..R, ONE shared core (R can grow 0 -> 1 -> 2 -> 4
                                            on the same parameters; R=0 means z_R = z0)
@@ -11,7 +13,9 @@ Algorithm 4, as one small transformer over per-block features.
 
 Shapes: B rows, L tokens, N blocks, T tokens per block, D backbone width, d = d_model,
 Z = n_latents. The env writes zeros into the hidden states of unrevealed tokens, so the block mean
-of an unrevealed block is 0 and the revealed embedding says which blocks are visible.
+of an unrevealed block is 0 and the revealed embedding says which blocks are visible. With
+`beliefs` the planner also sees what the backbone believes about each candidate block before it is
+revealed (env.beliefs: observation keys `entropy` [B, L] and `query_hidden` [B, N, D]).
 
 Checkpoints are safetensors files whose metadata carries the config (`save_orderhead` /
 `load_orderhead`); R is a forward argument, not a parameter, so any R runs on any checkpoint.
@@ -63,6 +67,7 @@ class OrderHeadConfig:
     R: int = 1  # default number of latent reasoning steps (a forward argument overrides it)
     budgets: list[int] | None = None  # e.g. [1, 2, 4]: block counts of the router head; None = no router
     num_classes: int | None = None  # class conditioning (the label observation); None = unconditional
+    beliefs: bool = False  # read the env's belief features of candidate blocks (env.beliefs=true)
 
     def __post_init__(self) -> None:
         self.geometry = BlockGeometry(self.grid_h, self.grid_w, self.block)  # validates the grid
@@ -185,6 +190,10 @@ class OrderHead(nn.Module):
         self.row_emb = nn.Embedding(g.blocks_h, d)
         self.col_emb = nn.Embedding(g.blocks_w, d)
         self.state_emb = nn.Embedding(2, d)  # 0 = unrevealed, 1 = revealed
+        if cfg.beliefs:  # candidate blocks: what the backbone predicts there, and how sure it is
+            self.belief_norm = nn.LayerNorm(cfg.hidden_dim)
+            self.belief_proj = nn.Linear(cfg.hidden_dim, d)
+            self.entropy_proj = nn.Linear(g.tokens_per_block, d)
         self.feat_norm = nn.LayerNorm(d)
         # z0 = Pool(H, mask, positions)
         self.latent_queries = nn.Parameter(torch.randn(cfg.n_latents, d) * 0.02)
@@ -206,6 +215,12 @@ class OrderHead(nn.Module):
         return MLP(self.cfg.d_model, 1.0, 0.0, d_out=n)
 
     @property
+    def input_keys(self) -> list[str]:
+        """The observation keys `forward` reads, in `plan`'s argument order."""
+        return (["hidden", "block_mask"] + (["label"] if self.class_emb is not None else [])
+                + (["entropy", "query_hidden"] if self.cfg.beliefs else []))
+
+    @property
     def has_router(self) -> bool:
         return self.router is not None
 
@@ -221,15 +236,18 @@ class OrderHead(nn.Module):
 
     # -- inputs -----------------------------------------------------------------------------------
 
-    def block_features(self, hidden: torch.Tensor, block_mask: torch.Tensor) -> torch.Tensor:
-        """hidden [B, L, D] or [B, N, D], block_mask [B, N] bool -> f [B, N, d]."""
+    def block_features(self, hidden: torch.Tensor, block_mask: torch.Tensor, entropy: torch.Tensor | None = None,
+                       query_hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden [B, L, D] or [B, N, D], block_mask [B, N] bool (with cfg.beliefs also entropy [B, L]
+        nats and query_hidden [B, N, D]) -> f [B, N, d]."""
         cfg = self.cfg
         N, L, D = cfg.num_blocks, cfg.num_tokens, cfg.hidden_dim
         if hidden.dim() != 3 or hidden.shape[-1] != D:
             raise ValueError(f"hidden must be [B, L={L}, D={D}] or [B, N={N}, D={D}] for this OrderHead, "
                              f"got {tuple(hidden.shape)}")
-        if block_mask.shape != (hidden.shape[0], N):
-            raise ValueError(f"block_mask must be [B={hidden.shape[0]}, N={N}], got {tuple(block_mask.shape)}")
+        B = hidden.shape[0]
+        if block_mask.shape != (B, N):
+            raise ValueError(f"block_mask must be [B={B}, N={N}], got {tuple(block_mask.shape)}")
         hidden = hidden.to(self.in_proj.weight.dtype)
         if hidden.shape[1] == L:
             pooled = self.cfg.geometry.pool_blocks(hidden)  # as env.hidden=block
@@ -239,19 +257,36 @@ class OrderHead(nn.Module):
             raise ValueError(f"hidden has {hidden.shape[1]} rows: expected L={L} tokens or N={N} blocks")
         pos = self.row_emb(self.block_row) + self.col_emb(self.block_col)  # [N, d]
         f = self.in_proj(self.in_norm(pooled)) + pos + self.state_emb(block_mask.long())
+        if cfg.beliefs:
+            if entropy is None or query_hidden is None:
+                raise ValueError("this OrderHead reads belief features: pass entropy [B, L] and query_hidden "
+                                 "[B, N, D] (an env with env.beliefs=true)")
+            if entropy.shape != (B, L) or query_hidden.shape != (B, N, D):
+                raise ValueError(f"entropy must be [B={B}, L={L}] and query_hidden [B={B}, N={N}, D={D}], got "
+                                 f"{tuple(entropy.shape)} and {tuple(query_hidden.shape)}")
+            dt = self.in_proj.weight.dtype
+            block_tokens, _ = cfg.geometry._on(entropy.device)
+            ent = entropy.to(dt)[:, block_tokens]  # [B, N, T] per-token entropies, in-block raster order
+            belief = self.belief_proj(self.belief_norm(query_hidden.to(dt))) + self.entropy_proj(ent)
+            f = f + belief * (~block_mask)[..., None]  # revealed blocks have no beliefs (their inputs are 0)
+        elif entropy is not None or query_hidden is not None:
+            raise ValueError("this OrderHead was built without belief features (cfg.beliefs=false); "
+                             "use an env with env.beliefs=false or a belief planner")
         return self.feat_norm(f)
 
     # -- forward ----------------------------------------------------------------------------------
 
     def plan(self, hidden: torch.Tensor, block_mask: torch.Tensor, R: int | None = None,
-             label: torch.Tensor | None = None) -> OrderHeadOutput:
+             label: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+             query_hidden: torch.Tensor | None = None) -> OrderHeadOutput:
         """Alg. 3 (and the router of Alg. 4) on tensors; see `OrderHeadOutput` for the shapes.
-        label [B] (class ids) is required when the planner is class-conditioned (cfg.num_classes)."""
+        label [B] (class ids) is required when the planner is class-conditioned (cfg.num_classes);
+        entropy [B, L] and query_hidden [B, N, D] when it reads beliefs (cfg.beliefs)."""
         R = self.cfg.R if R is None else int(R)
         if R < 0:
             raise ValueError(f"R must be >= 0, got {R}")
         block_mask = block_mask.bool()
-        f = self.block_features(hidden, block_mask)  # [B, N, d]
+        f = self.block_features(hidden, block_mask, entropy, query_hidden)  # [B, N, d]
         queries = self.latent_queries.expand(f.shape[0], -1, -1)
         if self.class_emb is not None:
             if label is None:
@@ -268,10 +303,18 @@ class OrderHead(nn.Module):
         return OrderHeadOutput(logits, value, budget_logits, z)
 
     def forward(self, obs: Mapping[str, torch.Tensor], R: int | None = None) -> OrderHeadOutput:
-        """obs: a dict or TensorDict with "hidden", "block_mask" (and "label" when class-conditioned);
-        R defaults to cfg.R."""
-        label = obs["label"] if self.class_emb is not None else None
-        return self.plan(obs["hidden"], obs["block_mask"], R, label)
+        """obs: a dict or TensorDict with the keys of `input_keys` ("hidden", "block_mask", "label"
+        when class-conditioned, "entropy" and "query_hidden" with beliefs), batch [B]; R defaults to cfg.R."""
+        return self.plan(obs["hidden"], obs["block_mask"], R, **self.optional_inputs(obs))
+
+    def optional_inputs(self, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The keyword inputs of `plan` this planner reads from `obs` (label, entropy, query_hidden)."""
+        keys = [k for k in self.input_keys if k not in ("hidden", "block_mask")]
+        missing = [k for k in keys if k not in obs.keys()]
+        if missing:
+            raise ValueError(f"this OrderHead reads {keys}; the observation lacks {missing}"
+                             + (" (set env.beliefs=true)" if "entropy" in missing else ""))
+        return {k: obs[k] for k in keys}
 
     def check_compatible(self, hidden_dim: int, geometry: BlockGeometry) -> None:
         """Raise ValueError unless this planner reads a backbone of width hidden_dim on geometry."""

@@ -14,7 +14,19 @@ ignores for inactive rows.
 
 Policies: `FixedOrderPolicy` (raster and the heuristic orders of `backbone.orders`, or any given
 order [N] or per-image orders [M, N]), `RandomPolicy` (`envs.actions.random_valid_action`),
-`OraclePolicy` (argmax of the core's oracle utilities), `OrderHeadPolicy` (the learned planner).
+`OraclePolicy` (argmax of the core's oracle utilities: reads the ground truth), the ground-truth-free
+policies of the backbone's own beliefs, `EntropyOrderPolicy` (`confident_first`: lowest mean
+predictive entropy of the block's tokens, the MaskGIT / ordered-AR rule; `uncertain_first`: highest)
+and `ExpectedOraclePolicy` (`expected_oracle`: argmax of the oracle utility with the unknown tokens
+replaced by K completions sampled from the model, `OrderPlanningCore.expected_utilities`), and
+`OrderHeadPolicy` (the learned planner).
+
+Cost. Every policy counts the backbone forwards it needs per decision (`forwards`, `decisions`;
+`forwards_per_decision`), in the unit of `backbone.belief_utility`: one causal pass over one branch
+of the state. Fixed orders and random: 0. confident_first / uncertain_first and the OrderHead: 1
+(the one query over the unseen tokens that the env runs each step anyway; it gives the entropies,
+the belief features and the last token's hidden state). oracle: 1 + C (C unrevealed blocks: one
+candidate pass each). expected_oracle: 1 + K * C.
 `make_policy(name, core, **kwargs)` builds any of them for a core; `GymPolicy` adapts one to numpy
 observations; `run_episodes` plays full episodes on chosen images (discounting by
 `envs.rewards.discounted_return`, the one discounting rule).
@@ -48,6 +60,8 @@ __all__ = [
     "RandomPolicy",
     "OraclePolicy",
     "OrderHeadPolicy",
+    "EntropyOrderPolicy",
+    "ExpectedOraclePolicy",
     "GymPolicy",
     "POLICY_NAMES",
     "FIXED_ORDERS",
@@ -58,7 +72,8 @@ __all__ = [
 Obs = Mapping[str, torch.Tensor]  # a dict of tensors or a TensorDict, batch [B]
 
 FIXED_ORDERS: tuple[str, ...] = tuple(n for n in ORDER_NAMES if n != "random")
-POLICY_NAMES: tuple[str, ...] = (*ORDER_NAMES, "oracle", "oracle_extrapolative", "orderhead")
+BELIEF_POLICIES: tuple[str, ...] = ("confident_first", "uncertain_first", "expected_oracle")  # no ground truth
+POLICY_NAMES: tuple[str, ...] = (*ORDER_NAMES, *BELIEF_POLICIES, "oracle", "oracle_extrapolative", "orderhead")
 
 
 class BlockPolicy(TensorDictModuleBase):
@@ -82,6 +97,24 @@ class BlockPolicy(TensorDictModuleBase):
             if budget not in self.budgets:
                 raise ValueError(f"budget={budget} is not one of the env's budgets {self.budgets}")
             self.budget_default = self.budgets.index(budget)
+        self.forwards, self.decisions = 0, 0  # backbone forwards / live rows decided (see module doc)
+        self.cost: torch.Tensor | None = None  # [B] forwards of the current decision, set by a state-dependent decide
+
+    forwards_per_row = 0  # forwards per decision of a policy whose cost does not depend on the state
+
+    def forwards_per_decision(self) -> float:
+        """Mean backbone forwards per decision so far (the policy's `forwards_per_row` before any)."""
+        return self.forwards / self.decisions if self.decisions else float(self.forwards_per_row)
+
+    def _count(self, legal: torch.Tensor, forwards: torch.Tensor | None = None) -> None:
+        """Book one decision on every live row of legal [B, N] (forwards [B] per row, default
+        `forwards_per_row`)."""
+        live = legal.any(-1)
+        self.decisions += int(live.sum())
+        if forwards is None:
+            self.forwards += self.forwards_per_row * int(live.sum())
+        else:
+            self.forwards += int(forwards.to(live.device)[live].sum())
 
     @property
     def router(self) -> bool:
@@ -98,7 +131,9 @@ class BlockPolicy(TensorDictModuleBase):
     def act(self, obs: Obs) -> torch.Tensor:
         """obs with batch [B] -> action [B] long, or [B, 1 + K] in router mode (on obs' device)."""
         legal = obs["action_mask"].bool()  # [B, N] True = unrevealed
+        self.cost = None
         scores, bidx = self.decide(obs)
+        self._count(legal, self.cost)
         scores = scores.to(legal.device).float().masked_fill(~legal, float("-inf"))
         ranked = scores.sort(dim=-1, descending=True, stable=True).indices  # ties -> lowest block id
         if not self.router:
@@ -166,6 +201,7 @@ class RandomPolicy(BlockPolicy):
 
     @torch.no_grad()
     def act(self, obs: Obs) -> torch.Tensor:
+        self._count(obs["action_mask"].bool())
         return random_valid_action(obs["action_mask"], self.generator, self.budgets)
 
 
@@ -182,9 +218,52 @@ class OraclePolicy(BlockPolicy):
         self.core, self.kind, self.weight = core, kind, weight
 
     def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
-        if not torch.equal(obs["action_mask"].bool().to(self.core.device), ~self.core.revealed):
-            raise ValueError("OraclePolicy: the observation is not the current state of its core")
+        _check_current(self, obs)
+        self.cost = 1 + (~self.core.revealed).sum(-1)  # one candidate pass per unrevealed block
         return self.core.oracle_utilities(self.kind, self.weight), None
+
+
+def _check_current(policy: BlockPolicy, obs: Obs) -> None:
+    """Policies that read their core's state must act on that core's own current observation."""
+    if not torch.equal(obs["action_mask"].bool().to(policy.core.device), ~policy.core.revealed):
+        raise ValueError(f"{type(policy).__name__}: the observation is not the current state of its core")
+
+
+class EntropyOrderPolicy(BlockPolicy):
+    """confident_first (`confident=True`): the unrevealed block whose tokens have the lowest mean
+    predictive entropy H_j(S) given the current context (the MaskGIT / ordered-AR rule);
+    uncertain_first: the highest. No ground truth: the entropies come from the model's predictive
+    distribution over each unseen token, the query the env runs each step
+    (`OrderPlanningCore.block_entropy`), so it works in both modes. Router mode: the K best blocks,
+    fixed budget."""
+
+    forwards_per_row = 1
+
+    def __init__(self, core: OrderPlanningCore, confident: bool = True, budget: int | None = None):
+        super().__init__([], core.cfg.budget, budget)
+        self.core, self.confident = core, bool(confident)
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
+        _check_current(self, obs)
+        ent = self.core.block_entropy().nan_to_num(0.0)  # revealed blocks are masked by act()
+        return (-ent if self.confident else ent), None
+
+
+class ExpectedOraclePolicy(BlockPolicy):
+    """expected_oracle: argmax of û(a|S), the future-loss oracle utility with the unknown tokens
+    replaced by the model's beliefs (K completions of each candidate block sampled from the model;
+    `backbone.belief_utility.expected_utilities` states the formula). No ground truth, both modes;
+    K = env.belief_samples unless given. Costs 1 + K * C forwards per decision."""
+
+    def __init__(self, core: OrderPlanningCore, K: int | None = None, budget: int | None = None):
+        super().__init__([], core.cfg.budget, budget)
+        self.core, self.K_samples = core, K
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
+        _check_current(self, obs)
+        out = self.core.expected_utilities(self.K_samples)
+        self.cost = out.forwards
+        return out.util, None
 
 
 class OrderHeadPolicy(BlockPolicy):
@@ -198,9 +277,9 @@ class OrderHeadPolicy(BlockPolicy):
         router = model.has_router if router is None else bool(router)
         if router and not model.has_router:
             raise ValueError("router mode needs an OrderHead with a router head (model.enable_router(budgets))")
-        keys = ["hidden", "block_mask"] + (["label"] if model.class_emb is not None else [])
-        super().__init__(keys, model.cfg.budgets if router else None)
+        super().__init__(model.input_keys, model.cfg.budgets if router else None)
         self.model, self.greedy, self.R = model, bool(greedy), R
+        self.forwards_per_row = 1  # the env's query behind its observation
         self.generator = torch.Generator().manual_seed(int(seed))
 
     def _gumbel(self, shape: torch.Size) -> torch.Tensor:
@@ -209,8 +288,8 @@ class OrderHeadPolicy(BlockPolicy):
 
     def decide(self, obs: Obs) -> tuple[torch.Tensor, torch.Tensor | None]:
         dev = next(self.model.parameters()).device
-        label = obs["label"].to(dev) if self.model.class_emb is not None else None
-        out = self.model.plan(obs["hidden"].to(dev), obs["block_mask"].to(dev), self.R, label)
+        extra = {k: v.to(dev) for k, v in self.model.optional_inputs(obs).items()}
+        out = self.model.plan(obs["hidden"].to(dev), obs["block_mask"].to(dev), self.R, **extra)
         scores, blog = out.logits, out.budget_logits
         if not self.greedy:
             scores = scores + self._gumbel(scores.shape).to(dev)
@@ -227,15 +306,20 @@ def make_policy(name: str, core: OrderPlanningCore, **kwargs: Any) -> BlockPolic
     """A policy for `core` (plain or router actions as the core's env.budget says).
 
     name: raster | random | zigzag | diagonal | spiral | center_spiral | column_major | reverse |
-    oracle | oracle_extrapolative | orderhead. kwargs: `budget=` (fixed orders, oracles), `seed=`
-    (random, sampled orderhead), `weight=` (oracles), and for orderhead exactly one of
-    `checkpoint=path` / `model=OrderHead`, plus `greedy=`, `R=`.
+    confident_first | uncertain_first | expected_oracle | oracle | oracle_extrapolative | orderhead.
+    kwargs: `budget=` (fixed orders, belief policies, oracles), `seed=` (random, sampled orderhead),
+    `weight=` (oracles), `K=` (expected_oracle; default env.belief_samples), and for orderhead
+    exactly one of `checkpoint=path` / `model=OrderHead`, plus `greedy=`, `R=`.
     """
     budgets = core.cfg.budget
     if name in FIXED_ORDERS:
         return FixedOrderPolicy(name, core.geom, budgets, **kwargs).to(core.device)
     if name == "random":
         return RandomPolicy(budgets=budgets, **kwargs)
+    if name in ("confident_first", "uncertain_first"):
+        return EntropyOrderPolicy(core, name == "confident_first", **kwargs)
+    if name == "expected_oracle":
+        return ExpectedOraclePolicy(core, **kwargs)
     if name in ("oracle", "oracle_extrapolative"):
         return OraclePolicy(core, "future_loss" if name == "oracle" else "extrapolative", **kwargs)
     if name == "orderhead":
@@ -245,6 +329,8 @@ def make_policy(name: str, core: OrderPlanningCore, **kwargs: Any) -> BlockPolic
         if path is not None:
             model = load_orderhead(Path(path), hidden_dim=core.D, geometry=core.geom)
         model.check_compatible(core.D, core.geom)
+        if model.cfg.beliefs and not core.cfg.beliefs:
+            raise ValueError("this OrderHead reads belief features: build the env with env.beliefs=true")
         if core.router and model.cfg.budgets != list(budgets):
             raise ValueError(f"the env's budgets are {list(budgets)}, the OrderHead's router has {model.cfg.budgets}")
         return OrderHeadPolicy(model.to(core.device), router=core.router, **kwargs)

@@ -22,7 +22,7 @@ from backbone.future_loss import naive_oracle_utilities
 from backbone.orders import block_order
 from envs.gym_api import OrderPlanningGymEnv, OrderPlanningVectorEnv
 from envs.torchrl_env import OrderPlanningEnv
-from tests.conftest import toy_core
+from tests.conftest import revealed_prefix, toy_core
 from tests.support.keyblock_toy import make_toy_core
 
 ROUTER = {"budget": [1, 2, 4]}
@@ -93,16 +93,6 @@ def test_random_policy_reproducible_and_valid():
     assert bool((out["decisions"] < core.N).all())
 
 
-def _prefix(core) -> tuple[torch.Tensor, torch.Tensor]:
-    """Revealed tokens / raster positions [B, P] in reveal order (position -1 pads), from the history."""
-    P = max(int(core.steps.max()) * core.T, 1)
-    tok, pos = torch.zeros(core.B, P, dtype=torch.long), torch.full((core.B, P), -1, dtype=torch.long)
-    for b in range(core.B):
-        p = core.block_tokens[core.history[b, : int(core.steps[b])]].reshape(-1)
-        tok[b, : len(p)], pos[b, : len(p)] = core.x[b, p], p
-    return tok, pos
-
-
 @pytest.mark.parametrize("name,kind,weight", [("oracle", "future_loss", "uniform"),
                                               ("oracle_extrapolative", "extrapolative", "neighbours")])
 def test_oracle_policy_picks_the_best_block_of_a_naive_reference(name, kind, weight):
@@ -116,7 +106,7 @@ def test_oracle_policy_picks_the_best_block_of_a_naive_reference(name, kind, wei
     walk = RandomPolicy(seed=1)
     for _ in range(12):
         core.step(walk.act(core.observation()))
-    tok, pos = _prefix(core)
+    tok, pos = revealed_prefix(core)
     naive = naive_oracle_utilities(core.gpt, core.label, tok, pos, core.x, core.geom, kind=kind, weight=weight)
     action = policy.act(core.observation())
     chosen, best = naive.gather(1, action[:, None])[:, 0], naive.max(-1).values
