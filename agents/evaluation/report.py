@@ -43,7 +43,7 @@ class EvalSpec:
     num_images: int = 96  # held-out images scored by every policy
     batch_size: int = 16
     gamma: float = 0.9  # discount of the reported returns (future_loss telescopes at gamma = 1)
-    baselines: list[str] = field(default_factory=lambda: ["raster", "random", "oracle"])
+    baselines: list[str] = field(default_factory=lambda: ["raster", "random", "confident_first", "oracle"])
 
 
 def order_returns(core: OrderPlanningCore, image_index: torch.Tensor, blocks: torch.Tensor, gamma: float) -> torch.Tensor:

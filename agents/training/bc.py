@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from agents.evaluation.report import EvalSpec, heldout_report, print_report
 from agents.planner.orderhead import OrderHead, orderhead_config_for, save_orderhead
 from agents.planner.policies import OrderHeadPolicy
-from agents.training.features import episode_features
+from agents.training.features import episode_observations
 from agents.training.joint import JointConfig, JointTuner
 from agents.training.oracle_data import (
     MANIFEST,
@@ -117,6 +117,7 @@ class BCRun(RunConfig):
     bc: BCConfig = field(default_factory=BCConfig)
     eval: EvalSpec = field(default_factory=EvalSpec)
     run_dir: str = "runs/bc/tiny_mnist"
+    oracle_seed: int | None = None  # seed of the oracle data set (its images and behaviour); null = `seed`
 
 
 def targets_from_utilities(util: torch.Tensor, kind: str, tau: float) -> torch.Tensor:
@@ -130,11 +131,13 @@ def targets_from_utilities(util: torch.Tensor, kind: str, tau: float) -> torch.T
 
 
 def bc_loss(model: OrderHead, hidden: torch.Tensor, mask: torch.Tensor, util: torch.Tensor, targets: str = "argmax",
-            tau: float = 1.0, R: int | None = None, label: torch.Tensor | None = None):
+            tau: float = 1.0, R: int | None = None, label: torch.Tensor | None = None,
+            beliefs: dict[str, torch.Tensor] | None = None):
     """Cross-entropy of the OrderHead's masked next-block distribution against the oracle targets.
     hidden [B, N, D] (or [B, L, D]), mask [B, N] revealed blocks, util [B, N] (-inf on revealed),
-    label [B] (class-conditioned planners). Returns (loss, OrderHeadOutput)."""
-    out = model.plan(hidden, mask, R=R, label=label)
+    label [B] (class-conditioned planners), beliefs: entropy [B, L] and query_hidden [B, N, D]
+    (belief planners). Returns (loss, OrderHeadOutput)."""
+    out = model.plan(hidden, mask, R=R, label=label, **(beliefs or {}))
     target = targets_from_utilities(util, targets, tau)
     logp = torch.log_softmax(out.logits, -1).masked_fill(mask, 0.0)  # revealed: -inf * 0 -> 0
     return -(target * logp).sum(-1).mean(), out
@@ -152,10 +155,12 @@ def r_at(step: int, steps: int, schedule: list[int]) -> int:
 
 def oracle_build_run(run: BCRun) -> BuildOracleRun:
     """The build of `run.oracle`: the train split of the run's backbone, plain one-block actions,
-    the run's seed and device."""
+    the run's device and seed (`oracle_seed` when set: seeds of one planner can share one data set).
+    The labels do not depend on the observation, so the build never computes belief features."""
     shared = {f.name: getattr(run.oracle, f.name) for f in fields(OracleConfig)}
-    return BuildOracleRun(**shared, backbone=run.backbone, env=replace(run.env, split="train", budget=None),
-                          device=run.device, seed=run.seed, split="train")
+    seed = run.seed if run.oracle_seed is None else run.oracle_seed
+    return BuildOracleRun(**shared, backbone=run.backbone, env=replace(run.env, split="train", budget=None, beliefs=False),
+                          device=run.device, seed=seed, split="train")
 
 
 def load_or_build_oracle(run: BCRun, num_total: int) -> OracleDataset:
@@ -196,7 +201,8 @@ class BCData:
     """The training states in memory (S of them, CPU): block-pooled hidden states `hidden` [S, N, D]
     float32 and block masks `mask` [S, N] from the frozen backbone, oracle utilities `util` [S, N]
     (nats, -inf on revealed blocks), class labels `labels` [S], and the stored states themselves
-    (`image_index` [S], `prefix` [S, N], `length` [S]) that joint tuning replays on the tuned GPT."""
+    (`image_index` [S], `prefix` [S, N], `length` [S]) that joint tuning replays on the tuned GPT.
+    With env.beliefs also the belief features `entropy` [S, L] (nats) and `query_hidden` [S, N, D]."""
 
     hidden: torch.Tensor
     mask: torch.Tensor
@@ -205,22 +211,32 @@ class BCData:
     image_index: torch.Tensor
     prefix: torch.Tensor
     length: torch.Tensor
+    entropy: torch.Tensor | None = None
+    query_hidden: torch.Tensor | None = None
 
     @classmethod
     def from_records(cls, core: OrderPlanningCore, rec: dict[str, torch.Tensor]) -> BCData:
         """Features of oracle records (keys of `oracle_data.RECORD_KEYS`) replayed on `core`."""
-        hidden, mask = episode_features(core, rec["image_index"], rec["prefix"], rec["length"])
+        obs = episode_observations(core, rec["image_index"], rec["prefix"], rec["length"])
         image_index = rec["image_index"].cpu()
-        return cls(hidden, mask, rec["utilities"].clone(), core.labels.cpu()[image_index], image_index.clone(),
-                   rec["prefix"].cpu().clone(), rec["length"].cpu().clone())
+        return cls(obs["hidden"], obs["block_mask"], rec["utilities"].clone(), core.labels.cpu()[image_index],
+                   image_index.clone(), rec["prefix"].cpu().clone(), rec["length"].cpu().clone(),
+                   obs.get("entropy"), obs.get("query_hidden"))
 
     def __len__(self) -> int:
         return len(self.util)
 
+    def beliefs(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """The belief inputs of `OrderHead.plan` for states idx (empty without beliefs)."""
+        if self.entropy is None:
+            return {}
+        return {"entropy": self.entropy[idx].to(device), "query_hidden": self.query_hidden[idx].to(device)}
+
     def extend(self, more: BCData) -> None:
         """Append `more`'s states (a DAgger round) after these."""
         for f in fields(self):
-            setattr(self, f.name, torch.cat([getattr(self, f.name), getattr(more, f.name)]))
+            a, b = getattr(self, f.name), getattr(more, f.name)
+            setattr(self, f.name, None if a is None else torch.cat([a, b]))
 
 
 class DaggerRounds:
@@ -260,6 +276,8 @@ def _checkpoint_identity(run: BCRun, ds: OracleDataset, tuner: JointTuner | None
                 "oracle": ds.manifest["identity"], "states": len(ds), "targets": bc.targets,
                 "soft_tau": bc.soft_tau, "R_schedule": list(bc.R_schedule), "batch_size": bc.batch_size,
                 "lr": bc.lr, "seed": run.seed, "backbone": run.backbone.name}
+    if run.env.beliefs:  # (absent when off, so checkpoints of plain planners keep resuming)
+        identity["beliefs"] = True
     if tuner:  # (absent when off, so a joint checkpoint does not resume as a plain run, nor the reverse)
         identity["joint"] = {**asdict(bc.joint), "gpt_weights": str(tuner.base)}
     return identity
@@ -322,7 +340,8 @@ def _train_step(run: BCRun, step: int, data: BCData, model: OrderHead, opt: torc
             h.register_hook(lambda g: g * jc.lam)
     else:
         h, m = data.hidden[idx].to(device), data.mask[idx].to(device)
-    loss, out = bc_loss(model, h, m, data.util[idx].to(device), bc.targets, bc.soft_tau, R, data.labels[idx].to(device))
+    loss, out = bc_loss(model, h, m, data.util[idx].to(device), bc.targets, bc.soft_tau, R, data.labels[idx].to(device),
+                        data.beliefs(idx, device))
     opt.zero_grad(set_to_none=True)
     loss_ar = None
     if joint:
@@ -400,9 +419,12 @@ def _finish(run: BCRun, model: OrderHead, tuner: JointTuner | None, bits_before:
 def train_bc(run: BCRun) -> dict:
     """Behaviour cloning + the held-out report. Writes run_dir/{orderhead.safetensors, summary.json}."""
     t0 = time.time()
+    bc = run.bc
+    if bc.joint.top_n and run.env.beliefs:
+        raise ValueError("joint tuning (bc.joint.top_n > 0) recomputes hidden states in one causal pass per state, "
+                         "which has no query rows: it does not support env.beliefs=true")
     device = setup_device(run.device)
     torch.manual_seed(run.seed)
-    bc = run.bc
     train_env = replace(run.env, split="train", budget=None)
     core = make_core(run.backbone, env=train_env, batch_size=bc.replay_batch, device=device, seed=run.seed)
     ds = load_or_build_oracle(run, core.num_images)
@@ -412,7 +434,7 @@ def train_bc(run: BCRun) -> dict:
                                       "utilities": ds.utilities})
     bc.joint.validate(core.gpt.cfg.n_layer, bc.steps)
     cfg = orderhead_config_for(core.D, core.geom, **asdict(run.agent), R=max(bc.R_schedule),
-                               num_classes=core.gpt.cfg.num_classes)
+                               num_classes=core.gpt.cfg.num_classes, beliefs=run.env.beliefs)
     model = OrderHead(cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=bc.lr, weight_decay=bc.weight_decay)
     tuner, bits_before = _make_tuner(run, device, core)

@@ -4,8 +4,8 @@ and the block-pooled hidden states of stored states (incremental, or one differe
 A stored state is (image index, revealed-block prefix [N] in reveal order, -1 padded, length), as
 the oracle data set keeps it (`agents.training.oracle_data`). `replay` is the only code that turns
 such records back into env states: `replay_states` (the observation at each record's own length)
-and `episode_features` (every record of an episode read off one replay of its longest prefix) are
-both views of it.
+and `episode_observations` (every record of an episode read off one replay of its longest prefix,
+with the belief features when the core has env.beliefs) are both views of it.
 
 Imports backbone/ and envs/ only.
 """
@@ -20,7 +20,7 @@ from backbone.blocks import BlockGeometry
 from backbone.gpt import GPT
 from envs.core import OrderPlanningCore
 
-__all__ = ["check_replay_core", "replay", "replay_states", "episode_features", "state_features"]
+__all__ = ["check_replay_core", "replay", "replay_states", "episode_observations", "episode_features", "state_features"]
 
 # visit(t, obs): called before step t with the observation of every row (rows whose length < t have
 # stopped at their own last state)
@@ -102,18 +102,21 @@ def _episodes(image_index: torch.Tensor, prefix: torch.Tensor, length: torch.Ten
 
 
 @torch.no_grad()
-def episode_features(core: OrderPlanningCore, image_index: torch.Tensor, prefix: torch.Tensor,
-                     length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-pooled hidden states [S, N, D] (float32, CPU) and block masks [S, N] of S stored states
-    (image_index [S], prefix [S, N], length [S]).
+def episode_observations(core: OrderPlanningCore, image_index: torch.Tensor, prefix: torch.Tensor,
+                         length: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What the planner reads at each of S stored states (image_index [S], prefix [S, N], length [S]),
+    on the CPU: hidden [S, N, D] float32 (block-pooled), block_mask [S, N] bool and, when the core has
+    env.beliefs, entropy [S, L] float32 (nats) and query_hidden [S, N, D] float32.
 
     Records of one image must come from one episode (their prefixes are prefixes of each other),
     as `collect_states` produces; each episode is `replay`ed once, core.B images at a time, and
     every record is read off as the replay passes its length."""
     image_index, prefix, length = image_index.cpu().long(), prefix.cpu().long(), length.cpu().long()
     S, N = prefix.shape
-    hidden = torch.zeros(S, N, core.D)
-    mask = torch.zeros(S, N, dtype=torch.bool)
+    out = {"hidden": torch.zeros(S, N, core.D), "block_mask": torch.zeros(S, N, dtype=torch.bool)}
+    if core.cfg.beliefs:
+        out["entropy"] = torch.zeros(S, core.L)
+        out["query_hidden"] = torch.zeros(S, N, core.D)
     images, longest = _episodes(image_index, prefix, length)
     for e0 in range(0, len(images), core.B):
         imgs, top = images[e0:e0 + core.B], longest[e0:e0 + core.B]
@@ -121,23 +124,31 @@ def episode_features(core: OrderPlanningCore, image_index: torch.Tensor, prefix:
         # state all read it: a table of one record per (episode, length) would leave copies at 0)
         recs = torch.nonzero(torch.isin(image_index, imgs)).flatten()
         row, at = torch.searchsorted(imgs, image_index[recs]), length[recs]  # imgs is sorted (unique)
-        replay(core, imgs, prefix[top], length[top], visit=_reader(core, len(imgs), recs, row, at, hidden, mask))
-    return hidden, mask
+        replay(core, imgs, prefix[top], length[top], visit=_reader(core, len(imgs), recs, row, at, out))
+    return out
+
+
+def episode_features(core: OrderPlanningCore, image_index: torch.Tensor, prefix: torch.Tensor,
+                     length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-pooled hidden states [S, N, D] (float32, CPU) and block masks [S, N] of S stored states:
+    the two entries of `episode_observations` every planner reads."""
+    obs = episode_observations(core, image_index, prefix, length)
+    return obs["hidden"], obs["block_mask"]
 
 
 def _reader(core: OrderPlanningCore, n: int, recs: torch.Tensor, row: torch.Tensor, at: torch.Tensor,
-            hidden: torch.Tensor, mask: torch.Tensor) -> Visitor:
-    """The `replay` visitor of `episode_features`: at step t, copy the pooled hidden states and block
-    masks of the episode rows `row` into the records `recs` whose length `at` is t."""
+            out: dict[str, torch.Tensor]) -> Visitor:
+    """The `replay` visitor of `episode_observations`: at step t, copy the observation entries of
+    `out` (hidden block-pooled) of the episode rows `row` into the records `recs` whose length `at` is t."""
 
     def read(t: int, obs: dict[str, torch.Tensor]) -> None:
         hit = at == t
         if bool(hit.any()):
-            h = obs["hidden"][:n].float().cpu()
-            if h.shape[1] != core.N:
-                h = core.geom.pool_blocks(h)
-            hidden[recs[hit]] = h[row[hit]]
-            mask[recs[hit]] = obs["block_mask"][:n].cpu()[row[hit]]
+            for key, dst in out.items():
+                v = obs[key][:n].cpu()
+                if key == "hidden" and v.shape[1] != core.N:
+                    v = core.geom.pool_blocks(v.float())
+                dst[recs[hit]] = v[row[hit]].to(dst.dtype)
 
     return read
 

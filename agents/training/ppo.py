@@ -150,31 +150,34 @@ class PPOConfig:
 # -- actor and critic -----------------------------------------------------------------------------
 
 
-def _plan(model: OrderHead, hidden: torch.Tensor, block_mask: torch.Tensor, R: int | None,
-          label: torch.Tensor | None = None):
-    """OrderHead.plan on any leading batch dims: hidden [*, L|N, D], block_mask [*, N], label [*]
-    (class-conditioned planners). (GAE calls the critic on [2, B, T, ...] stacks of root and next
+def _plan(model: OrderHead, inputs: tuple[torch.Tensor, ...], R: int | None):
+    """OrderHead.plan on any leading batch dims; `inputs` in the order of `model.input_keys`
+    (hidden [*, L|N, D], block_mask [*, N], then label [*], entropy [*, L], query_hidden [*, N, D]
+    as the planner reads them). (GAE calls the critic on [2, B, T, ...] stacks of root and next
     observations.)"""
-    lead = block_mask.shape[:-1]
-    out = model.plan(hidden.reshape(-1, *hidden.shape[-2:]), block_mask.reshape(-1, block_mask.shape[-1]), R,
-                     None if label is None else label.reshape(-1))
-    return out, lead
+    obs = dict(zip(model.input_keys, inputs))
+    lead = obs["block_mask"].shape[:-1]
+    trail = {"label": 0, "entropy": 1, "block_mask": 1}  # trailing dims of each input; the rest have 2
+    flat = {k: v.reshape(-1, *v.shape[v.dim() - trail.get(k, 2):]) for k, v in obs.items()}
+    extra = {k: flat[k] for k in model.input_keys if k not in ("hidden", "block_mask")}
+    return model.plan(flat["hidden"], flat["block_mask"], R, **extra), lead
 
 
 def obs_keys(model: OrderHead) -> list[str]:
-    """The observation keys the OrderHead reads (the label only when it is class-conditioned)."""
-    return OBS_KEYS + (["label"] if model.class_emb is not None else [])
+    """The observation keys the OrderHead reads (`OrderHead.input_keys`: the label only when it is
+    class-conditioned, the belief features only when it reads them)."""
+    return model.input_keys
 
 
 class _PolicyHead(nn.Module):
-    """(hidden, block_mask) -> logits [*, N] (router: budget_logits [*, nb], logits [*, N])."""
+    """(the OrderHead's inputs) -> logits [*, N] (router: budget_logits [*, nb], logits [*, N])."""
 
     def __init__(self, model: OrderHead, R: int | None, router: bool):
         super().__init__()
         self.model, self.R, self.router = model, R, router
 
-    def forward(self, hidden: torch.Tensor, block_mask: torch.Tensor, label: torch.Tensor | None = None):
-        out, lead = _plan(self.model, hidden, block_mask, self.R, label)
+    def forward(self, *inputs: torch.Tensor):
+        out, lead = _plan(self.model, inputs, self.R)
         logits = out.logits.reshape(*lead, -1)
         if not self.router:
             return logits
@@ -182,14 +185,14 @@ class _PolicyHead(nn.Module):
 
 
 class _ValueHead(nn.Module):
-    """(hidden, block_mask) -> state_value [*, 1]."""
+    """(the OrderHead's inputs) -> state_value [*, 1]."""
 
     def __init__(self, model: OrderHead, R: int | None):
         super().__init__()
         self.model, self.R = model, R
 
-    def forward(self, hidden: torch.Tensor, block_mask: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        out, lead = _plan(self.model, hidden, block_mask, self.R, label)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out, lead = _plan(self.model, inputs, self.R)
         return out.value.reshape(*lead, 1)
 
 

@@ -114,10 +114,14 @@ def run_ppo(run: PPORun) -> dict:
     if tuned.is_file():
         print(f"note: {init.parent} holds a jointly tuned backbone; using backbone.gpt_weights={tuned}")
         run = replace(run, backbone=replace(run.backbone, gpt_weights=str(tuned.resolve())))
+    model = load_orderhead(init, device=device)
+    if model.cfg.beliefs != run.env.beliefs:  # the observation is the planner's, not a separate choice
+        print(f"note: the planner at {init} was trained with env.beliefs={model.cfg.beliefs}; using it")
+        run = replace(run, env=replace(run.env, beliefs=model.cfg.beliefs))
     budgets = list(run.agent.budgets) if run.agent.router else None
     env_cfg = replace(run.env, split="train", budget=budgets, gamma=smdp_gamma(run))
     core = make_core(run.backbone, env=env_cfg, batch_size=run.batch_size, device=device, seed=run.seed)
-    model = load_orderhead(init, hidden_dim=core.D, geometry=core.geom, device=device)
+    model.check_compatible(core.D, core.geom)
     if budgets is not None:
         model.enable_router(budgets)
     print(f"PPO from {init} ({'router ' + str(budgets) + f', decision cost {env_cfg.decision_cost}, gamma per block' if budgets else 'one block per decision'}); "

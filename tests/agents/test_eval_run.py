@@ -112,13 +112,13 @@ def test_unknown_or_missing_policies_fail_before_any_work(tmp_path):
 def test_tiny_evaluation_writes_results(tmp_path):
     from agents.evaluation.run import EvaluateRun, run_evaluation
 
-    overrides = [f"run_dir={tmp_path}", "policies=[raster,random,oracle]", "eval.num_samples=12",
+    overrides = [f"run_dir={tmp_path}", "policies=[raster,random,oracle,confident_first]", "eval.num_samples=12",
                  "eval.num_images=4", "eval.batch_size=6", "stats.bootstrap=3", "stats.kid_subsets=2",
                  "plots.snapshot_samples=2", "plots.heatmap_images=2", "eval.npz=true"]
     run_evaluation(to_typed(compose("evaluate", overrides), EvaluateRun))
     res = json.loads((tmp_path / "results.json").read_text())
     assert res["num_samples"] == 12
-    assert set(res["policies"]) == {"raster", "random", "oracle"}
+    assert set(res["policies"]) == {"raster", "random", "oracle", "confident_first"}  # a belief policy generates live
     for name, row in res["policies"].items():
         for key in ("fid", "kid_mean", "kid_std", "class_acc", "order_nll_bits", "return"):
             assert math.isfinite(row[key]), (name, key)

@@ -28,7 +28,7 @@ def test_bc_then_ppo_write_their_summaries(tmp_path):
     _run("bc.py", [f"run_dir={bc_dir}", f"oracle.out_dir={oracle_dir}", "oracle.num_images=8", "oracle.batch_size=8",
                    "bc.steps=6", "bc.batch_size=16", "bc.log_every=2", "bc.replay_batch=8", *small_eval])
     bc = json.loads((bc_dir / "summary.json").read_text())
-    assert set(bc["returns"]) == {"raster", "random", "oracle", "learned"}
+    assert set(bc["returns"]) == {"raster", "random", "confident_first", "oracle", "learned"}
     for key in ("oracle_agreement", "regret", "reward", "gamma"):
         assert key in bc
     assert (bc_dir / "orderhead.safetensors").exists() and (oracle_dir / "manifest.json").exists()
@@ -37,7 +37,7 @@ def test_bc_then_ppo_write_their_summaries(tmp_path):
                 "ppo.total_frames=256", "ppo.minibatch_size=64", "ppo.epochs=1", *small_eval]
     _run("ppo.py", [f"run_dir={tmp_path / 'ppo'}", *ppo_args])
     ppo = json.loads((tmp_path / "ppo" / "summary.json").read_text())
-    assert set(ppo["returns"]) == {"raster", "random", "oracle", "learned"} and "regret" in ppo
+    assert set(ppo["returns"]) == {"raster", "random", "confident_first", "oracle", "learned"} and "regret" in ppo
     assert ppo["bc_return"] == pytest.approx(bc["returns"]["learned"])
 
     _run("ppo.py", [f"run_dir={tmp_path / 'router'}", "agent.router=true", "env.decision_cost=1.0", *ppo_args])
