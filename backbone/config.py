@@ -134,6 +134,9 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose a config from `configs/` the way the scripts do (for tests and library use)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():  # inside a script's @hydra.main (its search path is configs/)
+        return hydra_compose(config_name=config_name, overrides=overrides or [])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
