@@ -125,9 +125,10 @@ def score_policy(name: str, make: Callable[[OrderPlanningCore], BlockPolicy], co
         decisions.append(live.sum(1)[:n].double().cpu())
         if hits:
             m = measured[:n].cpu()
-            lv = live[:n].double().cpu()
-            agree.append(((torch.stack(hits, 1)[:n].cpu() * lv).sum(1) / lv.sum(1))[m])
-            regret.append(((torch.stack(losses, 1)[:n].cpu() * lv).sum(1) / lv.sum(1))[m])
+            lv = live[:n].cpu()
+            # rows that finished early (router decisions of different sizes) hold -inf - -inf = nan there
+            agree.append((torch.where(lv, torch.stack(hits, 1)[:n].cpu(), 0.0).sum(1) / lv.sum(1))[m])
+            regret.append((torch.where(lv, torch.stack(losses, 1)[:n].cpu(), 0.0).sum(1) / lv.sum(1))[m])
     empty = torch.zeros(0, dtype=torch.float64)
     return PolicyScores(name, torch.cat(returns)[None], torch.cat(agree or [empty])[None],
                         torch.cat(regret or [empty])[None], policy.forwards_per_decision(),

@@ -44,6 +44,14 @@ def test_score_policy_matches_run_episodes_and_the_oracle_comparison(name):
     assert s.forwards_per_decision == {"raster": 0.0, "confident_first": 1.0}.get(name, s.forwards_per_decision)
 
 
+def test_router_rows_of_different_lengths_get_finite_agreement_and_regret():
+    core = toy_core(2, budget=[1, 2, 4])
+    s = score_policy("random", lambda c: make_policy("random", c, seed=3), core, IMAGES[:2], 0.9, agreement_images=2)
+    assert s.decisions_per_episode < core.N  # multi-block decisions: the rows finish at different steps
+    assert bool(torch.isfinite(s.regret).all() and torch.isfinite(s.agreement).all())
+    assert bool((s.regret >= 0).all())
+
+
 def test_bootstrap_intervals():
     const = torch.full((3, 50), 2.5, dtype=torch.float64)
     assert bootstrap_mean(const) == (2.5, 2.5, 2.5)
