@@ -202,7 +202,6 @@ def score_all(run: CompareRun) -> list[PolicyScores]:
             agree = n_agree if R is None else min(ev.ablation_agreement_images, n_agree)
             parts.append(score(label, lambda cc, m=model: make_policy("orderhead", cc, model=m, R=R), prefix, c, agree,
                                source=f"{path.parent.name}:{sha256_file(path)}:R={R}"))
-            parts[-1].notes = {}
         row = PolicyScores.stack(parts[0].name, parts, group=prefix)
         walls = [_train_wall(root / f"{prefix}_{obs}_s{s}") for s in seeds]
         row.notes = {"train_wall_s": [w for w in walls if w is not None], "observation": obs,

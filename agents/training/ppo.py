@@ -68,10 +68,9 @@ from backbone.checkpoint import CheckpointManager, check_identity, rng_state, se
 from backbone.run_utils import progress as progress_bar
 from envs.rewards import discount_factors
 
-__all__ = ["OBS_KEYS", "PPOConfig", "make_actor_critic", "make_gae", "make_loss", "train_ppo", "iteration_seed",
+__all__ = ["PPOConfig", "make_actor_critic", "make_gae", "make_loss", "train_ppo", "iteration_seed",
            "discounted_episode_returns", "smdp_env_gamma"]
 
-OBS_KEYS = ["hidden", "block_mask"]  # what the OrderHead reads; the distribution also reads action_mask
 
 EvalFn = Callable[[OrderHead, int], dict[str, float]]
 
