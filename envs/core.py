@@ -17,6 +17,14 @@ env.beliefs, the target-aware query hidden states pooled per unrevealed block (`
 join the observation with env.beliefs. `expected_utilities` is the ground-truth-free oracle
 (backbone/belief_utility.py) on the current state.
 
+Generation mode samples tokens with classifier-free guidance (env.sampling), but the step's query
+reads the conditional model alone unless env.guided_beliefs: the entropy reward and the belief
+features are then the same quantities the teacher-forced planners were trained on (no CFG there),
+expected_utilities uses the same model, and the query costs half. env.query=pending drops the
+query over the unseen tokens altogether (one target-free row per image keeps the pending token's
+hidden state): generation for evaluation of planners that read no beliefs then costs what KV
+decoding costs; rewards are nan there.
+
 Rewards: the core hands the per-token losses before and after each decision to
 `envs.rewards.information_reward` and `decision_reward`; every reward formula (`env.reward=`
 future_loss | extrapolative | anytime | likelihood | entropy, and the decision cost) and the one
@@ -83,6 +91,11 @@ class EnvConfig:
     oracle_chunk: int | None = None  # candidates per batched oracle pass (memory bound); None = all
     beliefs: bool = False  # observation adds entropy [B, L] and query_hidden [B, N, D] (the model's beliefs)
     belief_samples: int = 4  # K: sampled completions per candidate block of `expected_utilities`
+    # generation mode: the step's query reads the conditional model (false) or the CFG-guided one (true)
+    guided_beliefs: bool = False
+    # full: query every unseen token each step (rewards, beliefs) | pending: only the pending token's
+    # target-free row (generation without rewards or beliefs: what decoding alone costs, reward nan)
+    query: str = "full"
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -103,6 +116,11 @@ class EnvConfig:
             raise ValueError(f"env.gamma must lie in (0, 1] (or be null: per-decision rewards), got {self.gamma}")
         if int(self.belief_samples) < 1:
             raise ValueError(f"env.belief_samples must be >= 1, got {self.belief_samples}")
+        if self.query not in ("full", "pending"):
+            raise ValueError(f"env.query must be full or pending, got {self.query!r}")
+        if self.query == "pending" and (self.mode != "generate" or self.beliefs):
+            raise ValueError("env.query=pending skips the per-token query that rewards and belief features come "
+                             "from: it needs env.mode=generate and env.beliefs=false")
 
 
 class OrderPlanningCore:
@@ -413,6 +431,10 @@ class OrderPlanningCore:
         l_j(S) (H_j(S) in generation mode), entropies H_j(S), the block-pooled query hidden states
         (with env.beliefs) and the pending token's hidden state; see `QueryResult`."""
         unseen = self.unseen
+        if self.cfg.query == "pending":  # one target-free row per image: the pending token's hidden state
+            _, hid = self.gpt.query(self.state, torch.full((self.B, 1), -1, device=self.device, dtype=torch.long))
+            nan = torch.full((self.B, self.L), float("nan"), device=self.device)
+            return QueryResult(torch.where(unseen, nan, 0.0), torch.where(unseen, nan, 0.0), None, hid[:, -1])
         Q = int(unseen.sum(-1).max())
         # unseen positions first (ascending), padding and the summary row carry target -1
         key = torch.where(unseen, torch.arange(self.L, device=self.device), self.L)
@@ -420,7 +442,7 @@ class OrderPlanningCore:
         targets = torch.cat([torch.where(targets < self.L, targets, -1),
                              torch.full((self.B, 1), -1, device=self.device, dtype=torch.long)], 1)
         logits, hid = self.gpt.query(self.state, targets)
-        if self.ustate is not None:
+        if self.ustate is not None and self.cfg.guided_beliefs:
             ulogits, _ = self.gpt.query(self.ustate, targets)
             logits = ulogits + self.sc.cfg_scale * (logits - ulogits)
         logp = torch.log_softmax(logits[:, :Q].float(), -1)

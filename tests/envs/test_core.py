@@ -611,16 +611,19 @@ def test_same_seed_same_episode(fields):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cfg_scale", [1.0, 3.0], ids=["no_cfg", "cfg"])
-def test_generation_mode_grid_and_entropy_reward(cfg_scale):
-    core = toy_core(3, seed=13, mode="generate", reward="entropy", sampling=SamplingConfig(cfg_scale=cfg_scale))
+@pytest.mark.parametrize("cfg_scale,guided", [(1.0, False), (3.0, False), (3.0, True)],
+                         ids=["no_cfg", "cfg_conditional_beliefs", "cfg_guided_beliefs"])
+def test_generation_mode_grid_and_entropy_reward(cfg_scale, guided):
+    core = toy_core(3, seed=13, mode="generate", reward="entropy", sampling=SamplingConfig(cfg_scale=cfg_scale),
+                    guided_beliefs=guided)
     core.reset()
     V = core.gpt.cfg.vocab_size
-    # H_j(empty) == entropy of the (guided) explicit prediction from the class token alone
+    # H_j(empty) == entropy of the explicit prediction from the class token alone: the conditional
+    # model's by default (what teacher-forced planners see), the CFG-guided one with guided_beliefs
     empty = torch.zeros(0, dtype=torch.long)
     for b in range(core.B):
         logits = naive_logits(core.gpt, core.label[b], empty, empty, torch.arange(core.L))
-        if cfg_scale > 1:
+        if guided:
             u = naive_logits(core.gpt, core.gpt.cfg.null_class, empty, empty, torch.arange(core.L))
             logits = u + cfg_scale * (logits - u)
         logp = logits.log_softmax(-1)
@@ -642,6 +645,29 @@ def test_generation_mode_grid_and_entropy_reward(cfg_scale):
     assert bool(((final >= 0) & (final < V)).all())
     assert torch.equal(final, core.x)
     assert len(torch.unique(final)) > 10  # sampled, not a constant grid
+
+
+def test_pending_query_keeps_hidden_states_and_samples():
+    """env.query=pending (generation without rewards or beliefs) plays the same episode as the full
+    query: same sampled grid, same hidden-state observation; only the rewards (nan) are missing."""
+    runs = {}
+    for query in ("full", "pending"):
+        core = toy_core(3, seed=5, mode="generate", reward="entropy", sampling=SamplingConfig(cfg_scale=2.0),
+                        query=query)
+        core.reset()
+        gen, rewards, hidden = torch.Generator().manual_seed(1), [], []
+        while not bool(core.done.all()):
+            r, _ = core.step(random_action(core, gen))
+            rewards.append(r)
+            hidden.append(core.observation()["hidden"])
+        runs[query] = (core.x.clone(), torch.stack(hidden), torch.stack(rewards))
+    assert torch.equal(runs["full"][0], runs["pending"][0])
+    torch.testing.assert_close(runs["full"][1], runs["pending"][1], atol=1e-5, rtol=0)
+    assert bool(runs["full"][2].isfinite().all()) and bool(runs["pending"][2].isnan().all())
+    with pytest.raises(ValueError, match="env.query=pending"):
+        toy_core(2, seed=0, query="pending")  # teacher-forced: rewards need the query
+    with pytest.raises(ValueError, match="env.query=pending"):
+        toy_core(2, seed=0, mode="generate", reward="entropy", query="pending", beliefs=True)
 
 
 def _random_vq_backbone() -> Backbone:
