@@ -32,6 +32,7 @@ import torch
 from agents.planner.policies import BlockPolicy, run_episodes
 from backbone.data import class_interleaved_order
 from backbone.loading import Backbone
+from backbone.sampling import generate
 from envs.core import EnvConfig, OrderPlanningCore
 from envs.episodes import Decision, play_episodes
 from envs.rewards import discounted_return
@@ -160,48 +161,114 @@ class Samples:
     labels: torch.Tensor  # [S] conditioning classes
     blocks: torch.Tensor  # [S, N] reveal order
     decisions: torch.Tensor  # [S]
-    entropy_return: torch.Tensor  # [S] undiscounted entropy-drop return, nats
+    entropy_return: torch.Tensor | None  # [S] undiscounted entropy-drop return, nats (None: not measured)
     snapshots: torch.Tensor  # [R, Q, C, H, W]: the first R samples after each fraction in `fractions`
     snapshot_masks: torch.Tensor  # [R, Q, N] bool: blocks revealed at each snapshot
     fractions: tuple[float, ...]
+    path: str = "env"  # env (the policy stepped the env) | decode (a planned order decoded in one KV pass)
+
+
+def _generation_core(backbone: Backbone, labels: torch.Tensor, env: EnvConfig, batch_size: int, seed: int,
+                     query: str) -> OrderPlanningCore:
+    cfg = replace(env, mode="generate", reward="entropy", decision_cost=0.0, query=query)
+    S, L = len(labels), backbone.gpt.cfg.num_tokens
+    return OrderPlanningCore(backbone, torch.zeros(S, L, dtype=torch.long), labels.long(), cfg, batch_size, seed=seed)
 
 
 @torch.no_grad()
 def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tensor, env: EnvConfig, batch_size: int,
                      seed: int, num_snapshots: int = 8, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-                     progress_bar: Callable | None = None) -> Samples:
+                     progress_bar: Callable | None = None, rewards: bool = False, fast: bool = True) -> Samples:
     """Generate one image per entry of `labels` [S] with a fresh policy from `make(core)`. Batch j
     reseeds the sampler with seed + j, so the samples depend only on (seed, batch_size, labels,
-    policy) and every policy sees the same label per sample index."""
-    cfg = replace(env, mode="generate", reward="entropy", decision_cost=0.0)
-    S, L = len(labels), backbone.gpt.cfg.num_tokens
-    core = OrderPlanningCore(backbone, torch.zeros(S, L, dtype=torch.long), labels.long(), cfg, batch_size, seed=seed)
+    policy) and every policy sees the same label and sampler stream per sample index.
+
+    Cost: a policy whose whole order is known before the episode (`planned_orders`: fixed orders,
+    random, replayed oracle orders) is decoded in one KV-cached pass per batch
+    (`backbone.sampling.generate`, the same sampler calls as stepping the env), when `fast`. Otherwise
+    the policy steps the env; the env's per-step query over every unseen token runs only when something
+    reads it: `rewards` (the entropy-drop return), belief features (env.beliefs) or a policy that ranks
+    token entropies (`needs_query`); else env.query=pending. `entropy_return` is None unless `rewards`."""
+    query = "full" if rewards or env.beliefs else "pending"
+    core = _generation_core(backbone, labels, env, batch_size, seed, query)
     policy = make(core)
+    if query == "pending" and getattr(policy, "needs_query", False):
+        core = _generation_core(backbone, labels, env, batch_size, seed, "full")
+        policy = make(core)
+    S = len(labels)
     thresholds = [math.ceil(f * core.N) for f in fractions]
     images, tokens, blocks, decisions, ent = [], [], [], [], []
     snaps = torch.zeros(min(num_snapshots, S), len(fractions), *core.image_shape())
     snap_masks = torch.zeros(min(num_snapshots, S), len(fractions), core.N, dtype=torch.bool)
     batches = list(index_batches(torch.arange(S), batch_size))
+    path = "env"
     for j, (idx, real) in enumerate(progress_bar(batches) if progress_bar else batches):
         core.seed(seed + j)
-        total = torch.zeros(core.B, dtype=torch.float64)
-        count = torch.zeros(core.B, dtype=torch.long)
-        taken = torch.zeros(core.B, len(fractions), dtype=torch.bool)
-
-        def record(d: Decision, idx: torch.Tensor = idx, real: int = real, total: torch.Tensor = total,
-                   count: torch.Tensor = count, taken: torch.Tensor = taken) -> None:
-            total.add_(d.reward.double().cpu())
-            count.add_(d.active.long().cpu())
-            _take_snapshots(core, idx, real, thresholds, taken, snaps, snap_masks)
-
-        play_episodes(core, idx.to(core.device), policy.act, record)
-        images.append(core.decode_images(torch.ones(core.B, dtype=torch.bool, device=core.device))[:real].cpu())
-        tokens.append(core.x[:real].cpu())
-        blocks.append(core.history[:real].cpu())
+        orders = policy.planned_orders(idx.to(core.device)) if fast and not rewards else None
+        if orders is not None:
+            path = "decode"
+            x, order, count, total = _decode_planned(core, labels[idx].to(core.device), orders.to(core.device))
+            _snapshots_from_orders(core, x, order, idx, real, thresholds, snaps, snap_masks)
+        else:
+            x, order, count, total = _play_generation(core, policy, idx, real, thresholds, snaps, snap_masks)
+        images.append(_decode(core, x)[:real].cpu())
+        tokens.append(x[:real].cpu())
+        blocks.append(order[:real].cpu())
         decisions.append(count[:real])
         ent.append(total[:real])
     return Samples(torch.cat(images), torch.cat(tokens), labels.long().cpu(), torch.cat(blocks), torch.cat(decisions),
-                   torch.cat(ent), snaps, snap_masks, tuple(fractions))
+                   torch.cat(ent) if rewards else None, snaps, snap_masks, tuple(fractions), path)
+
+
+def _play_generation(core: OrderPlanningCore, policy: BlockPolicy, idx: torch.Tensor, real: int,
+                     thresholds: list[int], snaps: torch.Tensor, snap_masks: torch.Tensor):
+    """Step the env with the policy on one batch; returns grids [B, L], orders [B, N], decisions [B]
+    and the entropy-drop return [B] (nats; nan under env.query=pending)."""
+    total = torch.zeros(core.B, dtype=torch.float64)
+    count = torch.zeros(core.B, dtype=torch.long)
+    taken = torch.zeros(core.B, len(thresholds), dtype=torch.bool)
+
+    def record(d: Decision) -> None:
+        total.add_(d.reward.double().cpu())
+        count.add_(d.active.long().cpu())
+        _take_snapshots(core, idx, real, thresholds, taken, snaps, snap_masks)
+
+    play_episodes(core, idx.to(core.device), policy.act, record)
+    return core.x.clone(), core.history.clone(), count, total
+
+
+def _decode_planned(core: OrderPlanningCore, labels: torch.Tensor, orders: torch.Tensor):
+    """KV-cached decoding of block orders [B, N] (tokens in in-block raster order, as the env reveals
+    them) with the core's sampler stream; returns grids [B, L], orders, decisions [B] (= N) and a nan
+    return (no query ran)."""
+    token_order = core.block_tokens[orders].flatten(1)  # [B, L]
+    x = generate(core.gpt, labels, token_order, core.sc, core.sample_generator)
+    n = torch.full((core.B,), core.N, dtype=torch.long)
+    return x, orders, n, torch.full((core.B,), float("nan"), dtype=torch.float64)
+
+
+def _decode(core: OrderPlanningCore, x: torch.Tensor) -> torch.Tensor:
+    """Images [B, C, H, W] in [-1, 1] of grids x [B, L] (zeros without a VQ)."""
+    if core.bb.vq is None:
+        return torch.zeros(x.shape[0], *core.image_shape())
+    return core.bb.vq.decode_codes(x.view(-1, core.gpt.cfg.grid_h, core.gpt.cfg.grid_w)).float()
+
+
+def _snapshots_from_orders(core: OrderPlanningCore, x: torch.Tensor, orders: torch.Tensor, idx: torch.Tensor,
+                           real: int, thresholds: list[int], snaps: torch.Tensor, masks: torch.Tensor) -> None:
+    """The snapshots `_take_snapshots` records while stepping, rebuilt from finished grids x [B, L] and
+    their orders [B, N]: after th blocks, unrevealed tokens decode from code 0."""
+    rows = torch.nonzero((idx < snaps.shape[0]) & (torch.arange(core.B) < real)).flatten()
+    if len(rows) == 0:
+        return
+    for q, th in enumerate(thresholds):
+        shown = torch.zeros(len(rows), core.N, dtype=torch.bool, device=core.device)
+        shown.scatter_(1, orders[rows.to(core.device), :th], True)
+        grid = torch.where(shown[:, core.token_block], x[rows.to(core.device)], 0)
+        decoded = _decode(core, grid).cpu()
+        for i, b in enumerate(rows.tolist()):
+            snaps[idx[b], q] = decoded[i]
+            masks[idx[b], q] = shown[i].cpu()
 
 
 def _take_snapshots(core: OrderPlanningCore, idx: torch.Tensor, real: int, thresholds: list[int],

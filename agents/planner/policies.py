@@ -101,6 +101,14 @@ class BlockPolicy(TensorDictModuleBase):
         self.cost: torch.Tensor | None = None  # [B] forwards of the current decision, set by a state-dependent decide
 
     forwards_per_row = 0  # forwards per decision of a policy whose cost does not depend on the state
+    # reads the per-token query of every step (token entropies): generation must keep env.query=full
+    needs_query = False
+
+    def planned_orders(self, image_index: torch.Tensor) -> torch.Tensor | None:
+        """The whole block order [B, N] of each row about to start an episode on images image_index [B],
+        when it is fixed before the episode starts (nothing the episode reveals can change it); else
+        None. Generation then decodes the token order in one KV-cached pass instead of stepping the env."""
+        return None
 
     def forwards_per_decision(self) -> float:
         """Mean backbone forwards per decision so far (the policy's `forwards_per_row` before any)."""
@@ -181,6 +189,15 @@ class FixedOrderPolicy(BlockPolicy):
         steps = torch.arange(N, device=order.device).expand_as(order).contiguous()
         rank = torch.empty_like(order).scatter_(-1, order, steps)  # [N] or [M, N]: step of each block
         self.register_buffer("rank", rank, persistent=False)
+        self.register_buffer("order", order, persistent=False)
+
+    def planned_orders(self, image_index: torch.Tensor) -> torch.Tensor | None:
+        if self.router:  # the env clips the last budget: the played order is still this one, but keep it simple
+            return None
+        B = image_index.shape[0]
+        if self.per_image:
+            return self.order[image_index.to(self.order.device) % self.order.shape[0]]
+        return self.order.expand(B, -1)
 
     def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
         B = obs["action_mask"].shape[0]
@@ -195,14 +212,22 @@ class RandomPolicy(BlockPolicy):
     blocks), from its own CPU generator: the same seed gives the same actions. The draw is
     `envs.actions.random_valid_action`, the one random valid action."""
 
-    def __init__(self, seed: int = 0, budgets: Sequence[int] | None = None):
+    def __init__(self, seed: int = 0, budgets: Sequence[int] | None = None, num_blocks: int | None = None):
         super().__init__([], budgets)
         self.generator = torch.Generator().manual_seed(int(seed))
+        self.num_blocks = num_blocks  # N, needed only by planned_orders
 
     @torch.no_grad()
     def act(self, obs: Obs) -> torch.Tensor:
         self._count(obs["action_mask"].bool())
         return random_valid_action(obs["action_mask"], self.generator, self.budgets)
+
+    def planned_orders(self, image_index: torch.Tensor) -> torch.Tensor | None:
+        """A uniform permutation per row from the policy's generator (the same law as drawing a uniform
+        unrevealed block at every step; not the same draws)."""
+        if self.router or self.num_blocks is None:
+            return None
+        return torch.rand(image_index.shape[0], self.num_blocks, generator=self.generator).argsort(-1)
 
 
 class OraclePolicy(BlockPolicy):
@@ -238,6 +263,7 @@ class EntropyOrderPolicy(BlockPolicy):
     fixed budget."""
 
     forwards_per_row = 1
+    needs_query = True
 
     def __init__(self, core: OrderPlanningCore, confident: bool = True, budget: int | None = None):
         super().__init__([], core.cfg.budget, budget)
@@ -315,7 +341,7 @@ def make_policy(name: str, core: OrderPlanningCore, **kwargs: Any) -> BlockPolic
     if name in FIXED_ORDERS:
         return FixedOrderPolicy(name, core.geom, budgets, **kwargs).to(core.device)
     if name == "random":
-        return RandomPolicy(budgets=budgets, **kwargs)
+        return RandomPolicy(budgets=budgets, num_blocks=core.N, **kwargs)
     if name in ("confident_first", "uncertain_first"):
         return EntropyOrderPolicy(core, name == "confident_first", **kwargs)
     if name == "expected_oracle":
