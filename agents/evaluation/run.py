@@ -2,48 +2,55 @@
 labels and sampler seeds; one results table.
 
 Per policy (DESIGN.md section 7):
-* teacher-forced, on the first `eval.num_images` held-out images (class-interleaved order):
+* teacher-forced, on the first `eval.num_images` held-out images (class-interleaved order; 0 = skip):
   discounted return under each reward in `eval.rewards` (gamma per block, nats), order NLL
   (bits/token), area under the remaining-loss curve (nats/token); oracle agreement and regret
   (nats) on the first `eval.agreement_images` of them (one batched oracle pass per decision);
-* generation mode, `eval.num_samples` samples (sample i conditioned on the label of held-out image
-  i mod M, sampler reseeded per batch): FID with its bootstrap interval, KID mean and std, and the
-  feature classifier's accuracy against the conditioning labels. FID at different N is not
-  comparable: results always carry N.
+* generation mode, N = `eval.num_samples` samples (`eval.policy_samples` may lower one policy's N,
+  e.g. the costly expected_oracle), sample i conditioned on the label of held-out image i mod M
+  (class-interleaved, so any prefix is class-balanced), batch j of sampler seed s seeded
+  seed + 100003 s + j: every policy gets the same labels and sampler streams (the paired design).
+  Against the reference features (features.reference, default the 4,500-image train split, the FID
+  convention; features.second_reference adds a second FID column, default the held-out split):
+  FID with a bootstrap interval, KID, precision and recall (k-NN manifolds, Kynkaanniemi et al.
+  2019) with intervals, the classifier's accuracy and mean log p(conditioning class | sample) with an
+  interval, FID against N (prefixes), and `fid_seeds`: one FID per sampler seed in
+  `eval.sampler_seeds` at N = eval.seed_samples (the first seed's set is reused), the spread that
+  matters when two FIDs are compared. After all policies: dFID against each of `eval.dfid_baselines`
+  with a paired bootstrap interval (agents/evaluation/sample_metrics.py), and the verdict: is the best
+  learned planner's FID below, above or not separated from each baseline's.
 
-The FID noise floor is measured at the policies' N: the FID between the reference set and a second,
-disjoint set of N = `eval.num_samples` real images (reference = the embedded held-out split: the
-first N train images in class-interleaved order), the comparison a policy's FID makes with its N
-samples. Where no such set is at hand (an .npz or image-folder reference) it falls back to two halves
-of the reference set, labelled in results.json (`fid_noise_floor_method`) as an estimate at N/2.
-Held-out images, their class balance and the second real set all come from one rule,
-`rollouts.balanced_images`.
+Generation cost: policies whose order is fixed before the episode (fixed orders, random, the oracles'
+replayed orders) are decoded in one KV-cached pass per batch; planners step the env, whose per-token
+query runs only where beliefs are read (agents/evaluation/rollouts.py).
 
 Imports backbone/, envs/, agents.planner and agents.evaluation; never agents.training.
 
-Outputs in run_dir: results.json, results.md, PNGs (samples_<policy>.png, progressive_<policy>.png,
-order_heatmaps.png, remaining_loss.png) and, with eval.npz=true, samples_<policy>.npz for the ADM
-evaluator.
+Outputs in run_dir: results.json, results.md, PNGs (samples_side_by_side.png, fid_vs_n.png,
+reveal_time_heatmaps.png, samples_<policy>.png, progressive_<policy>.png, order_heatmaps.png,
+remaining_loss.png) and, with eval.npz=true, samples_<policy>.npz for the ADM evaluator.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from agents.evaluation import plots as eval_plots
-from agents.evaluation.rollouts import balanced_images, generate_samples, order_of, teacher_forced_metrics
+from agents.evaluation.rollouts import Samples, balanced_images, generate_samples, order_of, teacher_forced_metrics
 from agents.evaluation.report import oracle_comparison
-from agents.evaluation.fid import (bootstrap_interval, export_npz, extract_features, frechet_distance, kernel_distance,
-                                   load_npz_images, noise_floor)
+from agents.evaluation.fid import export_npz, extract_features, kernel_distance, load_npz_images, noise_floor
+from agents.evaluation.sample_metrics import (class_logprob, fid_curve, fid_with_interval, frechet_from_features,
+                                              mean_interval, paired_fid_delta, precision_recall)
 from agents.planner.orderhead import load_orderhead
 from agents.planner.policies import BELIEF_POLICIES, FIXED_ORDERS, BlockPolicy, FixedOrderPolicy, make_policy
-from backbone.checkpoint import atomic_write_bytes, atomic_write_json
+from backbone.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_torch_checkpoint, sha256_file
 from backbone.config import BackboneConfig, RunConfig, resolve_path
 from backbone.data import ImageFolderDataset, images_to_model, load_embedded_mnist
 from backbone.loading import Backbone, build_backbone, load_token_data
@@ -56,9 +63,15 @@ ORACLES = {"oracle": "future_loss", "oracle_extrapolative": "extrapolative"}
 
 @dataclass
 class EvalOptions:
-    num_samples: int = 500  # generated images per policy (FID's N)
-    num_images: int = 200  # held-out images for the teacher-forced metrics
-    batch_size: int = 100  # env rows per rollout batch
+    num_samples: int = 5000  # generated images per policy (FID's N) under the first sampler seed
+    num_images: int = 200  # held-out images for the teacher-forced metrics (0 = generation only)
+    batch_size: int = 100  # env rows per teacher-forced rollout batch
+    gen_batch_size: int = 500  # rows per generation batch (batch j of sampler seed s is seeded s * 100003 + j)
+    sampler_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fid_seeds: one FID per seed
+    seed_samples: int | None = None  # N of fid_seeds (None = num_samples); the first seed's set is reused
+    policy_samples: dict[str, int] = field(default_factory=dict)  # per-policy N (e.g. {expected_oracle: 500})
+    fid_curve: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000, 5000])  # N of the FID-vs-N curve
+    dfid_baselines: list[str] = field(default_factory=lambda: ["raster", "random", "confident_first"])
     gamma: float = 0.9  # discount per block of the reported returns
     reward: str = "future_loss"  # the reward behind the table's `return` column
     rewards: list[str] = field(default_factory=lambda: ["future_loss", "extrapolative", "anytime", "likelihood"])
@@ -75,14 +88,16 @@ class FeatureSpec:
     kind: str = "classifier"  # classifier (embedded MNIST) | inception (ImageNet, local weights)
     classifier_path: str | None = "artifacts/tiny_mnist/classifier.safetensors"
     inception_weights: str | None = None  # torch-fidelity's pt_inception-2015-12-05 weights file
-    reference: str = "heldout"  # heldout (embedded MNIST held-out split) | ref.npz (ADM layout) | image folder
+    reference: str = "train"  # train | heldout (embedded MNIST splits) | ref.npz (ADM layout) | image folder
+    second_reference: str | None = "heldout"  # a second FID column (fid_<name>); null = none
     reference_limit: int | None = None  # use at most this many reference images
     batch_size: int = 256
+    pr_k: int = 3  # k of the k-NN manifolds behind precision / recall
 
 
 @dataclass
 class StatsSpec:
-    bootstrap: int = 100  # resamples for the FID interval
+    bootstrap: int = 200  # resamples for the FID and dFID intervals
     level: float = 0.95
     kid_subsets: int = 50
     kid_subset_size: int = 100  # clipped to the smaller set; subsets of the whole set would have no spread
@@ -94,6 +109,7 @@ class PlotSpec:
     max_classes: int = 10
     heatmap_images: int = 4
     snapshot_samples: int = 8
+    column_rows: int = 10  # rows of the side-by-side figure (samples of the same labels and seeds)
 
 
 @dataclass
@@ -177,19 +193,22 @@ def _check_same_backbone(entry: str, path: Path, backbone: BackboneConfig) -> No
                          f"policy on it with backbone.gpt_weights={tuned}")
 
 
-# -- reference set -------------------------------------------------------------------------------
+# -- reference sets ------------------------------------------------------------------------------
 
 
-def reference_images(run: EvaluateRun, image_size: int) -> torch.Tensor:
-    """Real images float [M, C, H, W] in [-1, 1] that FID compares against (image folders are
-    centre-cropped to `image_size`, as LlamaGen preprocesses them)."""
-    ref, limit = run.features.reference, run.features.reference_limit
-    if ref == "heldout":
+def reference_images(run: EvaluateRun, image_size: int, ref: str | None = None) -> torch.Tensor:
+    """Real images float [M, C, H, W] in [-1, 1] that FID compares against: `ref` (default
+    features.reference) is train / heldout (the embedded MNIST splits, in class-interleaved order), an
+    ADM .npz batch or an image folder (centre-cropped to `image_size`, as LlamaGen preprocesses)."""
+    ref = run.features.reference if ref is None else ref
+    limit = run.features.reference_limit
+    if ref in ("train", "heldout"):
         if run.backbone.data.kind != "mnist_embedded":
-            raise ValueError("features.reference=heldout is only defined for the embedded MNIST data; for "
+            raise ValueError(f"features.reference={ref} is only defined for the embedded MNIST data; for "
                              "ImageNet give an ADM reference batch (features.reference=/path/VIRTUAL_imagenet256"
                              "_labeled.npz) or an image folder")
-        images = images_to_model(load_embedded_mnist("heldout")[0])
+        images, labels = load_embedded_mnist(ref)
+        images = images_to_model(images[balanced_images(torch.as_tensor(labels)).numpy()])
     else:
         path = resolve_path(ref, must_exist=True, what="reference set")
         if path.suffix == ".npz":
@@ -201,27 +220,184 @@ def reference_images(run: EvaluateRun, image_size: int) -> torch.Tensor:
     return images[:limit] if limit is not None else images
 
 
-def second_real_images(run: EvaluateRun, n: int) -> torch.Tensor | None:
-    """n real images float [n, C, H, W] in [-1, 1] disjoint from the reference set, for the noise floor
-    at the policies' N: with the embedded held-out split as reference, the first n train-split images
-    in class-interleaved order (`balanced_images`, the rule that picks the held-out images). None
-    when no such set is at hand (another reference, or n above the train split's size)."""
-    if run.features.reference != "heldout" or run.backbone.data.kind != "mnist_embedded":
+def reference_name(ref: str) -> str:
+    """Short name of a reference set for result keys (fid_heldout, fid_train, fid_ref_batch)."""
+    return ref if ref in ("train", "heldout") else Path(ref).stem
+
+
+# -- one policy ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Generated:
+    """What the run keeps of one policy's main sample set (sampler seed sampler_seeds[0])."""
+
+    features: torch.Tensor  # [N, F] float64 classifier / inception features
+    images: torch.Tensor  # [R, C, H, W] the first plots.column_rows samples
+    orders: torch.Tensor  # [N, N_blocks] reveal orders
+
+
+def policy_identity(spec: PolicySpec, run: EvaluateRun) -> str:
+    """Everything that shapes one policy's row (its source and checkpoint by sha256, its N, the
+    backbone weights by sha256, the env, eval, feature and statistics settings), as a JSON string: a
+    rerun reuses a finished policy only when this is unchanged. Not in it: the list of policies and
+    the dFID baselines, computed over all policies after the loop."""
+    ev = {k: v for k, v in asdict(run.eval).items() if k not in ("policy_samples", "dfid_baselines")}
+    ev["n"] = int(run.eval.policy_samples.get(spec.name, run.eval.num_samples))
+    src = Path(spec.source)
+    gpt = resolve_path(run.backbone.gpt_weights, must_exist=False) if run.backbone.gpt_weights else None
+    return json.dumps({"policy": spec.name, "source": spec.source,
+                       "sha256": sha256_file(src) if spec.source.endswith(".safetensors") and src.is_file() else None,
+                       "gpt_sha256": sha256_file(gpt) if gpt is not None and gpt.is_file() else None,
+                       "backbone": asdict(run.backbone), "env": asdict(run.env), "eval": ev,
+                       "features": asdict(run.features), "stats": asdict(run.stats),
+                       "column_rows": run.plots.column_rows, "heatmap_images": run.plots.heatmap_images,
+                       "seed": run.seed, "device": run.device}, sort_keys=True, default=str)
+
+
+def _load_policy(path: Path, identity: str) -> dict | None:
+    """A policy's cached row and sample features from an earlier run, when its identity matches."""
+    if not path.is_file():
         return None
-    train, train_labels = load_embedded_mnist("train")
-    if n > len(train_labels):
+    try:
+        done = load_torch_checkpoint(path)
+    except ValueError as err:  # a torn or foreign file is recomputed, never trusted
+        print(f"[evaluate] ignoring {path}: {err}", flush=True)
         return None
-    return images_to_model(train[balanced_images(torch.as_tensor(train_labels), n).numpy()])
+    if done.get("identity") != identity:
+        print(f"[evaluate] {path} was computed with another setup: recomputing it", flush=True)
+        return None
+    return done
+
+
+def _sampler_seed(run: EvaluateRun, s: int) -> int:
+    # batch j of a set is seeded base + j: distinct streams per sampler seed while batches < 100003
+    return run.seed + 100003 * int(s)
+
+
+def _teacher_forced_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes: torch.Tensor, labels: torch.Tensor,
+                        images: torch.Tensor, n_tf: int, n_agree: int, n_orders: int) -> tuple[dict, torch.Tensor, list]:
+    """Teacher-forced metrics on the first n_tf held-out images (module doc); returns (row, the block
+    orders [n_orders or n_tf, N] the policy played, the remaining-loss curve)."""
+    ev = run.eval
+    env_tf = replace(run.env, mode="teacher_forced", split="heldout", reward=ev.reward, decision_cost=0.0)
+    tf_env = replace(env_tf, budget=spec.budgets, beliefs=env_tf.beliefs or spec.beliefs)
+    n_play = n_orders if spec.ground_truth else n_tf
+    if n_play == 0:
+        return {}, torch.zeros(0, bb.geometry.num_blocks, dtype=torch.long), []
+    tf_core = OrderPlanningCore(bb, codes, labels, tf_env, ev.batch_size, seed=run.seed)
+    blocks, decisions = order_of(spec.make, tf_core, images[:n_play])
+    if n_tf == 0:
+        return {}, blocks, []
+    tf = teacher_forced_metrics(blocks[:n_tf], bb, codes, labels, env_tf, ev.rewards, ev.gamma, ev.batch_size,
+                                image_index=images[:n_tf])
+    row: dict = {"return": tf["returns"][ev.reward], "returns": tf["returns"],
+                 "order_nll_bits": tf["order_nll_bits"], "auc_remaining_loss": tf["auc_remaining_loss"],
+                 "decisions_per_episode": float(decisions[:n_tf].double().mean())}
+    if n_agree > 0:  # measured for every policy, the oracles too (a check of the oracle policy itself)
+        row.update(oracle_comparison(spec.make(tf_core), tf_core, images[:n_agree], ev.oracle_kind))
+    return row, blocks, tf["remaining_curve"]
+
+
+def _generate(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels: torch.Tensor, blocks: torch.Tensor,
+              seed: int, n: int, snapshots: int) -> Samples:
+    ev = run.eval
+    make_gen = (lambda core, b=blocks: FixedOrderPolicy(b)) if spec.ground_truth else spec.make
+    gen_env = replace(run.env, sampling=ev.sampling, budget=spec.budgets, beliefs=run.env.beliefs or spec.beliefs)
+    return generate_samples(make_gen, bb, gen_labels[:n], gen_env, ev.gen_batch_size, seed, num_snapshots=snapshots,
+                            progress_bar=lambda it, name=spec.name: progress(it, desc=f"{name}: generating"))
+
+
+def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels: torch.Tensor, blocks: torch.Tensor,
+                    refs: dict[str, torch.Tensor], extractor, device: torch.device, run_dir: Path) -> tuple[dict, Generated]:
+    """Generation-mode metrics of one policy: its main set of N samples against the reference
+    features refs[primary] (and a second reference), and one FID per sampler seed (module doc)."""
+    ev, st, fs = run.eval, run.stats, run.features
+    n = int(ev.policy_samples.get(spec.name, ev.num_samples))
+    n_seed = min(n, ev.seed_samples or n)
+    primary, real = next(iter(refs.items()))
+    samples = _generate(spec, run, bb, gen_labels, blocks, _sampler_seed(run, ev.sampler_seeds[0]), n,
+                        run.plots.snapshot_samples)
+    fake = extract_features(extractor, samples.images, fs.batch_size, device).double()
+    fid, lo, hi = fid_with_interval(real, fake, st.bootstrap, st.level, run.seed)
+    kid_mean, kid_std, kid_size = kernel_distance(real, fake, st.kid_subsets, st.kid_subset_size, run.seed)
+    row: dict = {"num_samples": n, "fid": fid, "fid_ci": [lo, hi], "fid_reference": primary,
+                 "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": kid_size,
+                 "generation_path": samples.path,
+                 "decisions_per_sample": float(samples.decisions.double().mean())}
+    for name, other in list(refs.items())[1:]:
+        row[f"fid_{name}"] = frechet_from_features(other, fake)
+    pr = precision_recall(real, fake, fs.pr_k)
+    row.update(precision=pr.precision, recall=pr.recall, pr_k=pr.k,
+               precision_ci=list(mean_interval(pr.in_real.double(), seed=run.seed)[1:]),
+               recall_ci=list(mean_interval(pr.in_fake.double(), seed=run.seed)[1:]))
+    classify = getattr(extractor, "classify", None) if fs.kind == "classifier" else None
+    if classify is not None:
+        with torch.no_grad():
+            logits = torch.cat([classify(b.to(device)).cpu() for b in samples.images.split(fs.batch_size)])
+        logp = class_logprob(logits, samples.labels)
+        mean, lo, hi = mean_interval(logp, seed=run.seed)
+        row.update(class_acc=float((logits.argmax(-1) == samples.labels).double().mean()),
+                   class_logprob=mean, class_logprob_ci=[lo, hi])
+    else:
+        row.update(class_acc=None, class_logprob=None, class_logprob_ci=None)
+    row["fid_curve"] = fid_curve(real, fake, [m for m in ev.fid_curve if m <= n] or [n], st.bootstrap, st.level,
+                                 run.seed)
+    seeds = [frechet_from_features(real, fake[:n_seed])]
+    for s in ev.sampler_seeds[1:]:
+        extra = _generate(spec, run, bb, gen_labels, blocks, _sampler_seed(run, s), n_seed, 0)
+        seeds.append(frechet_from_features(real, extract_features(extractor, extra.images, fs.batch_size,
+                                                                  device).double()))
+    row.update(fid_seeds=seeds, fid_seeds_n=n_seed, fid_seeds_mean=float(np.mean(seeds)),
+               fid_seeds_std=float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None)
+    if samples.entropy_return is not None:
+        row["entropy_return"] = float(samples.entropy_return.mean())
+    eval_plots.sample_grid(run_dir / f"samples_{spec.name}.png", samples.images, samples.labels,
+                           f"{spec.name}: generated samples (N={n})", run.plots.per_class, run.plots.max_classes)
+    eval_plots.progressive_snapshots(run_dir / f"progressive_{spec.name}.png", samples.snapshots,
+                                     samples.snapshot_masks, bb.geometry, samples.fractions,
+                                     f"{spec.name}: generation in progress")
+    if ev.npz:
+        export_npz(run_dir / f"samples_{spec.name}.npz", samples.images)
+    return row, Generated(fake, samples.images[:run.plots.column_rows], samples.blocks)
+
+
+def paired_deltas(generated: dict[str, Generated], baselines: list[str], real: torch.Tensor, stats: StatsSpec,
+                  seed: int) -> dict[str, dict]:
+    """dFID of every policy against every baseline present, paired (the same sample indices in both
+    sets, over the first min(N_a, N_b) samples, which share labels and sampler seeds): {policy:
+    {dfid_vs_<b>: delta, dfid_vs_<b>_ci: [lo, hi], dfid_vs_<b>_n: n}}. Negative = fewer FID points."""
+    out: dict[str, dict] = {name: {} for name in generated}
+    for b in baselines:
+        if b not in generated:
+            continue
+        for name, g in generated.items():
+            n = min(len(g.features), len(generated[b].features))
+            d = paired_fid_delta(real, g.features[:n], generated[b].features[:n], stats.bootstrap, stats.level, seed)
+            out[name].update({f"dfid_vs_{b}": d.delta, f"dfid_vs_{b}_ci": [d.lo, d.hi], f"dfid_vs_{b}_n": n})
+    return out
 
 
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _fid_stats(real: torch.Tensor, fake: torch.Tensor, stats: StatsSpec, seed: int) -> dict:
-    kid_mean, kid_std, kid_size = kernel_distance(real, fake, stats.kid_subsets, stats.kid_subset_size, seed)
-    lo, hi = bootstrap_interval(frechet_distance, real, fake, stats.bootstrap, stats.level, seed)
-    return {"fid": frechet_distance(real, fake), "fid_ci": [lo, hi], "kid_mean": kid_mean, "kid_std": kid_std,
-            "kid_subset_size": kid_size}
+def _check_options(run: EvaluateRun) -> None:
+    ev = run.eval
+    if ev.reward not in ev.rewards:
+        raise ValueError(f"eval.reward={ev.reward!r} must be one of eval.rewards {ev.rewards}")
+    bad = [r for r in ev.rewards if r not in REWARDS or r == "entropy"]
+    if bad:
+        raise ValueError(f"eval.rewards: {bad} are not teacher-forced rewards; choose from "
+                         f"{[r for r in REWARDS if r != 'entropy']}")
+    if ev.num_samples < 2 or ev.num_images < 0:
+        raise ValueError("eval.num_samples must be >= 2 and eval.num_images >= 0")
+    if not ev.sampler_seeds or len(set(ev.sampler_seeds)) != len(ev.sampler_seeds):
+        raise ValueError(f"eval.sampler_seeds must be distinct and non-empty, got {ev.sampler_seeds}")
+    if ev.seed_samples is not None and ev.seed_samples < 2:
+        raise ValueError(f"eval.seed_samples must be >= 2 (or null), got {ev.seed_samples}")
+    small = {k: v for k, v in ev.policy_samples.items() if int(v) < 2}
+    if small or ev.gen_batch_size < 1:
+        raise ValueError(f"eval.policy_samples must be >= 2 ({small}) and eval.gen_batch_size >= 1")
 
 
 def run_evaluation(run: EvaluateRun) -> dict:
@@ -230,14 +406,7 @@ def run_evaluation(run: EvaluateRun) -> dict:
 
     t_start = time.time()
     ev, device, run_dir = run.eval, setup_device(run.device), Path(run.run_dir)
-    if ev.reward not in ev.rewards:
-        raise ValueError(f"eval.reward={ev.reward!r} must be one of eval.rewards {ev.rewards}")
-    bad = [r for r in ev.rewards if r not in REWARDS or r == "entropy"]
-    if bad:
-        raise ValueError(f"eval.rewards: {bad} are not teacher-forced rewards; choose from "
-                         f"{[r for r in REWARDS if r != 'entropy']}")
-    if ev.num_samples < 2 or ev.num_images < 1:
-        raise ValueError("eval.num_samples must be >= 2 and eval.num_images >= 1")
+    _check_options(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = Logger(run, run_dir, job="evaluate")
     torch.manual_seed(run.seed)
@@ -250,79 +419,64 @@ def run_evaluation(run: EvaluateRun) -> dict:
         raise ValueError(f"policy names must be unique, got {[s.name for s in specs]}")
     n_tf = min(ev.num_images, len(images))
     n_agree = min(ev.agreement_images, n_tf)
-    n_orders = min(max(n_tf, ev.num_samples), len(images))  # orders the oracles replay in generation mode
-    gen_labels = labels[images[torch.arange(ev.num_samples) % len(images)]]
-    env_tf = replace(run.env, mode="teacher_forced", split="heldout", reward=ev.reward, decision_cost=0.0)
-    env_gen = replace(run.env, sampling=ev.sampling)
+    n_max = max([ev.num_samples, *ev.policy_samples.values()])
+    n_orders = min(max(n_tf, n_max), len(images))  # orders the oracles replay in generation mode
+    gen_labels = labels[images[torch.arange(n_max) % len(images)]]
 
     extractor = make_feature_extractor(run.features.kind, run.features.classifier_path, run.features.inception_weights)
     extractor = extractor.to(device).eval()
-    ref = reference_images(run, bb.gpt.cfg.grid_h * (bb.vq.config.downsample_factor if bb.vq is not None else 1))
-    real = extract_features(extractor, ref, run.features.batch_size, device)
-    second = second_real_images(run, ev.num_samples)
-    floor = noise_floor(real, None if second is None else
-                        extract_features(extractor, second, run.features.batch_size, device), run.seed)
-    classify = getattr(extractor, "classify", None) if run.features.kind == "classifier" else None
+    side = bb.gpt.cfg.grid_h * (bb.vq.config.downsample_factor if bb.vq is not None else 1)
+    refs = {reference_name(r): extract_features(extractor, reference_images(run, side, r), run.features.batch_size,
+                                                device).double()
+            for r in dict.fromkeys([run.features.reference, run.features.second_reference]) if r}
+    real = next(iter(refs.values()))
+    second = list(refs.values())[1] if len(refs) > 1 else None
+    floor = noise_floor(real, second, run.seed)
 
-    results: dict = {"num_samples": ev.num_samples, "fid_noise_floor": floor.fid, "fid_noise_floor_n": floor.n,
+    results: dict = {"num_samples": ev.num_samples, "policy_samples": dict(ev.policy_samples),
+                     "sampler_seeds": list(ev.sampler_seeds), "references": {k: len(v) for k, v in refs.items()},
+                     "fid_reference": next(iter(refs)), "num_reference": len(real),
+                     "fid_noise_floor": floor.fid, "fid_noise_floor_n": floor.n,
                      "fid_noise_floor_method": floor.method, "fid_noise_floor_description": floor.description,
-                     "num_reference": len(real), "num_images_teacher_forced": n_tf,
-                     "num_images_agreement": n_agree, "gamma": ev.gamma,
+                     "num_images_teacher_forced": n_tf, "num_images_agreement": n_agree, "gamma": ev.gamma,
                      "reward": ev.reward, "features": run.features.kind, "sampling": vars(ev.sampling),
                      "backbone": run.backbone.name, "seed": run.seed, "policies": {}}
-    orders_for_heatmap, curves = {}, {}
+    orders_for_heatmap, curves, generated = {}, {}, {}
     for spec in specs:
+        cache = run_dir / "policies" / f"{spec.name}.pt"
+        identity = policy_identity(spec, run)
+        done = _load_policy(cache, identity)
+        if done is not None:
+            print(f"[evaluate] {spec.name}: finished in an earlier run with the same setup ({cache})", flush=True)
+            row, generated[spec.name] = done["row"], Generated(**done["generated"])
+            orders_for_heatmap[spec.name] = done["heatmap_orders"]
+            if done["curve"]:
+                curves[spec.name] = done["curve"]
+            results["policies"][spec.name] = row
+            continue
         t0 = time.time()
         print(f"[evaluate] {spec.name}: teacher-forced rollouts on {n_tf} held-out images", flush=True)
-        tf_env = replace(env_tf, budget=spec.budgets, beliefs=env_tf.beliefs or spec.beliefs)
-        tf_core = OrderPlanningCore(bb, codes, labels, tf_env, ev.batch_size, seed=run.seed)
-        blocks, decisions = order_of(spec.make, tf_core, images[:n_orders if spec.ground_truth else n_tf])
-        tf = teacher_forced_metrics(blocks[:n_tf], bb, codes, labels, env_tf, ev.rewards, ev.gamma, ev.batch_size,
-                                    image_index=images[:n_tf])
-        row: dict = {"return": tf["returns"][ev.reward], "returns": tf["returns"],
-                     "order_nll_bits": tf["order_nll_bits"], "auc_remaining_loss": tf["auc_remaining_loss"],
-                     "decisions_per_episode": float(decisions[:n_tf].double().mean()), "source": spec.source}
-        if n_agree > 0:  # measured for every policy, the oracles too (a check of the oracle policy itself)
-            row.update(oracle_comparison(spec.make(tf_core), tf_core, images[:n_agree], ev.oracle_kind))
+        row, blocks, curve = _teacher_forced_row(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders)
+        row["source"] = spec.source
         orders_for_heatmap[spec.name] = blocks[:run.plots.heatmap_images]
-        curves[spec.name] = tf["remaining_curve"]
-
-        make_gen = (lambda core, b=blocks: FixedOrderPolicy(b)) if spec.ground_truth else spec.make
-        gen_env = replace(env_gen, budget=spec.budgets, beliefs=env_gen.beliefs or spec.beliefs)
-        samples = generate_samples(make_gen, bb, gen_labels, gen_env, ev.batch_size, run.seed,
-                                   num_snapshots=run.plots.snapshot_samples,
-                                   progress_bar=lambda it, n=spec.name: progress(it, desc=f"{n}: generating"))
-        fake = extract_features(extractor, samples.images, run.features.batch_size, device)
-        row.update(_fid_stats(real, fake, run.stats, run.seed))
-        if classify is not None:
-            with torch.no_grad():
-                pred = torch.cat([classify(b.to(device)).argmax(-1).cpu()
-                                  for b in samples.images.split(run.features.batch_size)])
-            row["class_acc"] = float((pred == samples.labels).double().mean())
-        else:
-            row["class_acc"] = None
-        row["entropy_return"] = float(samples.entropy_return.mean())
+        if curve:
+            curves[spec.name] = curve
+        gen_row, generated[spec.name] = _generation_row(spec, run, bb, gen_labels, blocks, refs, extractor, device,
+                                                        run_dir)
+        row.update(gen_row)
         row["seconds"] = round(time.time() - t0, 1)
         results["policies"][spec.name] = row
+        atomic_torch_save({"identity": identity, "row": row, "generated": vars(generated[spec.name]),
+                           "heatmap_orders": orders_for_heatmap[spec.name], "curve": curve}, cache)
         logger.log({f"{spec.name}/{k}": v for k, v in row.items() if isinstance(v, float)}, step=0)
+        print(f"[evaluate] {spec.name}: FID {row['fid']:.3f} (N={row['num_samples']}), seeds "
+              f"{', '.join(f'{f:.2f}' for f in row['fid_seeds'])} (N={row['fid_seeds_n']}), precision "
+              f"{row['precision']:.3f}, recall {row['recall']:.3f} ({row['seconds']} s)", flush=True)
 
-        eval_plots.sample_grid(run_dir / f"samples_{spec.name}.png", samples.images, samples.labels,
-                               f"{spec.name}: generated samples (N={ev.num_samples})", run.plots.per_class,
-                               run.plots.max_classes)
-        eval_plots.progressive_snapshots(run_dir / f"progressive_{spec.name}.png", samples.snapshots,
-                                         samples.snapshot_masks, bb.geometry, samples.fractions,
-                                         f"{spec.name}: generation in progress")
-        if ev.npz:
-            export_npz(run_dir / f"samples_{spec.name}.npz", samples.images)
-        print(f"[evaluate] {spec.name}: FID {row['fid']:.3f} (N={ev.num_samples}), return {row['return']:.2f}, "
-              f"order NLL {row['order_nll_bits']:.3f} bits/token ({row['seconds']} s)", flush=True)
-
-    heat_imgs = bb.vq.decode_codes(codes[images[:run.plots.heatmap_images]].to(device).view(
-        -1, bb.gpt.cfg.grid_h, bb.gpt.cfg.grid_w)).float().cpu() if bb.vq is not None else None
-    if heat_imgs is not None:
-        eval_plots.order_heatmaps(run_dir / "order_heatmaps.png", orders_for_heatmap, heat_imgs, bb.geometry)
-    eval_plots.remaining_loss_curves(run_dir / "remaining_loss.png", curves, "remaining loss L_rest / L (nats/token)")
-    results["remaining_curves"] = curves
+    for name, extra in paired_deltas(generated, ev.dfid_baselines, real, run.stats, run.seed).items():
+        results["policies"][name].update(extra)
+    results["verdict"] = verdict(results, specs)
+    _figures(run, run_dir, bb, codes, images, gen_labels, generated, orders_for_heatmap, curves, results)
     results["seconds"] = round(time.time() - t_start, 1)
     atomic_write_json(run_dir / "results.json", results)
     atomic_write_bytes(run_dir / "results.md", results_markdown(results).encode())
@@ -331,37 +485,108 @@ def run_evaluation(run: EvaluateRun) -> dict:
     return results
 
 
+def _figures(run: EvaluateRun, run_dir: Path, bb: Backbone, codes: torch.Tensor, images: torch.Tensor,
+             gen_labels: torch.Tensor, generated: dict[str, Generated], orders_for_heatmap: dict, curves: dict,
+             results: dict) -> None:
+    """The pictures people look at first: samples side by side, FID against N, and the orders."""
+    rows = min(len(g.images) for g in generated.values())
+    if rows > 0:
+        eval_plots.policy_columns(run_dir / "samples_side_by_side.png", {n: g.images[:rows] for n, g in generated.items()},
+                                  gen_labels[:rows], rows, "the same labels and sampler seeds, one column per policy")
+    eval_plots.fid_vs_n(run_dir / "fid_vs_n.png", {n: r["fid_curve"] for n, r in results["policies"].items()},
+                        f"FID against the number of samples (reference: {results['fid_reference']})")
+    eval_plots.reveal_time_heatmaps(run_dir / "reveal_time_heatmaps.png", {n: g.orders for n, g in generated.items()},
+                                    bb.geometry, "mean reveal step of each block while generating (0 = first)")
+    heat_imgs = bb.vq.decode_codes(codes[images[:run.plots.heatmap_images]].to(bb.device).view(
+        -1, bb.gpt.cfg.grid_h, bb.gpt.cfg.grid_w)).float().cpu() if bb.vq is not None else None
+    if heat_imgs is not None:
+        eval_plots.order_heatmaps(run_dir / "order_heatmaps.png", orders_for_heatmap, heat_imgs, bb.geometry)
+    if curves:
+        eval_plots.remaining_loss_curves(run_dir / "remaining_loss.png", curves,
+                                         "remaining loss L_rest / L (nats/token)")
+        results["remaining_curves"] = curves
+
+
+LEARNED_SOURCES = ".safetensors"
+
+
+def verdict(results: dict, specs: list[PolicySpec]) -> dict | None:
+    """Whether the best learned planner (lowest FID among OrderHead checkpoints) has a lower FID than
+    each dFID baseline, decided by the paired interval: below (interval under 0), above (over 0) or
+    not separated (it contains 0)."""
+    learned = [s.name for s in specs if s.source.endswith(LEARNED_SOURCES)]
+    if not learned:
+        return None
+    pol = results["policies"]
+    best = min(learned, key=lambda n: pol[n]["fid"])
+    out: dict = {"best_learned": best, "fid": pol[best]["fid"], "vs": {}}
+    for key in [k for k in pol[best] if k.startswith("dfid_vs_") and k.endswith("_ci")]:
+        b = key[len("dfid_vs_"):-len("_ci")]
+        lo, hi = pol[best][key]
+        word = "below" if hi < 0 else "above" if lo > 0 else "not separated from"
+        out["vs"][b] = {"dfid": pol[best][f"dfid_vs_{b}"], "ci": [lo, hi], "n": pol[best][f"dfid_vs_{b}_n"],
+                        "says": word}
+    return out
+
+
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _ci(x: list | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"[{x[0]:.{digits}f}, {x[1]:.{digits}f}]"
+
+
 def results_markdown(results: dict) -> str:
-    """One row per policy; every FID in it is at N = num_samples."""
-    n = results["num_samples"]
+    """The generation table (every FID at its stated N, reference first), the verdict and, when
+    measured, the teacher-forced table."""
+    ref = results["fid_reference"]
+    others = [k for k in results["references"] if k != ref]
+    base = [k[len("dfid_vs_"):] for k in next(iter(results["policies"].values())) if k.startswith("dfid_vs_")
+            and not k.endswith(("_ci", "_n"))]
     lines = [
         f"# Evaluation: {results['backbone']}",
         "",
-        f"- generated samples per policy N = {n} (FID at different N is not comparable); features: "
-        f"{results['features']}; reference images: {results['num_reference']}",
-        f"- FID noise floor {results['fid_noise_floor']:.3f} at N = {results['fid_noise_floor_n']} "
-        f"({results['fid_noise_floor_description']})",
-        f"- teacher-forced metrics on {results['num_images_teacher_forced']} held-out images; return = discounted "
-        f"{results['reward']} return (gamma {results['gamma']} per block, nats); oracle agreement on the first "
-        f"{results['num_images_agreement']}",
-        f"- sampling: {json.dumps(results['sampling'])}; seed {results['seed']}; sample i is conditioned on the "
-        "label of held-out image i (class-interleaved order)",
-        "- oracles need ground truth: in generation mode they replay their teacher-forced order of the held-out "
-        "image whose label conditions the sample",
+        f"- N = {results['num_samples']} generated samples per policy (column N where a policy differs); FID at "
+        f"different N is not comparable. Features: {results['features']}; reference: {ref} split "
+        f"({results['num_reference']} images){'; second column: ' + ', '.join(others) if others else ''}",
+        "- paired design: sample i of every policy has the same label and the same sampler stream; dFID = "
+        "FID(policy) - FID(baseline) on the common first N samples, 95% paired bootstrap interval (negative = better)",
+        f"- fid_seeds: FID of {len(results['sampler_seeds'])} independent sampler seeds "
+        f"({results['sampler_seeds']}) at N = fid_seeds_n, mean ± std",
+        f"- real vs real: FID(reference, {others[0] if others else 'reference halves'}) = "
+        f"{results['fid_noise_floor']:.3f} at N = {results['fid_noise_floor_n']}",
+        f"- sampling: {json.dumps(results['sampling'])}; seed {results['seed']}; oracles replay their teacher-forced "
+        "order of the held-out image whose label conditions the sample",
         "",
-        "| policy | FID | FID CI | KID | class acc | order NLL (bits/token) | return | AUC L_rest (nats/token) "
-        "| oracle agreement | decisions |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| policy | N | FID [95% CI] | FID seeds (mean ± std, N) | "
+        + " | ".join(f"dFID vs {b} [95% CI]" for b in base)
+        + " | precision | recall | class log-prob (nats) [95% CI] | "
+        + " | ".join(f"FID vs {o}" for o in others) + (" | " if others else "") + "path | s |",
+        "|---" * (9 + len(base) + len(others)) + "|",
     ]
     for name, r in results["policies"].items():
-        lo, hi = r["fid_ci"]
-        lines.append(
-            f"| {name} | {r['fid']:.3f} | [{lo:.3f}, {hi:.3f}] | {r['kid_mean']:.3g} ± {r['kid_std']:.2g} "
-            f"| {_fmt(r['class_acc'], 3)} | {r['order_nll_bits']:.4f} | {r['return']:.2f} | "
-            f"{r['auc_remaining_loss']:.4f} | {_fmt(r.get('oracle_agreement'), 3)} | {r['decisions_per_episode']:.1f} |")
+        seeds = f"{r['fid_seeds_mean']:.2f} ± {_fmt(r['fid_seeds_std'])} ({r['fid_seeds_n']})"
+        d = " | ".join(f"{r[f'dfid_vs_{b}']:+.2f} {_ci(r[f'dfid_vs_{b}_ci'])}" if f"dfid_vs_{b}" in r else "n/a"
+                       for b in base)
+        o = " | ".join(_fmt(r.get(f"fid_{x}"), 3) for x in others)
+        lines.append(f"| {name} | {r['num_samples']} | {r['fid']:.3f} {_ci(r['fid_ci'])} | {seeds} | {d} | "
+                     f"{r['precision']:.3f} | {r['recall']:.3f} | {_fmt(r['class_logprob'], 3)} "
+                     f"{_ci(r['class_logprob_ci'], 3)} | {o}{' | ' if others else ''}{r['generation_path']} | "
+                     f"{r['seconds']} |")
+    v = results.get("verdict")
+    if v:
+        lines += ["", f"**Best learned planner: {v['best_learned']}** (FID {v['fid']:.3f}). Its FID is "
+                  + "; ".join(f"{w['says']} {b}'s (dFID {w['dfid']:+.2f}, 95% CI {_ci(w['ci'])}, N = {w['n']})"
+                              for b, w in v["vs"].items()) + "."]
+    if results["num_images_teacher_forced"]:
+        lines += ["", f"Teacher-forced, {results['num_images_teacher_forced']} held-out images: return = discounted "
+                  f"{results['reward']} return (gamma {results['gamma']} per block, nats); oracle agreement on the "
+                  f"first {results['num_images_agreement']}.", "",
+                  "| policy | return | order NLL (bits/token) | AUC L_rest (nats/token) | oracle agreement | "
+                  "decisions |", "|---|---|---|---|---|---|"]
+        for name, r in results["policies"].items():
+            lines.append(f"| {name} | {r['return']:.2f} | {r['order_nll_bits']:.4f} | {r['auc_remaining_loss']:.4f} "
+                         f"| {_fmt(r.get('oracle_agreement'), 3)} | {r['decisions_per_episode']:.1f} |")
     lines.append("")
     return "\n".join(lines)

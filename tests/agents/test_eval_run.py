@@ -43,6 +43,35 @@ def test_generation_rollout_is_reproducible_from_its_seed(tiny):
     assert a.snapshot_masks.sum(-1).tolist() == [[4, 8, 12, 16]] * 3
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+@pytest.mark.parametrize("policy", ["raster", "spiral", "random", "per_image"])
+def test_decoding_a_planned_order_equals_stepping_the_env(tiny, policy, cfg_scale):
+    """The fast path (one KV-cached `generate` pass per batch) draws the same sampler calls as the
+    env path, so it gives the same samples; only its cost differs."""
+    bb, _, labels = tiny
+    env = EnvConfig(sampling=SamplingConfig(cfg_scale=cfg_scale))
+    g = torch.Generator().manual_seed(3)
+    per_image = torch.stack([torch.randperm(16, generator=g) for _ in range(3)])
+
+    def make(core):
+        if policy == "per_image":
+            return FixedOrderPolicy(per_image)
+        if policy == "random":  # the env path replays the planned permutations, drawn from the same seed
+            orders = make_policy("random", core, seed=4).planned_orders(torch.arange(6))
+            return FixedOrderPolicy(orders) if core.cfg.query == "full" else make_policy("random", core, seed=4)
+        return make_policy(policy, core)
+
+    fast = generate_samples(make, bb, labels[:6], env, batch_size=6, seed=5, num_snapshots=2)
+    slow = generate_samples(make, bb, labels[:6], env, batch_size=6, seed=5, num_snapshots=2, rewards=True)
+    assert fast.path == "decode" and slow.path == "env"
+    assert torch.equal(fast.blocks, slow.blocks)
+    assert torch.equal(fast.tokens, slow.tokens)
+    torch.testing.assert_close(fast.images, slow.images, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast.snapshots, slow.snapshots, atol=1e-5, rtol=0)
+    assert torch.equal(fast.snapshot_masks, slow.snapshot_masks)
+    assert fast.entropy_return is None and bool(slow.entropy_return.isfinite().all())
+
+
 def test_fixed_orders_policy_plays_the_given_orders(tiny):
     bb, codes, labels = tiny
     g = torch.Generator().manual_seed(0)
@@ -115,31 +144,41 @@ def test_tiny_evaluation_writes_results(tmp_path):
     from agents.evaluation.run import EvaluateRun, run_evaluation
 
     overrides = [f"run_dir={tmp_path}", "policies=[raster,random,oracle,confident_first]", "eval.num_samples=12",
-                 "eval.num_images=4", "eval.batch_size=6", "stats.bootstrap=3", "stats.kid_subsets=2",
-                 "plots.snapshot_samples=2", "plots.heatmap_images=2", "eval.npz=true"]
+                 "eval.num_images=4", "eval.batch_size=6", "eval.gen_batch_size=6", "eval.seed_samples=6",
+                 "eval.sampler_seeds=[0,1]", "eval.fid_curve=[6,12]", "+eval.policy_samples.confident_first=6",
+                 "stats.bootstrap=3", "stats.kid_subsets=2", "plots.snapshot_samples=2", "plots.heatmap_images=2",
+                 "plots.column_rows=3", "eval.npz=true"]
     run_evaluation(to_typed(compose("evaluate", overrides), EvaluateRun))
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["num_samples"] == 12
+    assert res["num_samples"] == 12 and res["references"] == {"train": 4500, "heldout": 500}
     assert set(res["policies"]) == {"raster", "random", "oracle", "confident_first"}  # a belief policy generates live
     for name, row in res["policies"].items():
-        for key in ("fid", "kid_mean", "kid_std", "class_acc", "order_nll_bits", "return"):
+        for key in ("fid", "fid_heldout", "kid_mean", "kid_std", "class_acc", "order_nll_bits", "return", "precision",
+                    "recall", "class_logprob", "dfid_vs_raster", "dfid_vs_random"):
             assert math.isfinite(row[key]), (name, key)
         lo, hi = row["fid_ci"]
         assert 0.0 <= lo < hi  # 3 resamples of 12 samples: a spread, not a point
-        assert 0.0 <= row["class_acc"] <= 1.0
-    # the noise floor compares the 500 held-out reference images with 12 other real images (the first
-    # 12 train images, class-interleaved), as each policy's FID compares them with its 12 samples
+        assert 0.0 <= row["class_acc"] <= 1.0 and 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
+        assert row["class_logprob"] <= 0.0 and row["class_logprob_ci"][0] <= row["class_logprob"]
+        assert len(row["fid_seeds"]) == 2 and row["fid_seeds_n"] == 6
+        assert [p["n"] for p in row["fid_curve"]] == ([6] if name == "confident_first" else [6, 12])
+    assert res["policies"]["raster"]["generation_path"] == "decode"  # a fixed order: one KV pass per batch
+    assert res["policies"]["confident_first"]["generation_path"] == "env"
+    # the paired dFID of a policy with itself is exactly 0 with a zero-width interval
+    assert res["policies"]["raster"]["dfid_vs_raster"] == 0.0 and res["policies"]["raster"]["dfid_vs_raster_ci"] == [0.0, 0.0]
+    # a policy with fewer samples is compared on the common prefix (same labels and sampler streams)
+    assert res["policies"]["confident_first"]["num_samples"] == 6
+    assert res["policies"]["confident_first"]["dfid_vs_raster_n"] == 6 and res["policies"]["random"]["dfid_vs_raster_n"] == 12
+    assert res["verdict"] is None  # no learned planner in the list
+    # real vs real: the train-split reference against the 500 held-out images
     from agents.evaluation.feature_net import make_feature_extractor
     from agents.evaluation.fid import extract_features, frechet_distance
-    from backbone.data import class_interleaved_order, images_to_model, load_embedded_mnist
+    from backbone.data import images_to_model, load_embedded_mnist
 
-    assert res["fid_noise_floor_n"] == 12 and res["fid_noise_floor_method"] == "second_real_set"
+    assert res["fid_noise_floor_n"] == 500 and res["fid_noise_floor_method"] == "second_real_set"
     ext = make_feature_extractor("classifier")
-    train, train_labels = load_embedded_mnist("train")
-    pick = class_interleaved_order(torch.as_tensor(train_labels))[:12].numpy()
-    assert sorted(set(train_labels[pick].tolist())) == list(range(10))
-    floor = frechet_distance(extract_features(ext, images_to_model(load_embedded_mnist("heldout")[0])),
-                             extract_features(ext, images_to_model(train[pick])))
+    floor = frechet_distance(extract_features(ext, images_to_model(load_embedded_mnist("train")[0])),
+                             extract_features(ext, images_to_model(load_embedded_mnist("heldout")[0])))
     assert res["fid_noise_floor"] == pytest.approx(floor, rel=1e-6)
     # agreement is measured, not assumed: the oracle policy picks the oracle's argmax at every state
     # it visits; raster does not
@@ -149,13 +188,41 @@ def test_tiny_evaluation_writes_results(tmp_path):
     # the oracle maximises the future-loss utility greedily: on average it beats raster's return
     assert res["policies"]["oracle"]["return"] > res["policies"]["raster"]["return"]
     md = (tmp_path / "results.md").read_text()
-    assert "N = 12" in md and "| oracle |" in md
-    for png in ("samples_raster", "progressive_oracle", "order_heatmaps", "remaining_loss"):
+    assert "N = 12" in md and "| oracle |" in md and "dFID vs raster" in md
+    for png in ("samples_raster", "progressive_oracle", "order_heatmaps", "remaining_loss", "samples_side_by_side",
+                "fid_vs_n", "reveal_time_heatmaps"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
     import numpy as np
 
     with np.load(tmp_path / "samples_random.npz") as data:
         assert data["arr_0"].shape == (12, 32, 32, 3) and data["arr_0"].dtype == np.uint8
+    # a rerun reuses every finished policy and writes the same table; another N recomputes that policy
+    again = run_evaluation(to_typed(compose("evaluate", overrides), EvaluateRun))
+    assert json.loads(json.dumps(again["policies"])) == res["policies"]
+    more = run_evaluation(to_typed(compose("evaluate", [*overrides, "+eval.policy_samples.random=8",
+                                                        "policies=[raster,random]"]), EvaluateRun))
+    def own(row: dict) -> dict:  # a policy's own numbers (its dFIDs depend on the other policies)
+        return {k: v for k, v in row.items() if not k.startswith("dfid_vs_")}
+
+    assert more["policies"]["random"]["num_samples"] == 8 and own(more["policies"]["raster"]) == own(res["policies"]["raster"])
+    assert more["policies"]["raster"]["dfid_vs_random_n"] == 8
+
+
+def test_the_verdict_reads_the_paired_intervals():
+    from agents.evaluation.run import PolicySpec, verdict
+
+    specs = [PolicySpec("raster", None, source="fixed order"), PolicySpec("bc", None, source="runs/bc/orderhead.safetensors"),
+             PolicySpec("ppo", None, source="runs/ppo/orderhead.safetensors")]
+    pol = {"raster": {"fid": 5.0},
+           "bc": {"fid": 4.0, "dfid_vs_raster": -1.0, "dfid_vs_raster_ci": [-1.5, -0.5], "dfid_vs_raster_n": 10},
+           "ppo": {"fid": 4.5, "dfid_vs_raster": -0.5, "dfid_vs_raster_ci": [-1.0, 0.2], "dfid_vs_raster_n": 10}}
+    v = verdict({"policies": pol}, specs)
+    assert v["best_learned"] == "bc" and v["vs"]["raster"]["says"] == "below"
+    pol["bc"]["dfid_vs_raster_ci"] = [-1.5, 0.1]
+    assert verdict({"policies": pol}, specs)["vs"]["raster"]["says"] == "not separated from"
+    pol["bc"].update(dfid_vs_raster=1.0, dfid_vs_raster_ci=[0.5, 1.5])
+    assert verdict({"policies": pol}, specs)["vs"]["raster"]["says"] == "above"
+    assert verdict({"policies": pol}, specs[:1]) is None
 
 
 def test_a_planner_of_a_jointly_tuned_backbone_needs_that_backbone(tmp_path):
