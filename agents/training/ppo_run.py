@@ -13,6 +13,16 @@ when BC reported with the same gamma.
 The router summary reports the budgets the learned router chooses on the held-out images (before an
 episode's last decision is clipped to the blocks left): their mean and histogram.
 
+Generation mode (env.mode=generate, `configs/ppo_generated.yaml`). The training core samples every
+revealed block from the backbone (env.sampling, with CFG) instead of reading ground truth, and pays
+env.reward=entropy: the drop in the model's predictive entropy of the unseen tokens (nats). Its
+image pool is still the train split, but only the labels are read (the classes that condition the
+samples). The held-out report stays teacher-forced with the future_loss reward (the oracle,
+agreement and regret need ground truth), so its returns sit on the scale of BC's and of
+teacher-forced PPO's; summary.json names the training mode and reward (`train_mode`,
+`train_reward`, `train_sampling`). Exact resume holds as in teacher-forced mode: the per-iteration
+env seed (agents/training/ppo.py) also reseeds the core's sampler generator.
+
 Imports backbone/, envs/ and agents/ (it is the PPO run: training, then the held-out report).
 """
 
@@ -70,6 +80,40 @@ def smdp_gamma(run: PPORun) -> float | None:
     return smdp_env_gamma(run.env.gamma, run.ppo.gamma)
 
 
+def train_env_config(run: PPORun) -> EnvConfig:
+    """The training core's EnvConfig: run.env on the train split, with the router's budgets and its
+    semi-MDP gamma (`smdp_gamma`). In generation mode the split's codes are never read, only its
+    labels (the conditioning classes). Validated here, before anything is loaded: raises ValueError
+    (e.g. env.mode=generate with a reward other than entropy, a mode unknown to the env)."""
+    budgets = list(run.agent.budgets) if run.agent.router else None
+    env = replace(run.env, split="train", budget=budgets, gamma=smdp_gamma(run))
+    env.validate()
+    # env.query=pending (generation without the per-token query) pays nan rewards: nothing to learn from
+    if getattr(env, "query", "full") != "full":
+        raise ValueError(f"PPO needs the env's rewards: env.query={env.query} skips the query they come from; "
+                         "use env.query=full")
+    return env
+
+
+def report_env_config(run: PPORun) -> EnvConfig:
+    """The held-out report's EnvConfig (before `heldout_core` sets split and budgets). Always
+    teacher-forced: the oracle baseline, agreement and regret need ground truth. A generation-mode
+    run is reported with the future_loss reward, the teacher-forced counterpart of its entropy
+    reward and the reward of BC's report, so its returns compare with BC's and the planner's.
+    Router runs discount per block with eval.gamma (the report's yardstick)."""
+    env = run.env
+    if env.mode == "generate":
+        env = replace(env, mode="teacher_forced", reward="future_loss")
+    return replace(env, gamma=run.eval.gamma if run.agent.router else env.gamma)
+
+
+def training_description(env: EnvConfig) -> dict:
+    """summary.json's record of what PPO trained on: train_mode, train_reward and, in generation
+    mode, train_sampling (the sampler's knobs; None when teacher-forced)."""
+    return {"train_mode": env.mode, "train_reward": env.reward,
+            "train_sampling": asdict(env.sampling) if env.mode == "generate" else None}
+
+
 def chosen_budgets(core: OrderPlanningCore, policy: BlockPolicy, image_index: torch.Tensor) -> torch.Tensor:
     """The budget (blocks asked for, from core.cfg.budget) of every decision `policy` makes on the
     images image_index [M], played with `play_episodes` in chunks of core.B rows (a router core).
@@ -105,6 +149,7 @@ def heldout_budgets(core: OrderPlanningCore, ev: EvalSpec, model: OrderHead, rou
 def run_ppo(run: PPORun) -> dict:
     """Fine-tune, evaluate on held-out images, write run_dir/{orderhead.safetensors, summary.json}."""
     t0 = time.time()
+    train_env_config(run)  # fail on a bad env (mode, reward, gamma) before loading anything
     device = setup_device(run.device)
     init = resolve_path(run.agent.init_from, must_exist=False)
     if init is None or not init.is_file():
@@ -119,25 +164,29 @@ def run_ppo(run: PPORun) -> dict:
         print(f"note: the planner at {init} was trained with env.beliefs={model.cfg.beliefs}; using it")
         run = replace(run, env=replace(run.env, beliefs=model.cfg.beliefs))
     budgets = list(run.agent.budgets) if run.agent.router else None
-    env_cfg = replace(run.env, split="train", budget=budgets, gamma=smdp_gamma(run))
+    env_cfg = train_env_config(run)
     core = make_core(run.backbone, env=env_cfg, batch_size=run.batch_size, device=device, seed=run.seed)
     model.check_compatible(core.D, core.geom)
     if budgets is not None:
         model.enable_router(budgets)
-    print(f"PPO from {init} ({'router ' + str(budgets) + f', decision cost {env_cfg.decision_cost}, gamma per block' if budgets else 'one block per decision'}); "
-          f"{run.ppo.num_iterations} iterations of {run.ppo.frames_per_batch} decisions, gamma {run.ppo.gamma}")
+    actions = (f"router {budgets}, decision cost {env_cfg.decision_cost}, gamma per block" if budgets
+               else "one block per decision")
+    mode = (f"generation mode, reward {env_cfg.reward}, cfg_scale {env_cfg.sampling.cfg_scale}"
+            if env_cfg.mode == "generate" else f"teacher-forced, reward {env_cfg.reward}")
+    print(f"PPO from {init} ({actions}; {mode}); {run.ppo.num_iterations} iterations of "
+          f"{run.ppo.frames_per_batch} decisions, gamma {run.ppo.gamma}")
     logger = Logger(run, Path(run.run_dir), job="ppo")
     result = train_ppo(OrderPlanningEnv(core), model, run.ppo, run.run_dir, logger=logger)
 
-    # the report discounts with eval.gamma; a semi-MDP router core must discount its blocks the same way
-    eval_env = replace(run.env, gamma=run.eval.gamma if budgets is not None else run.env.gamma)
+    eval_env = report_env_config(run)  # teacher-forced whatever the training mode
     core = heldout_core(run.backbone, eval_env, run.eval, device, run.seed, budgets)  # one core for both reports
     report = heldout_report(run.backbone, eval_env, run.eval, model, device, run.seed, run.oracle_kind, budgets, core)
     logger.log({f"eval/return_{k}": v for k, v in report["returns"].items()}, result["frames"])
     logger.close()
     summary = {**report, "stage": "ppo", "init_from": str(init), "weights": str(Path(run.run_dir) / "orderhead.safetensors"),
                "iterations": result["iterations"], "frames": result["frames"], "finished": result["finished"],
-               "train_metrics": result["metrics"], "wall_time_s": time.time() - t0, "config": asdict(run)}
+               **training_description(env_cfg), "train_metrics": result["metrics"],
+               "wall_time_s": time.time() - t0, "config": asdict(run)}
     summary["bc_tuned_backbone"] = run.backbone.gpt_weights if tuned.is_file() else None
     if budgets is not None:
         summary["router"] = {"budgets": budgets, "decision_cost": env_cfg.decision_cost, "smdp_gamma": env_cfg.gamma,
@@ -146,7 +195,7 @@ def run_ppo(run: PPORun) -> dict:
     bc_summary = init.parent / "summary.json"
     if bc_summary.is_file():  # the BC numbers under the same images, reward and gamma, for comparison
         bc = json.loads(bc_summary.read_text())
-        if bc.get("gamma") == report["gamma"] and bc.get("num_images") == report["num_images"]:
+        if all(bc.get(k) == report[k] for k in ("gamma", "num_images", "reward")):
             summary["bc_return"] = bc["returns"].get("learned")
             if budgets is not None and summary["bc_return"]:
                 # the router's block order scored per block, against the one-block-per-decision BC planner
@@ -154,8 +203,9 @@ def run_ppo(run: PPORun) -> dict:
                 summary["router"]["return_per_block"] = per_block
                 summary["router"]["return_loss_vs_bc"] = (summary["bc_return"] - per_block) / abs(summary["bc_return"])
         else:
-            print(f"note: no bc_return: BC reported gamma={bc.get('gamma')} on {bc.get('num_images')} images, this "
-                  f"report eval.gamma={report['gamma']} on {report['num_images']}")
+            print(f"note: no bc_return: BC reported {bc.get('reward')} with gamma={bc.get('gamma')} on "
+                  f"{bc.get('num_images')} images, this report {report['reward']} with eval.gamma={report['gamma']} "
+                  f"on {report['num_images']}")
     atomic_write_json(Path(run.run_dir) / "summary.json", summary)
     print_report(summary)
     if "router" in summary:
