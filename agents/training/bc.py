@@ -32,6 +32,20 @@ rollouts and their labels also use the original backbone. The tuned GPT is writt
 run_dir/gpt.safetensors and the held-out report scores every policy on it, next to the backbone's
 held-out bits/token before and after tuning.
 
+Generated states (issue 12, part 2a; `states=generated`, configs/bc_generated.yaml): instead of the
+oracle set, BC trains on states visited while generating (the model's own samples, no ground
+truth), labelled by the argmax of the expected-oracle utility û(a|S) (`generated:`,
+`agents.training.generated_states`; built into generated.out_dir when missing, reused when its
+identity matches). The roll-in that visits them is the init head (`bc.init_from`, played greedily)
+or random blocks (`generated.roll_in=random`). Features come from replaying each recorded prefix
+teacher-forced on its generated grid, which reproduces the state generation visited. Everything
+else (R schedule, checkpoints, resume, the teacher-forced held-out report) is unchanged; DAgger and
+joint tuning are teacher-forced ideas and are refused.
+
+`bc.init_from`: an OrderHead file (`save_orderhead`) the head starts from, in either mode; its
+architecture must match the run's (agent sizes, beliefs, class conditioning, backbone width and
+geometry); dropout and R are the run's. Its sha256 joins the checkpoint identity.
+
 Imports backbone/, envs/, agents.planner, agents.evaluation (the held-out report) and the rest of
 agents.training.
 """
@@ -46,9 +60,10 @@ import torch
 import torch.nn.functional as F
 
 from agents.evaluation.report import EvalSpec, heldout_report, print_report
-from agents.planner.orderhead import OrderHead, orderhead_config_for, save_orderhead
+from agents.planner.orderhead import OrderHead, OrderHeadConfig, load_orderhead, orderhead_config_for, save_orderhead
 from agents.planner.policies import OrderHeadPolicy
 from agents.training.features import episode_observations
+from agents.training.generated_states import GeneratedStatesConfig, load_or_build_generated
 from agents.training.joint import JointConfig, JointTuner
 from agents.training.oracle_data import (
     MANIFEST,
@@ -69,7 +84,7 @@ from backbone.checkpoint import (
     set_rng_state,
     sha256_file,
 )
-from backbone.config import BackboneConfig, RunConfig
+from backbone.config import BackboneConfig, RunConfig, resolve_path
 from backbone.loading import save_gpt
 from backbone.run_utils import Logger, progress, setup_device
 from envs.core import EnvConfig, OrderPlanningCore
@@ -104,6 +119,7 @@ class BCConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     joint: JointConfig = field(default_factory=JointConfig)  # limited joint tuning (seed Stage 5), off by default
+    init_from: str | None = None  # an OrderHead .safetensors the head starts from; null = a fresh init
 
 
 @dataclass
@@ -118,6 +134,11 @@ class BCRun(RunConfig):
     eval: EvalSpec = field(default_factory=EvalSpec)
     run_dir: str = "runs/bc/tiny_mnist"
     oracle_seed: int | None = None  # seed of the oracle data set (its images and behaviour); null = `seed`
+    states: str = "teacher_forced"  # teacher_forced: oracle set | generated: states visited while generating
+    generated: GeneratedStatesConfig = field(default_factory=GeneratedStatesConfig)  # the set of states=generated
+
+
+STATES = ("teacher_forced", "generated")
 
 
 def targets_from_utilities(util: torch.Tensor, kind: str, tau: float) -> torch.Tensor:
@@ -239,6 +260,116 @@ class BCData:
             setattr(self, f.name, None if a is None else torch.cat([a, b]))
 
 
+def check_bc_run(run: BCRun) -> None:
+    """Refuse a configuration train_bc cannot run, before any heavy work (ValueError naming the fix;
+    FileNotFoundError for a missing bc.init_from)."""
+    bc = run.bc
+    if run.states not in STATES:
+        raise ValueError(f"states must be one of {STATES}, got {run.states!r}")
+    if bc.joint.top_n and run.env.beliefs:
+        raise ValueError("joint tuning (bc.joint.top_n > 0) recomputes hidden states in one causal pass per state, "
+                         "which has no query rows: it does not support env.beliefs=true")
+    if run.states == "generated":
+        run.generated.validate()
+        if bc.dagger_rounds:
+            raise ValueError("states=generated does not run DAgger (bc.dagger_rounds > 0): its rounds label "
+                             "teacher-forced learner states with the ground-truth oracle; set bc.dagger_rounds=0")
+        if bc.joint.top_n:
+            raise ValueError("states=generated does not run joint tuning (bc.joint.top_n > 0): it tunes the backbone "
+                             "on teacher-forced states while the û labels stay the frozen one's; set bc.joint.top_n=0")
+        if run.generated.roll_in == "init" and not bc.init_from:
+            raise ValueError("states=generated with generated.roll_in=init rolls in with the init head: set "
+                             "bc.init_from to an OrderHead .safetensors (e.g. a teacher-forced BC run's "
+                             "orderhead.safetensors), or set generated.roll_in=random")
+    if bc.init_from:
+        resolve_path(bc.init_from, what="bc.init_from (OrderHead weights)")
+
+
+def head_config(run: BCRun, core: OrderPlanningCore) -> OrderHeadConfig:
+    """The run's OrderHead config: agent sizes, R = max(R_schedule), the backbone's width, geometry
+    and classes, belief inputs when env.beliefs."""
+    return orderhead_config_for(core.D, core.geom, **asdict(run.agent), R=max(run.bc.R_schedule),
+                                num_classes=core.gpt.cfg.num_classes, beliefs=run.env.beliefs)
+
+
+@dataclass
+class InitHead:
+    """The head of bc.init_from, rebuilt with the run's config (eval mode), and its file's sha256."""
+
+    model: OrderHead
+    path: Path
+    sha256: str
+
+
+_FREE_HEAD_FIELDS = ("dropout", "R")  # the run's own: neither shapes a parameter
+
+
+def load_init_head(run: BCRun, cfg: OrderHeadConfig, device: torch.device) -> InitHead | None:
+    """bc.init_from's head (None when unset). Its config must equal the run's `cfg` except for
+    dropout and R, else ValueError naming the differing fields. The global RNG is left as it was
+    (building a head draws a random init), so the run's own init equals that of a fresh run."""
+    if not run.bc.init_from:
+        return None
+    path = resolve_path(run.bc.init_from, what="bc.init_from (OrderHead weights)")
+    with torch.random.fork_rng(devices=[]):
+        loaded = load_orderhead(path)
+        diff = [f"{f.name}: file {getattr(loaded.cfg, f.name)!r} vs run {getattr(cfg, f.name)!r}"
+                for f in fields(OrderHeadConfig)
+                if f.name not in _FREE_HEAD_FIELDS and getattr(loaded.cfg, f.name) != getattr(cfg, f.name)]
+        if diff:
+            raise ValueError(f"bc.init_from {path}: its OrderHead does not match this run's ({'; '.join(diff)}). "
+                             "The run's head follows agent.*, env.beliefs and the backbone: set them as the file's "
+                             "run had them, or train from another head")
+        model = OrderHead(cfg)
+        model.load_state_dict(loaded.state_dict())
+    return InitHead(model.to(device).eval(), path, sha256_file(path))
+
+
+@dataclass
+class TrainingStates:
+    """What BC trains on: the states' features and labels (`data`), the label kind, the checkpoint
+    identity entries of the source, the train images used (DAgger draws others) and summary entries."""
+
+    data: BCData
+    kind: str
+    identity: dict
+    used: torch.Tensor
+    summary: dict = field(default_factory=dict)
+
+
+def oracle_states(run: BCRun, core: OrderPlanningCore) -> TrainingStates:
+    """states=teacher_forced: the oracle set's records (built when missing), features replayed on
+    the real train images."""
+    ds = load_or_build_oracle(run, core.num_images)
+    print(f"oracle data: {len(ds)} states from {len(ds.images)} images ({ds.kind}); "
+          f"recomputing hidden states with the frozen backbone")
+    data = BCData.from_records(core, {"image_index": ds.image_index, "prefix": ds.prefix, "length": ds.length,
+                                      "utilities": ds.utilities})
+    identity = {"oracle_dir": str(Path(run.oracle.out_dir).resolve()), "oracle": ds.manifest["identity"],
+                "states": len(ds)}
+    return TrainingStates(data, ds.kind, identity, ds.image_index)
+
+
+def generated_states(run: BCRun, core: OrderPlanningCore, init: InitHead | None) -> TrainingStates:
+    """states=generated: the generated-state set (built when missing, rolled in by the init head),
+    its features replayed teacher-forced on the generated grids, which reproduces the visited states
+    without ground truth. Labels: the expected oracle û (nats)."""
+    gen = run.generated
+    seed = run.seed if gen.seed is None else gen.seed
+    gs = load_or_build_generated(gen, core.bb, run.env, seed, init.model if init else None,
+                                 init.sha256 if init else None)
+    print(f"generated states: {len(gs)} states of {len(gs.codes)} generated images (expected_oracle, "
+          f"K={gen.belief_samples}, roll_in={gen.roll_in}); recomputing hidden states on the generated grids")
+    replay_core = OrderPlanningCore(core.bb, gs.codes, gs.labels, core.cfg, core.B, seed=run.seed)
+    data = BCData.from_records(replay_core, gs.records())
+    identity = {"state_source": "generated", "generated_dir": str(Path(gen.out_dir).resolve()),
+                "generated": gs.manifest["identity"], "states": len(gs)}
+    summary = {"generated": {"out_dir": gen.out_dir, "images": len(gs.codes), "states": len(gs),
+                             "identity": gs.manifest["identity"], "build": gs.manifest.get("build"),
+                             "utility": gs.manifest.get("utility")}}
+    return TrainingStates(data, "expected_oracle", identity, torch.zeros(0, dtype=torch.long), summary)
+
+
 class DaggerRounds:
     """DAgger: at fixed steps, states visited by the current (greedy) learner on train images not
     used yet, labelled by the oracle. Round r draws its images and behaviour from seeds of
@@ -269,17 +400,19 @@ class DaggerRounds:
         print(f"DAgger round {r + 1}: +{len(rec['image_index'])} learner-visited states ({len(data)} in all)")
 
 
-def _checkpoint_identity(run: BCRun, ds: OracleDataset, tuner: JointTuner | None) -> dict:
+def _checkpoint_identity(run: BCRun, states: TrainingStates, tuner: JointTuner | None,
+                         init: InitHead | None) -> dict:
     """What a resumed run must share with its checkpoint (bc.steps may grow: the run continues)."""
     bc = run.bc
-    identity = {"agent": asdict(run.agent), "oracle_dir": str(Path(run.oracle.out_dir).resolve()),
-                "oracle": ds.manifest["identity"], "states": len(ds), "targets": bc.targets,
+    identity = {"agent": asdict(run.agent), **states.identity, "targets": bc.targets,
                 "soft_tau": bc.soft_tau, "R_schedule": list(bc.R_schedule), "batch_size": bc.batch_size,
                 "lr": bc.lr, "seed": run.seed, "backbone": run.backbone.name}
     if run.env.beliefs:  # (absent when off, so checkpoints of plain planners keep resuming)
         identity["beliefs"] = True
     if tuner:  # (absent when off, so a joint checkpoint does not resume as a plain run, nor the reverse)
         identity["joint"] = {**asdict(bc.joint), "gpt_weights": str(tuner.base)}
+    if init:  # (absent without bc.init_from, as above)
+        identity["init_from_sha256"] = init.sha256
     return identity
 
 
@@ -393,7 +526,7 @@ def _save_weights(run: BCRun, model: OrderHead, tuner: JointTuner | None, bits_b
         print(f"removing {gpt_path}: left by an earlier joint-tuning run, this run's planner uses the frozen backbone")
         gpt_path.unlink()
     save_orderhead(model, weights, {"stage": "bc", "steps": bc.steps, "oracle_kind": kind,
-                                    "backbone": run.backbone.name,
+                                    "backbone": run.backbone.name, "states": run.states,
                                     **({"gpt_weights": str(gpt_path)} if tuner else {})})
     return weights, eval_backbone, joint_summary
 
@@ -419,29 +552,27 @@ def _finish(run: BCRun, model: OrderHead, tuner: JointTuner | None, bits_before:
 def train_bc(run: BCRun) -> dict:
     """Behaviour cloning + the held-out report. Writes run_dir/{orderhead.safetensors, summary.json}."""
     t0 = time.time()
+    check_bc_run(run)
     bc = run.bc
-    if bc.joint.top_n and run.env.beliefs:
-        raise ValueError("joint tuning (bc.joint.top_n > 0) recomputes hidden states in one causal pass per state, "
-                         "which has no query rows: it does not support env.beliefs=true")
     device = setup_device(run.device)
     torch.manual_seed(run.seed)
     train_env = replace(run.env, split="train", budget=None)
     core = make_core(run.backbone, env=train_env, batch_size=bc.replay_batch, device=device, seed=run.seed)
-    ds = load_or_build_oracle(run, core.num_images)
-    print(f"oracle data: {len(ds)} states from {len(ds.images)} images ({ds.kind}); "
-          f"recomputing hidden states with the frozen backbone")
-    data = BCData.from_records(core, {"image_index": ds.image_index, "prefix": ds.prefix, "length": ds.length,
-                                      "utilities": ds.utilities})
+    cfg = head_config(run, core)
+    init = load_init_head(run, cfg, device)  # before the data: the generated set is rolled in with it
+    states = generated_states(run, core, init) if run.states == "generated" else oracle_states(run, core)
+    data = states.data
     bc.joint.validate(core.gpt.cfg.n_layer, bc.steps)
-    cfg = orderhead_config_for(core.D, core.geom, **asdict(run.agent), R=max(bc.R_schedule),
-                               num_classes=core.gpt.cfg.num_classes, beliefs=run.env.beliefs)
     model = OrderHead(cfg).to(device)
+    if init:
+        model.load_state_dict(init.model.state_dict())
+        print(f"starting from {init.path} (sha256 {init.sha256[:12]})")
     opt = torch.optim.AdamW(model.parameters(), lr=bc.lr, weight_decay=bc.weight_decay)
     tuner, bits_before = _make_tuner(run, device, core)
     ckpts = CheckpointManager(Path(run.run_dir) / "checkpoints", keep_last=bc.keep_checkpoints)
-    identity = _checkpoint_identity(run, ds, tuner)
+    identity = _checkpoint_identity(run, states, tuner, init)
     start, history, dagger_done = _restore(ckpts, identity, model, opt, tuner)
-    dagger = DaggerRounds(run, core, ds.kind, ds.image_index)
+    dagger = DaggerRounds(run, core, states.kind, states.used)
     for r in range(dagger_done):  # on resume, re-collect the rounds already done (same seeds)
         dagger.add(data, r, model)
     logger = Logger(run, Path(run.run_dir), job="bc")
@@ -460,5 +591,8 @@ def train_bc(run: BCRun) -> dict:
                               "rng": rng_state(), "history": history, "dagger_done": dagger_done,
                               "identity": identity, **({"joint": tuner.state_dict()} if tuner else {})})
     bar.close()
-    extra = {"train_states": len(data), "steps": bc.steps, "resumed_from": start, "history": history}
-    return _finish(run, model, tuner, bits_before, ds.kind, device, logger, t0, extra)
+    extra = {"train_states": len(data), "steps": bc.steps, "resumed_from": start, "history": history,
+             "states": run.states, **states.summary}
+    if init:
+        extra["init_from"] = {"path": str(init.path), "sha256": init.sha256}
+    return _finish(run, model, tuner, bits_before, states.kind, device, logger, t0, extra)
