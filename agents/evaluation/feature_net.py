@@ -251,6 +251,14 @@ class ClassifierFeatures(nn.Module):
         """images [B, C, H, W] float in [-1, 1] -> logits [B, num_classes] float32."""
         return self.classifier(self._prepare(images)).float()
 
+    @torch.no_grad()
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, num_features] (this extractor's output) -> logits [B, num_classes] float32: the
+        classifier's last layer (dropout is off in eval mode), so per-sample class log-probabilities of
+        a stored feature set need no second pass over its images."""
+        head = self.classifier.head
+        return head(features.to(device=head.weight.device, dtype=head.weight.dtype)).float()
+
 
 def _torch_fidelity_available() -> bool:
     return importlib.util.find_spec("torch_fidelity") is not None

@@ -249,7 +249,9 @@ def policy_identity(spec: PolicySpec, run: EvaluateRun) -> str:
     return json.dumps({"policy": spec.name, "source": spec.source,
                        "sha256": sha256_file(src) if spec.source.endswith(".safetensors") and src.is_file() else None,
                        "gpt_sha256": sha256_file(gpt) if gpt is not None and gpt.is_file() else None,
-                       "backbone": asdict(run.backbone), "env": asdict(run.env), "eval": ev,
+                       "backbone": asdict(run.backbone),
+                       # oracle_chunk bounds memory and leaves every number unchanged
+                       "env": {**asdict(run.env), "oracle_chunk": None}, "eval": ev,
                        "features": asdict(run.features), "stats": asdict(run.stats),
                        "column_rows": run.plots.column_rows, "heatmap_images": run.plots.heatmap_images,
                        "seed": run.seed, "device": run.device}, sort_keys=True, default=str)
@@ -331,10 +333,8 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
     row.update(precision=pr.precision, recall=pr.recall, pr_k=pr.k,
                precision_ci=list(mean_interval(pr.in_real.double(), seed=run.seed)[1:]),
                recall_ci=list(mean_interval(pr.in_fake.double(), seed=run.seed)[1:]))
-    classify = getattr(extractor, "classify", None) if fs.kind == "classifier" else None
-    if classify is not None:
-        with torch.no_grad():
-            logits = torch.cat([classify(b.to(device)).cpu() for b in samples.images.split(fs.batch_size)])
+    logits = sample_logits(extractor, fake)
+    if logits is not None:
         logp = class_logprob(logits, samples.labels)
         mean, lo, hi = mean_interval(logp, seed=run.seed)
         row.update(class_acc=float((logits.argmax(-1) == samples.labels).double().mean()),
@@ -362,12 +362,27 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
     return row, Generated(fake, samples.images[:run.plots.column_rows], samples.blocks)
 
 
+def sample_logits(extractor, features: torch.Tensor) -> torch.Tensor | None:
+    """Classifier logits [S, classes] of samples from their features [S, F] (None for feature nets
+    without a class head, e.g. Inception)."""
+    head = getattr(extractor, "logits_from_features", None)
+    return None if head is None else head(features).cpu()
+
+
 def paired_deltas(generated: dict[str, Generated], baselines: list[str], real: torch.Tensor, stats: StatsSpec,
-                  seed: int) -> dict[str, dict]:
-    """dFID of every policy against every baseline present, paired (the same sample indices in both
-    sets, over the first min(N_a, N_b) samples, which share labels and sampler seeds): {policy:
-    {dfid_vs_<b>: delta, dfid_vs_<b>_ci: [lo, hi], dfid_vs_<b>_n: n}}. Negative = fewer FID points."""
+                  seed: int, extractor=None, labels: torch.Tensor | None = None) -> dict[str, dict]:
+    """Every policy against every baseline present, paired on the first min(N_a, N_b) samples (they
+    share labels and sampler seeds): dFID with the paired bootstrap (the same sample indices in both
+    sets; negative = fewer FID points) and, with a classifier, the mean per-sample difference of
+    log p(conditioning class | sample) (nats; positive = more recognisable). {policy: {dfid_vs_<b>,
+    dfid_vs_<b>_ci, dfid_vs_<b>_n, logprob_vs_<b>, logprob_vs_<b>_ci}}."""
     out: dict[str, dict] = {name: {} for name in generated}
+    logp = {}
+    if extractor is not None and labels is not None:
+        for name, g in generated.items():
+            logits = sample_logits(extractor, g.features)
+            if logits is not None:
+                logp[name] = class_logprob(logits, labels[:len(g.features)])
     for b in baselines:
         if b not in generated:
             continue
@@ -375,6 +390,9 @@ def paired_deltas(generated: dict[str, Generated], baselines: list[str], real: t
             n = min(len(g.features), len(generated[b].features))
             d = paired_fid_delta(real, g.features[:n], generated[b].features[:n], stats.bootstrap, stats.level, seed)
             out[name].update({f"dfid_vs_{b}": d.delta, f"dfid_vs_{b}_ci": [d.lo, d.hi], f"dfid_vs_{b}_n": n})
+            if name in logp and b in logp:
+                mean, lo, hi = mean_interval(logp[name][:n] - logp[b][:n], level=stats.level, seed=seed)
+                out[name].update({f"logprob_vs_{b}": mean, f"logprob_vs_{b}_ci": [lo, hi]})
     return out
 
 
@@ -473,7 +491,8 @@ def run_evaluation(run: EvaluateRun) -> dict:
               f"{', '.join(f'{f:.2f}' for f in row['fid_seeds'])} (N={row['fid_seeds_n']}), precision "
               f"{row['precision']:.3f}, recall {row['recall']:.3f} ({row['seconds']} s)", flush=True)
 
-    for name, extra in paired_deltas(generated, ev.dfid_baselines, real, run.stats, run.seed).items():
+    for name, extra in paired_deltas(generated, ev.dfid_baselines, real, run.stats, run.seed, extractor,
+                                     gen_labels).items():
         results["policies"][name].update(extra)
     results["verdict"] = verdict(results, specs)
     _figures(run, run_dir, bb, codes, images, gen_labels, generated, orders_for_heatmap, curves, results)
@@ -574,6 +593,16 @@ def results_markdown(results: dict) -> str:
                      f"{r['precision']:.3f} | {r['recall']:.3f} | {_fmt(r['class_logprob'], 3)} "
                      f"{_ci(r['class_logprob_ci'], 3)} | {o}{' | ' if others else ''}{r['generation_path']} | "
                      f"{r['seconds']} |")
+    lp = [b for b in base if any(f"logprob_vs_{b}" in r for r in results["policies"].values())]
+    if lp:
+        lines += ["", "Paired per-sample difference of log p(conditioning class | sample) under the classifier "
+                  "(nats, 95% CI; positive = more recognisable than the baseline's sample of the same label and "
+                  "sampler stream):", "",
+                  "| policy | " + " | ".join(f"vs {b}" for b in lp) + " |", "|---" * (1 + len(lp)) + "|"]
+        for name, r in results["policies"].items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{r[f'logprob_vs_{b}']:+.4f} {_ci(r[f'logprob_vs_{b}_ci'], 4)}" if f"logprob_vs_{b}" in r else "n/a"
+                for b in lp) + " |")
     v = results.get("verdict")
     if v:
         lines += ["", f"**Best learned planner: {v['best_learned']}** (FID {v['fid']:.3f}). Its FID is "

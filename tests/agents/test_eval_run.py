@@ -166,6 +166,8 @@ def test_tiny_evaluation_writes_results(tmp_path):
     assert res["policies"]["confident_first"]["generation_path"] == "env"
     # the paired dFID of a policy with itself is exactly 0 with a zero-width interval
     assert res["policies"]["raster"]["dfid_vs_raster"] == 0.0 and res["policies"]["raster"]["dfid_vs_raster_ci"] == [0.0, 0.0]
+    assert res["policies"]["raster"]["logprob_vs_raster"] == 0.0 and res["policies"]["raster"]["logprob_vs_raster_ci"] == [0.0, 0.0]
+    assert math.isfinite(res["policies"]["random"]["logprob_vs_raster"])
     # a policy with fewer samples is compared on the common prefix (same labels and sampler streams)
     assert res["policies"]["confident_first"]["num_samples"] == 6
     assert res["policies"]["confident_first"]["dfid_vs_raster_n"] == 6 and res["policies"]["random"]["dfid_vs_raster_n"] == 12
@@ -206,6 +208,15 @@ def test_tiny_evaluation_writes_results(tmp_path):
 
     assert more["policies"]["random"]["num_samples"] == 8 and own(more["policies"]["raster"]) == own(res["policies"]["raster"])
     assert more["policies"]["raster"]["dfid_vs_random_n"] == 8
+
+
+def test_class_logits_from_stored_features_equal_a_pass_over_the_images(tiny):
+    from agents.evaluation.feature_net import make_feature_extractor
+    from agents.evaluation.fid import extract_features
+
+    ext = make_feature_extractor("classifier").eval()
+    images = torch.rand(5, 1, 32, 32) * 2 - 1
+    torch.testing.assert_close(ext.logits_from_features(extract_features(ext, images)), ext.classify(images))
 
 
 def test_the_verdict_reads_the_paired_intervals():
