@@ -1,0 +1,72 @@
+"""Benchmark: generation for evaluation against bare KV-cached decoding, in one run, same batch.
+
+    raster_decode      backbone.sampling.generate, raster order (the baseline: what decoding costs)
+    evaluate_fixed     agents.evaluation.rollouts.generate_samples of a fixed-order policy (one KV pass
+                       per batch, images decoded, snapshots taken): what scripts/evaluate.py pays
+    evaluate_beliefs   the same policy stepping the env with the per-token query a belief planner reads
+
+The last lines are the ratios (target for the first: >= 0.8):
+
+    fixed_vs_decode=<evaluate_fixed samples/s / raster_decode samples/s>
+    beliefs_vs_decode=<evaluate_beliefs samples/s / raster_decode samples/s>
+
+    python scripts/bench_generation.py [--samples 1000] [--batch 500] [--device cpu]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from agents.evaluation.rollouts import balanced_images, generate_samples  # noqa: E402
+from agents.planner.policies import make_policy  # noqa: E402
+from backbone.config import BackboneConfig  # noqa: E402
+from backbone.loading import build_backbone, load_token_data  # noqa: E402
+from backbone.sampling import SamplingConfig, generate  # noqa: E402
+from envs.core import EnvConfig  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cfg-scale", type=float, default=2.0)
+    args = ap.parse_args()
+    cfg = BackboneConfig()
+    bb = build_backbone(cfg, device=args.device)
+    labels = load_token_data(cfg, "heldout")[1]
+    labels = labels[balanced_images(labels)[torch.arange(args.samples) % len(labels)]]
+    sc = SamplingConfig(cfg_scale=args.cfg_scale)
+    L, S, B = bb.gpt.cfg.num_tokens, args.samples, args.batch
+    print(f"tiny_mnist, {S} samples, batch {B}, cfg_scale {sc.cfg_scale}, device {args.device}, "
+          f"threads {torch.get_num_threads()}")
+
+    def decode() -> None:
+        for j, i in enumerate(range(0, S, B)):
+            cond = labels[i:i + B].to(bb.device)
+            generate(bb.gpt, cond, torch.arange(L, device=bb.device).expand(len(cond), L), sc,
+                     torch.Generator(device=bb.device).manual_seed(j))
+
+    def evaluate(beliefs: bool):
+        env = EnvConfig(sampling=sc, beliefs=beliefs)
+        return lambda: generate_samples(lambda core: make_policy("raster", core), bb, labels, env, B, 0,
+                                        num_snapshots=8, rewards=beliefs)
+
+    rates = {}
+    for name, fn in [("raster_decode", decode), ("evaluate_fixed", evaluate(False)),
+                     ("evaluate_beliefs", evaluate(True))]:
+        t = time.perf_counter()
+        fn()
+        rates[name] = S / (time.perf_counter() - t)
+        print(f"{name:18s} {rates[name]:8.1f} samples/s", flush=True)
+    print(f"fixed_vs_decode={rates['evaluate_fixed'] / rates['raster_decode']:.2f}")
+    print(f"beliefs_vs_decode={rates['evaluate_beliefs'] / rates['raster_decode']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
