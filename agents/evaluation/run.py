@@ -516,10 +516,12 @@ def _figures(run: EvaluateRun, run_dir: Path, bb: Backbone, codes: torch.Tensor,
                         f"FID against the number of samples (reference: {results['fid_reference']})")
     eval_plots.reveal_time_heatmaps(run_dir / "reveal_time_heatmaps.png", {n: g.orders for n, g in generated.items()},
                                     bb.geometry, "mean reveal step of each block while generating (0 = first)")
-    heat_imgs = bb.vq.decode_codes(codes[images[:run.plots.heatmap_images]].to(bb.device).view(
-        -1, bb.gpt.cfg.grid_h, bb.gpt.cfg.grid_w)).float().cpu() if bb.vq is not None else None
-    if heat_imgs is not None:
-        eval_plots.order_heatmaps(run_dir / "order_heatmaps.png", orders_for_heatmap, heat_imgs, bb.geometry)
+    # teacher-forced orders on held-out images (none without eval.num_images, except the oracles')
+    played = {n: o for n, o in orders_for_heatmap.items() if len(o) >= run.plots.heatmap_images}
+    if bb.vq is not None and played and run.plots.heatmap_images > 0:
+        heat_imgs = bb.vq.decode_codes(codes[images[:run.plots.heatmap_images]].to(bb.device).view(
+            -1, bb.gpt.cfg.grid_h, bb.gpt.cfg.grid_w)).float().cpu()
+        eval_plots.order_heatmaps(run_dir / "order_heatmaps.png", played, heat_imgs, bb.geometry)
     if curves:
         eval_plots.remaining_loss_curves(run_dir / "remaining_loss.png", curves,
                                          "remaining loss L_rest / L (nats/token)")

@@ -203,6 +203,11 @@ def test_tiny_evaluation_writes_results(tmp_path):
     assert json.loads(json.dumps(again["policies"])) == res["policies"]
     more = run_evaluation(to_typed(compose("evaluate", [*overrides, "+eval.policy_samples.random=8",
                                                         "policies=[raster,random]"]), EvaluateRun))
+    # generation only (no teacher-forced images): the same samples, so the same generation numbers
+    gen_only = run_evaluation(to_typed(compose("evaluate", [*overrides, "eval.num_images=0", f"run_dir={tmp_path}/g",
+                                                            "policies=[raster,oracle]"]), EvaluateRun))
+    for name in ("raster", "oracle"):
+        assert gen_only["policies"][name]["fid"] == res["policies"][name]["fid"] and "return" not in gen_only["policies"][name]
     def own(row: dict) -> dict:  # a policy's own numbers (its dFIDs depend on the other policies)
         return {k: v for k, v in row.items() if not k.startswith("dfid_vs_")}
 
