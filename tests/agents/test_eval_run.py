@@ -209,7 +209,7 @@ def test_tiny_evaluation_writes_results(tmp_path):
     for name in ("raster", "oracle"):
         assert gen_only["policies"][name]["fid"] == res["policies"][name]["fid"] and "return" not in gen_only["policies"][name]
     def own(row: dict) -> dict:  # a policy's own numbers (its dFIDs depend on the other policies)
-        return {k: v for k, v in row.items() if not k.startswith("dfid_vs_")}
+        return {k: v for k, v in row.items() if not k.startswith(("dfid_vs_", "logprob_vs_"))}
 
     assert more["policies"]["random"]["num_samples"] == 8 and own(more["policies"]["raster"]) == own(res["policies"]["raster"])
     assert more["policies"]["raster"]["dfid_vs_random_n"] == 8
