@@ -89,7 +89,7 @@ def train_env_config(run: PPORun) -> EnvConfig:
     env = replace(run.env, split="train", budget=budgets, gamma=smdp_gamma(run))
     env.validate()
     # env.query=pending (generation without the per-token query) pays nan rewards: nothing to learn from
-    if getattr(env, "query", "full") != "full":
+    if env.query != "full":
         raise ValueError(f"PPO needs the env's rewards: env.query={env.query} skips the query they come from; "
                          "use env.query=full")
     return env
