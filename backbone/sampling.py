@@ -30,6 +30,43 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    # stream: torch.multinomial from the sampler's generator (LlamaGen's).
+    # position: Gumbel-max with noise that is a fixed function of (row key, token position, code), see
+    # `position_gumbel`: common random numbers across orders, for paired comparisons of policies.
+    noise: str = "stream"
+
+
+NOISES = ("stream", "position")
+_M32 = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds, constants from Wellons' hash prospector)
+    of int64 tensors, elementwise; returns int64 in [0, 2^32). Both constants are below 2^31, so no
+    product leaves int64, on any device."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def row_keys(seed: int, index: torch.Tensor) -> torch.Tensor:
+    """Noise keys [B] (int64) of sample indices `index` [B] under a sampler seed."""
+    s = torch.tensor([int(seed) & _M32, (int(seed) >> 32) & _M32], dtype=torch.long, device=index.device)
+    base = hash32(hash32(s[0:1]) ^ s[1:2])
+    return hash32(base ^ hash32(index.long() + 0x5BD1E995))
+
+
+def position_gumbel(keys: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise [B, V] (float32) that depends only on (keys [B], positions [B], code):
+    the same row key reads the same noise at a token position whatever the order that reaches it.
+    Uniforms on a 2^-24 grid, open at both ends, so the noise is finite (|g| < 17.4)."""
+    h = hash32(keys.long() ^ hash32(positions.long() * 0x9E3779B1 + 1))  # [B]
+    h = hash32(h[:, None] + torch.arange(vocab, device=keys.device))  # [B, V]
+    u = ((h >> 8).float() + 0.5) / float(1 << 24)
+    return -torch.log(-torch.log(u))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -48,11 +85,19 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def sample_logits(logits: torch.Tensor, sc: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row from logits [B, V] -> LongTensor [B]."""
+def sample_logits(logits: torch.Tensor, sc: SamplingConfig, generator: torch.Generator | None = None,
+                  keys: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw one token per row from logits [B, V] -> LongTensor [B]. sc.noise = position needs the
+    rows' noise `keys` [B] and the token `positions` [B] being sampled (raster indices)."""
     logits = filter_logits(logits / max(sc.temperature, 1e-5), sc.top_k, sc.top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if sc.noise == "stream":
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+    if sc.noise != "position":
+        raise ValueError(f"sampling.noise must be one of {NOISES}, got {sc.noise!r}")
+    if keys is None or positions is None:
+        raise ValueError("sampling.noise=position needs the rows' noise keys and token positions")
+    # Gumbel-max: argmax(logits + g) is a draw from softmax(logits); -inf (filtered) codes never win
+    return (logits.float() + position_gumbel(keys, positions, logits.shape[-1])).argmax(-1)
 
 
 def guided(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
@@ -70,9 +115,10 @@ def _with_null(model: GPT, cond: torch.Tensor, sc: SamplingConfig) -> torch.Tens
 
 @torch.no_grad()
 def generate(model: GPT, cond: torch.Tensor, order: torch.Tensor, sc: SamplingConfig | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
     """Sample images with the KV cache. cond [B]; order [B, L] raster positions in generation order;
-    sc None = SamplingConfig() defaults. Returns token grids [B, L] in raster layout."""
+    sc None = SamplingConfig() defaults; keys [B] the rows' noise keys (sc.noise = position).
+    Returns token grids [B, L] in raster layout."""
     sc = SamplingConfig() if sc is None else sc
     B, L = order.shape
     rows = torch.arange(B, device=cond.device)
@@ -85,7 +131,7 @@ def generate(model: GPT, cond: torch.Tensor, order: torch.Tensor, sc: SamplingCo
         logits, _ = model.advance(state, pos.repeat(rep))
         if rep == 2:
             logits = guided(logits, sc.cfg_scale)
-        tok = sample_logits(logits, sc, generator)
+        tok = sample_logits(logits, sc, generator, keys, pos)
         out[rows, pos] = tok
         model.feed(state, tok.repeat(rep), pos.repeat(rep))
     return out
@@ -94,7 +140,7 @@ def generate(model: GPT, cond: torch.Tensor, order: torch.Tensor, sc: SamplingCo
 @torch.no_grad()
 def generate_recompute(model: GPT, cond: torch.Tensor, order: torch.Tensor,
                        sc: SamplingConfig | None = None, generator: torch.Generator | None = None,
-                       max_steps: int | None = None) -> torch.Tensor:
+                       max_steps: int | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
     """The O(L^2) reference sampler: a full forward of the prefix at every step. Same arguments and
     result as `generate`; `max_steps` stops early (the rest of the grid stays 0), for timing."""
     sc = SamplingConfig() if sc is None else sc
@@ -110,7 +156,7 @@ def generate_recompute(model: GPT, cond: torch.Tensor, order: torch.Tensor,
         logits = logits[:, -1]
         if rep == 2:
             logits = guided(logits, sc.cfg_scale)
-        tok = sample_logits(logits, sc, generator)
+        tok = sample_logits(logits, sc, generator, keys, order[:, t])
         out[rows, order[:, t]] = tok
         seq = torch.cat([seq, tok.repeat(rep)[:, None]], 1)
     return out

@@ -59,7 +59,7 @@ import torch
 from backbone.belief_utility import BeliefUtilities, expected_utilities
 from backbone.future_loss import _scatter_targets, extrapolative_weights, oracle_utilities
 from backbone.loading import Backbone
-from backbone.sampling import SamplingConfig, guided, sample_logits
+from backbone.sampling import SamplingConfig, guided, row_keys, sample_logits
 from envs.rewards import REWARDS, decision_reward, discounted_return, information_reward
 
 MODES = ("teacher_forced", "generate")
@@ -184,6 +184,10 @@ class OrderPlanningCore:
         self.generator.manual_seed(seed)
         self.sample_generator.manual_seed(seed + 1)
         self.belief_generator.manual_seed(seed + 2)
+        # sampling.noise = position: row b's noise key is a function of (seed, b), so batch j of a set
+        # seeded per batch has one key per sample; an evaluation device, since a row that plays several
+        # episodes under one seed reads the same noise in each
+        self.row_key = row_keys(seed, torch.arange(self.B, device=self.device))
         return seed
 
     @property
@@ -412,7 +416,7 @@ class OrderPlanningCore:
             if self.ustate is not None:
                 ulogits, _ = self.gpt.advance(self.ustate, pos, active=active)
                 logits = guided(torch.cat([logits, ulogits]), self.sc.cfg_scale)
-            tok = sample_logits(logits, self.sc, self.sample_generator)
+            tok = sample_logits(logits, self.sc, self.sample_generator, self.row_key, pos)
             self._store_hidden(prev[:, None], hid[:, None], active)
             self.gpt.feed(self.state, tok, pos, active=active)
             if self.ustate is not None:

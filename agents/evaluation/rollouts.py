@@ -175,13 +175,21 @@ def _generation_core(backbone: Backbone, labels: torch.Tensor, env: EnvConfig, b
     return OrderPlanningCore(backbone, torch.zeros(S, L, dtype=torch.long), labels.long(), cfg, batch_size, seed=seed)
 
 
+POLICY_SEED_OFFSET = 3  # a generation batch seeded s reseeds its policy with s + 3 (the core uses s + 0..2)
+
+
 @torch.no_grad()
 def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tensor, env: EnvConfig, batch_size: int,
                      seed: int, num_snapshots: int = 8, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-                     progress_bar: Callable | None = None, rewards: bool = False, fast: bool = True) -> Samples:
+                     progress_bar: Callable | None = None, rewards: bool = False, fast: bool = True,
+                     first_index: int = 0) -> Samples:
     """Generate one image per entry of `labels` [S] with a fresh policy from `make(core)`. Batch j
-    reseeds the sampler with seed + j, so the samples depend only on (seed, batch_size, labels,
-    policy) and every policy sees the same label and sampler stream per sample index.
+    reseeds the sampler (and the policy's own generator, `BlockPolicy.reseed`) with seed + j, so the
+    samples depend only on (seed, batch_size, labels, policy) and every policy sees the same label
+    and sampler stream per sample index.
+    `first_index` (a multiple of batch_size) continues a longer set: labels are its samples
+    first_index.. and batch j is seeded as that set's batch first_index / batch_size + j, so a set
+    generated in chunks is the set generated at once (sampler streams and position-noise keys).
 
     Cost: a policy whose whole order is known before the episode (`planned_orders`: fixed orders,
     random, replayed oracle orders) is decoded in one KV-cached pass per batch
@@ -200,10 +208,14 @@ def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tens
     images, tokens, blocks, decisions, ent = [], [], [], [], []
     snaps = torch.zeros(min(num_snapshots, S), len(fractions), *core.image_shape())
     snap_masks = torch.zeros(min(num_snapshots, S), len(fractions), core.N, dtype=torch.bool)
+    if first_index % batch_size:
+        raise ValueError(f"first_index ({first_index}) must be a multiple of batch_size ({batch_size})")
     batches = list(index_batches(torch.arange(S), batch_size))
     path = "env"
     for j, (idx, real) in enumerate(progress_bar(batches) if progress_bar else batches):
-        core.seed(seed + j)
+        batch_seed = seed + first_index // batch_size + j
+        core.seed(batch_seed)
+        policy.reseed(batch_seed + POLICY_SEED_OFFSET)
         orders = policy.planned_orders(idx.to(core.device)) if fast and not rewards else None
         if orders is not None:
             path = "decode"
@@ -239,10 +251,10 @@ def _play_generation(core: OrderPlanningCore, policy: BlockPolicy, idx: torch.Te
 
 def _decode_planned(core: OrderPlanningCore, labels: torch.Tensor, orders: torch.Tensor):
     """KV-cached decoding of block orders [B, N] (tokens in in-block raster order, as the env reveals
-    them) with the core's sampler stream; returns grids [B, L], orders, decisions [B] (= N) and a nan
+    them) with the core's sampler stream (or its rows' noise keys); returns grids [B, L], orders, decisions [B] (= N) and a nan
     return (no query ran)."""
     token_order = core.block_tokens[orders].flatten(1)  # [B, L]
-    x = generate(core.gpt, labels, token_order, core.sc, core.sample_generator)
+    x = generate(core.gpt, labels, token_order, core.sc, core.sample_generator, core.row_key)
     n = torch.full((core.B,), core.N, dtype=torch.long)
     return x, orders, n, torch.full((core.B,), float("nan"), dtype=torch.float64)
 

@@ -176,6 +176,12 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
     return PolicySpec(name, make, budgets=budgets, source=str(path), beliefs=model.cfg.beliefs)
 
 
+def generation_labels(labels: torch.Tensor, images: torch.Tensor, n: int) -> torch.Tensor:
+    """Class labels [n] of generated samples: sample i takes the label of held-out image images[i mod M]
+    (`balanced_images` order, so every prefix is class-balanced)."""
+    return labels[images[torch.arange(n) % len(images)]]
+
+
 def _check_same_backbone(entry: str, path: Path, backbone: BackboneConfig) -> None:
     """A planner trained with BC joint tuning (bc.joint.top_n > 0) belongs to its tuned GPT: the BC run
     dir holds it as gpt.safetensors, a PPO run started from it names it in summary.json. The table
@@ -439,7 +445,7 @@ def run_evaluation(run: EvaluateRun) -> dict:
     n_agree = min(ev.agreement_images, n_tf)
     n_max = max([ev.num_samples, *ev.policy_samples.values()])
     n_orders = min(max(n_tf, n_max), len(images))  # orders the oracles replay in generation mode
-    gen_labels = labels[images[torch.arange(n_max) % len(images)]]
+    gen_labels = generation_labels(labels, images, n_max)
 
     extractor = make_feature_extractor(run.features.kind, run.features.classifier_path, run.features.inception_weights)
     extractor = extractor.to(device).eval()

@@ -110,6 +110,14 @@ class BlockPolicy(TensorDictModuleBase):
         None. Generation then decodes the token order in one KV-cached pass instead of stepping the env."""
         return None
 
+    def reseed(self, seed: int) -> None:
+        """Restart the policy's own random stream (`generator`: random draws, sampled OrderHead
+        actions) at `seed`; a no-op for deterministic policies. Generation calls it once per batch, so
+        a sample's order depends on its batch's seed only, not on how many batches came before."""
+        gen = getattr(self, "generator", None)
+        if isinstance(gen, torch.Generator):
+            gen.manual_seed(int(seed))
+
     def forwards_per_decision(self) -> float:
         """Mean backbone forwards per decision so far (the policy's `forwards_per_row` before any)."""
         return self.forwards / self.decisions if self.decisions else float(self.forwards_per_row)

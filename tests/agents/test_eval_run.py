@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from agents.evaluation.rollouts import auc, generate_samples, replay_order, teacher_forced_metrics
+from agents.evaluation.rollouts import (POLICY_SEED_OFFSET, auc, generate_samples, replay_order,
+                                       teacher_forced_metrics)
 from agents.planner.policies import FixedOrderPolicy, make_policy
 from backbone.config import BackboneConfig, compose, to_typed
 from backbone.loading import build_backbone, load_token_data
@@ -57,7 +58,9 @@ def test_decoding_a_planned_order_equals_stepping_the_env(tiny, policy, cfg_scal
         if policy == "per_image":
             return FixedOrderPolicy(per_image)
         if policy == "random":  # the env path replays the planned permutations, drawn from the same seed
-            orders = make_policy("random", core, seed=4).planned_orders(torch.arange(6))
+            drawn = make_policy("random", core, seed=4)
+            drawn.reseed(5 + POLICY_SEED_OFFSET)  # what generate_samples does to batch 0's policy
+            orders = drawn.planned_orders(torch.arange(6))
             return FixedOrderPolicy(orders) if core.cfg.query == "full" else make_policy("random", core, seed=4)
         return make_policy(policy, core)
 
@@ -70,6 +73,46 @@ def test_decoding_a_planned_order_equals_stepping_the_env(tiny, policy, cfg_scal
     torch.testing.assert_close(fast.snapshots, slow.snapshots, atol=1e-5, rtol=0)
     assert torch.equal(fast.snapshot_masks, slow.snapshot_masks)
     assert fast.entropy_return is None and bool(slow.entropy_return.isfinite().all())
+
+
+@pytest.mark.parametrize("policy", ["spiral", "per_image"])
+def test_position_noise_decoding_equals_stepping_the_env(tiny, policy):
+    """sampling.noise=position: the fast path and the env path read the same per-position noise."""
+    bb, _, labels = tiny
+    env = EnvConfig(sampling=SamplingConfig(cfg_scale=2.0, noise="position"))
+    per_image = torch.stack([torch.randperm(16, generator=torch.Generator().manual_seed(i)) for i in range(3)])
+
+    def make(core):
+        return FixedOrderPolicy(per_image) if policy == "per_image" else make_policy(policy, core)
+
+    fast = generate_samples(make, bb, labels[:6], env, batch_size=6, seed=5, num_snapshots=0)
+    slow = generate_samples(make, bb, labels[:6], env, batch_size=6, seed=5, num_snapshots=0, rewards=True)
+    assert fast.path == "decode" and slow.path == "env"
+    assert torch.equal(fast.tokens, slow.tokens)
+    other = generate_samples(make, bb, labels[:6], env, batch_size=6, seed=6, num_snapshots=0)
+    assert not torch.equal(fast.tokens, other.tokens)  # the keys follow the seed
+
+
+@pytest.mark.parametrize("noise", ["stream", "position"])
+@pytest.mark.parametrize("policy", ["raster", "random", "confident_first"])
+def test_a_set_generated_in_chunks_is_the_set_generated_at_once(tiny, policy, noise):
+    """first_index continues a set: samples 4..7 generated as their own chunk equal samples 4..7 of the
+    whole set (sampler streams, position-noise keys and the random policy's draws all follow the
+    batch seed), which is what lets scripts/power.py grow N chunk by chunk."""
+    bb, _, labels = tiny
+    env = EnvConfig(sampling=SamplingConfig(cfg_scale=2.0, noise=noise))
+    lab = labels[torch.arange(8) % len(labels)]
+
+    def gen(lo, hi):
+        return generate_samples(lambda core: make_policy(policy, core, **({"seed": 0} if policy == "random" else {})),
+                                bb, lab[lo:hi], env, batch_size=2, seed=11, num_snapshots=0, first_index=lo)
+
+    whole, first, second = gen(0, 8), gen(0, 4), gen(4, 8)
+    assert torch.equal(whole.tokens, torch.cat([first.tokens, second.tokens]))
+    assert torch.equal(whole.blocks, torch.cat([first.blocks, second.blocks]))
+    assert not torch.equal(first.tokens, second.tokens)
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        gen(3, 8)
 
 
 def test_fixed_orders_policy_plays_the_given_orders(tiny):

@@ -6,7 +6,8 @@ import torch
 
 from backbone.blocks import BlockGeometry
 from backbone.orders import block_order
-from backbone.sampling import SamplingConfig, filter_logits, generate, generate_recompute, guided
+from backbone.sampling import (SamplingConfig, filter_logits, generate, generate_recompute, guided, position_gumbel,
+                               row_keys, sample_logits)
 from tests.conftest import randomized_gpt
 
 
@@ -69,3 +70,50 @@ def test_bfloat16_cast_keeps_rope_in_float32():
     model = randomized_gpt(seed=4).to(torch.bfloat16)
     assert model.rope.dtype == torch.float32
     assert model.output.weight.dtype == torch.bfloat16
+
+
+def test_position_noise_is_a_function_of_key_and_position_only():
+    keys = row_keys(7, torch.arange(6))
+    pos = torch.tensor([3, 0, 63, 5, 5, 9])
+    g = position_gumbel(keys, pos, 50)
+    perm = torch.tensor([5, 2, 0, 1, 4, 3])
+    assert torch.equal(position_gumbel(keys[perm], pos[perm], 50), g[perm])  # rows are independent of the batch
+    assert not torch.equal(g[3], g[4])  # same position, different keys
+    assert not torch.equal(g[3], position_gumbel(keys[3:4], pos[2:3], 50)[0])  # same key, another position
+    assert not torch.equal(row_keys(7, torch.arange(6)), row_keys(8, torch.arange(6)))
+    assert bool(g.isfinite().all())
+
+
+def test_position_noise_is_standard_gumbel():
+    g = position_gumbel(row_keys(0, torch.arange(4000)), torch.arange(4000) % 64, 64).double().flatten()
+    euler_gamma = 0.5772156649
+    assert abs(float(g.mean()) - euler_gamma) < 0.01  # 256k draws: std error 0.0025
+    assert abs(float(g.var()) - torch.pi ** 2 / 6) < 0.03
+
+
+def test_position_noise_samples_the_softmax_and_respects_filters():
+    """Gumbel-max over the position noise draws from softmax(filtered logits / temperature)."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(20000, 1)
+    keys, pos = row_keys(3, torch.arange(20000)), torch.full((20000,), 17)
+    for sc in (SamplingConfig(noise="position"), SamplingConfig(noise="position", temperature=0.7, top_k=3)):
+        tok = sample_logits(logits, sc, keys=keys, positions=pos)
+        want = filter_logits(logits[:1] / sc.temperature, sc.top_k, sc.top_p).softmax(-1)[0]
+        freq = torch.bincount(tok, minlength=5).double() / len(tok)
+        assert float((freq - want).abs().max()) < 0.012  # std error <= 0.0035
+        assert torch.all(freq[want == 0] == 0)
+
+
+def test_position_noise_needs_keys_and_a_known_noise_name():
+    logits = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="noise keys"):
+        sample_logits(logits, SamplingConfig(noise="position"))
+    with pytest.raises(ValueError, match="sampling.noise"):
+        sample_logits(logits, SamplingConfig(noise="gumbel"))
+
+
+def test_kv_generation_equals_full_recompute_under_position_noise():
+    model = randomized_gpt(seed=3)
+    geom = BlockGeometry(8, 8, 2)
+    order = geom.token_order(block_order("random", geom, batch=3, generator=torch.Generator().manual_seed(1)))
+    sc, cond, keys = SamplingConfig(cfg_scale=2.0, noise="position"), torch.tensor([0, 4, 9]), row_keys(1, torch.arange(3))
+    assert torch.equal(generate(model, cond, order, sc, keys=keys), generate_recompute(model, cond, order, sc, keys=keys))
