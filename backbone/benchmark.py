@@ -1,5 +1,6 @@
 """Throughput of the three samplers on one model, measured in one process so ratios are fair:
-KV-cached raster, KV-cached random block order, and the O(L^2) full-recompute sampler.
+KV-cached raster, KV-cached random block order, and the O(L^2) full-recompute sampler; and the
+decode step's overhead ratio (its time over the time its FLOPs take at the measured matmul rate).
 
 Imports `backbone.blocks`, `backbone.gpt`, `backbone.orders`, `backbone.sampling` from this package;
 never envs or agents.
@@ -79,3 +80,53 @@ def time_samplers(model: GPT, geom: BlockGeometry, batch: int, repeats: int = 3,
     steps = L if recompute_steps is None else min(L, recompute_steps)
     t_re = best_time(lambda: generate_recompute(model, cond, rnd, sc, gen, max_steps=steps), 1)[0]
     return SamplerTimes(batch * L / t_raster, batch * L / t_random, batch * steps / t_re, steps)
+
+
+@dataclass
+class StepOverhead:
+    """How far one KV decode step is from its FLOP bound: measured seconds per step over the
+    seconds its FLOPs would take at the matmul throughput measured on the same device in the same
+    run. A ratio near 1 is compute bound; a large one is bound by launches, host-side Python and
+    host-device synchronisation (what issue 13 removes)."""
+
+    step_s: float  # wall seconds per decode step (one token for every row), sampling included
+    flops: float  # FLOPs of one decode step (matmuls and attention; batch included)
+    matmul_flops_s: float  # measured dense matmul throughput, FLOP/s
+
+    @property
+    def ratio(self) -> float:
+        return self.step_s / (self.flops / self.matmul_flops_s)
+
+
+def decode_step_flops(model: GPT, batch: int, context: float) -> float:
+    """FLOPs of one decode step of `batch` rows at a mean cache length `context` (tokens): two per
+    weight of every linear layer (output head included; embedding look-ups are free) plus the
+    attention scores and the weighted sum, 2 * 2 * dim per cached key and layer."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return batch * (2.0 * linear + 4.0 * model.cfg.n_layer * model.cfg.dim * context)
+
+
+def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 512, repeats: int = 5) -> float:
+    """Best-of-`repeats` FLOP/s of one n x n x n matmul (2 n^3 FLOPs) on this device and dtype."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.mm(a, b)  # warm-up
+    t, _ = best_time(lambda: torch.mm(a, b), repeats, device)
+    return 2.0 * n**3 / t
+
+
+@torch.no_grad()
+def decode_overhead(model: GPT, geom: BlockGeometry, batch: int, repeats: int = 3, seed: int = 0) -> StepOverhead:
+    """Seconds per token step of `generate` (random block order, best of `repeats` whole images)
+    against its FLOP bound; see `StepOverhead`."""
+    dev = model.output.weight.device
+    cond = torch.arange(batch, device=dev) % model.cfg.num_classes
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    order = geom.token_order(block_order("random", geom, batch=batch, generator=torch.Generator().manual_seed(seed))).to(dev)
+    L = geom.num_tokens
+    sc = SamplingConfig()
+    generate(model, cond, order, sc, gen)  # warm-up
+    t, _ = best_time(lambda: generate(model, cond, order, sc, gen), repeats, dev)
+    # the cache holds 1 .. L entries over the image (plus the row's own key): mean (L + 1) / 2 + 1
+    flops = decode_step_flops(model, batch, (L + 1) / 2 + 1)
+    return StepOverhead(t / L, flops, matmul_flops_per_s(dev, model.output.weight.dtype))

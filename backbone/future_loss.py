@@ -18,6 +18,11 @@ For an image with ground-truth tokens x [L], a visible set S (the blocks reveale
 This module is the KV-shared loss machinery: what the oracle and the env's query rows compute. The
 rewards the env pays are formed from these losses in `envs/rewards.py`, not here.
 
+Host-device synchronisation: by default every entry point checks its inputs and reads two sizes
+from the device (the longest cache, the most unseen tokens of any row). A caller that knows them on
+the host passes `sizes=HostSizes(...)` and `validate=False`; the call then reads nothing back from
+the device (on a GPU, the launches of the whole pass queue without waiting). The env does so.
+
 Shapes: B batch, L tokens, N blocks, T tokens per block, C candidates, Q query targets per row
 (the most unseen tokens of any row), P cached prefix slots, D model dim, V vocabulary, H heads,
 Hkv key/value heads (GQA), Dh head dim.
@@ -28,7 +33,8 @@ Imports `backbone.blocks`, `backbone.gpt` from this package; never envs or agent
 from __future__ import annotations
 
 import math
-from typing import Literal
+from functools import lru_cache
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -36,6 +42,7 @@ from backbone.blocks import BlockGeometry
 from backbone.gpt import GPT, Attention, DecodeState, apply_rope
 
 __all__ = [
+    "HostSizes",
     "UtilityKind",
     "WeightKind",
     "unseen_token_nll",
@@ -54,17 +61,28 @@ UTILITY_KINDS: tuple[str, ...] = ("future_loss", "extrapolative")
 WEIGHT_KINDS: tuple[str, ...] = ("uniform", "neighbours", "distance")
 
 
+class HostSizes(NamedTuple):
+    """Sizes of a state known on the host, so a call need not read them from the device. Exact
+    values give exactly the numbers of a call without them; larger ones are correct too (padding
+    rows and masked cache slots), up to float summation order."""
+
+    length: int  # the longest cache of any row: max_b DecodeState.length[b]
+    unseen: int  # the most unseen tokens of any row: max_b |R_b| (the query width Q)
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------
 
 
-def _unseen_targets(unseen: torch.Tensor) -> torch.Tensor:
+def _unseen_targets(unseen: torch.Tensor, Q: int | None = None) -> torch.Tensor:
     """Query targets for the unseen positions of each row, padded to the longest row.
 
-    unseen [B, L] bool -> targets [B, Q] long (raster positions, ascending; -1 = padding).
+    unseen [B, L] bool -> targets [B, Q] long (raster positions, ascending; -1 = padding). Q: the
+    host-known width (at least max_b |R_b|); None reads it from the device.
     """
-    Q = int(unseen.sum(1).max()) if unseen.numel() else 0
+    if Q is None:
+        Q = int(unseen.sum(1).max()) if unseen.numel() else 0
     # stable sort puts each row's unseen positions first, in raster order
     order = torch.sort((~unseen).to(torch.int8), dim=1, stable=True).indices[:, :Q]  # [B, Q]
     return torch.where(unseen.gather(1, order), order, -1)
@@ -84,13 +102,15 @@ def _nll_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor
     return logits.logsumexp(-1) - logits.gather(-1, tokens[..., None])[..., 0]
 
 
-def _check_state(state: DecodeState, x: torch.Tensor | None, unseen: torch.Tensor, L: int) -> None:
+def _check_state(state: DecodeState, x: torch.Tensor | None, unseen: torch.Tensor, L: int,
+                 validate: bool = True) -> None:
+    """Shapes always (host-side); the pending tokens only when validating (a read of the device)."""
     B = state.batch_size
     if unseen.shape != (B, L) or unseen.dtype != torch.bool:
         raise ValueError(f"unseen must be a bool tensor [B={B}, L={L}], got {unseen.dtype} {tuple(unseen.shape)}")
     if x is not None and x.shape != (B, L):
         raise ValueError(f"x must be [B={B}, L={L}], got {tuple(x.shape)}")
-    if not bool(state.has_pending.all()):
+    if validate and not bool(state.has_pending.all()):
         raise ValueError("the state needs a pending token on every row (call feed() after advance())")
 
 
@@ -99,39 +119,50 @@ def _check_state(state: DecodeState, x: torch.Tensor | None, unseen: torch.Tenso
 # ----------------------------------------------------------------------------------------------
 
 
+def _query(gpt: GPT, state: DecodeState, targets: torch.Tensor, validate: bool,
+           sizes: HostSizes | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gpt.query` with the host-known window when there is one (a non-GPT model: plain call)."""
+    if not isinstance(gpt, GPT):
+        return gpt.query(state, targets)
+    return gpt.query(state, targets, validate=validate, window=None if sizes is None else max(sizes.length, 1))
+
+
 @torch.no_grad()
-def unseen_token_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, unseen: torch.Tensor) -> torch.Tensor:
+def unseen_token_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, unseen: torch.Tensor, *,
+                     validate: bool = True, sizes: HostSizes | None = None) -> torch.Tensor:
     """l_j(S) = -log p(x_j | x_S) in nats at the unseen positions, 0 elsewhere.
 
     x [B, L] ground-truth tokens (raster layout); unseen [B, L] bool (R, may differ in size per
     row). One `gpt.query` of Q = max_b |R_b| rows. Returns [B, L] float32. The state is unchanged.
+    validate, sizes: see the module doc.
     """
     L = gpt.cfg.num_tokens
-    _check_state(state, x, unseen, L)
-    targets = _unseen_targets(unseen)
+    _check_state(state, x, unseen, L, validate)
+    targets = _unseen_targets(unseen, None if sizes is None else sizes.unseen)
     if targets.shape[1] == 0:
         return torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    logits, _ = gpt.query(state, targets)  # [B, Q, V]
+    logits, _ = _query(gpt, state, targets, validate, sizes)  # [B, Q, V]
     nll = _nll_from_logits(logits, x.gather(1, targets.clamp(min=0)))  # [B, Q]
     return _scatter_targets(nll, targets, L)
 
 
 @torch.no_grad()
 def unseen_token_entropy(gpt: GPT, state: DecodeState, unseen: torch.Tensor,
-                         temperature: float = 1.0) -> torch.Tensor:
+                         temperature: float = 1.0, *, validate: bool = True,
+                         sizes: HostSizes | None = None) -> torch.Tensor:
     """H_j(S): entropy in nats of p(. | x_S) / temperature at the unseen positions, 0 elsewhere.
 
     The generation-mode stand-in for l_j(S) (no ground truth needed). unseen [B, L] bool.
-    Returns [B, L] float32. The state is unchanged.
+    Returns [B, L] float32. The state is unchanged. validate, sizes: see the module doc.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     L = gpt.cfg.num_tokens
-    _check_state(state, None, unseen, L)
-    targets = _unseen_targets(unseen)
+    _check_state(state, None, unseen, L, validate)
+    targets = _unseen_targets(unseen, None if sizes is None else sizes.unseen)
     if targets.shape[1] == 0:
         return torch.zeros(unseen.shape, dtype=torch.float32, device=unseen.device)
-    logits, _ = gpt.query(state, targets)
+    logits, _ = _query(gpt, state, targets, validate, sizes)
     logp = (logits.float() / temperature).log_softmax(-1)
     ent = -(logp.exp() * logp).sum(-1)  # [B, Q]
     return _scatter_targets(ent, targets, L)
@@ -192,10 +223,10 @@ def _candidate_attention(attn: Attention, h: torch.Tensor, rope: torch.Tensor, k
 
 
 def _candidate_chunk_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, targets: torch.Tensor,
-                         blocks: torch.Tensor, geom: BlockGeometry) -> torch.Tensor:
+                         blocks: torch.Tensor, geom: BlockGeometry, P: int | None = None) -> torch.Tensor:
     """-log p(x_j | x_S, x_a) at every query target j, for candidate blocks `blocks` [B, C] (valid
-    ids only). targets [B, Q] (-1 = padding). Returns [B, C, Q] float32 (meaningless at padding
-    and at j in a; the caller masks them)."""
+    ids only). targets [B, Q] (-1 = padding); P: the host-known longest cache (None: read it).
+    Returns [B, C, Q] float32 (meaningless at padding and at j in a; the caller masks them)."""
     B, C = blocks.shape
     Q = targets.shape[1]
     block_tokens, _ = geom._on(x.device)
@@ -216,7 +247,8 @@ def _candidate_chunk_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, targets:
     emb, rope = gpt._embed(cond, tok.reshape(B * C, R), pos.reshape(B * C, R), ta.reshape(B * C, R))
     h = emb.view(B, C, R, -1)
 
-    P = int(state.length.max())
+    if P is None:
+        P = int(state.length.max())
     prefix_vis = torch.arange(P, device=x.device)[None, :] < state.length[:, None]  # [B, P]
     # block input t sees block inputs <= t (itself included); query rows (t >= T) see all T
     block_vis = torch.arange(T, device=x.device)[None, :] <= torch.arange(R, device=x.device)[:, None]  # [R, T]
@@ -231,7 +263,8 @@ def _candidate_chunk_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, targets:
 
 @torch.no_grad()
 def candidate_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, unseen: torch.Tensor,
-                  geom: BlockGeometry, candidates: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+                  geom: BlockGeometry, candidates: torch.Tensor, chunk: int | None = None, *,
+                  validate: bool = True, sizes: HostSizes | None = None) -> torch.Tensor:
     """l_j(S + a) in nats for every candidate block a and every unseen token j outside a.
 
     state: the visible prefix S (pending token on every row; rows may have different lengths).
@@ -242,29 +275,31 @@ def candidate_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, unseen: torch.T
 
     All candidates run in one pass per chunk that reads row b's cached prefix in place (no copy of
     the KV cache per candidate). Returns [B, C, L] float32: 0 for j in a, for j in S and for padded
-    candidates. The state is unchanged.
+    candidates. The state is unchanged. validate, sizes: see the module doc (with `sizes`, a chunk
+    of padding only is computed and zeroed rather than skipped after a read of the device).
     """
     L, N = gpt.cfg.num_tokens, geom.num_blocks
-    _check_state(state, x, unseen, L)
+    _check_state(state, x, unseen, L, validate)
     if geom.num_tokens != L:
         raise ValueError(f"geometry has {geom.num_tokens} tokens but the GPT {L}")
     B = state.batch_size
     if candidates.dim() != 2 or candidates.shape[0] != B or candidates.dtype != torch.long:
         raise ValueError(f"candidates must be a long tensor [B={B}, C], got {candidates.dtype} "
                          f"{tuple(candidates.shape)}")
-    if bool(((candidates < -1) | (candidates >= N)).any()):
+    if validate and bool(((candidates < -1) | (candidates >= N)).any()):
         raise ValueError(f"candidate block ids must lie in [0, {N}) (or -1 for padding)")
     block_tokens, token_block = geom._on(x.device)
     is_cand = candidates >= 0
     blocks = candidates.clamp(min=0)  # padded candidates run as block 0 and are zeroed below
-    blk_unseen = unseen.gather(1, block_tokens[blocks].flatten(1)).view(*blocks.shape, -1).all(-1)
-    if bool((is_cand & ~blk_unseen).any()):
-        bad = torch.nonzero(is_cand & ~blk_unseen).tolist()
-        raise ValueError(f"candidates (row, slot) {bad[:8]} name blocks that are already (partly) revealed")
+    if validate:
+        blk_unseen = unseen.gather(1, block_tokens[blocks].flatten(1)).view(*blocks.shape, -1).all(-1)
+        if bool((is_cand & ~blk_unseen).any()):
+            bad = torch.nonzero(is_cand & ~blk_unseen).tolist()
+            raise ValueError(f"candidates (row, slot) {bad[:8]} name blocks that are already (partly) revealed")
 
     C = candidates.shape[1]
     out = torch.zeros(B, C, L, dtype=torch.float32, device=x.device)
-    targets = _unseen_targets(unseen)
+    targets = _unseen_targets(unseen, None if sizes is None else sizes.unseen)
     if C == 0 or targets.shape[1] == 0:
         return out
     if chunk is not None and chunk < 1:
@@ -272,11 +307,14 @@ def candidate_nll(gpt: GPT, state: DecodeState, x: torch.Tensor, unseen: torch.T
     step = C if chunk is None else int(chunk)
     for c0 in range(0, C, step):
         sl = slice(c0, c0 + step)
-        if not bool(is_cand[:, sl].any()):
+        if sizes is None and not bool(is_cand[:, sl].any()):
             continue
         # a model that is not our GPT (tests/support/keyblock_toy.py) takes the generic path: no shared-prefix kernel
-        chunk_nll = _candidate_chunk_nll if isinstance(gpt, GPT) else generic_candidate_chunk_nll
-        nll = chunk_nll(gpt, state, x, targets, blocks[:, sl], geom)  # [B, c, Q]
+        if isinstance(gpt, GPT):
+            nll = _candidate_chunk_nll(gpt, state, x, targets, blocks[:, sl], geom,
+                                       None if sizes is None else sizes.length)  # [B, c, Q]
+        else:
+            nll = generic_candidate_chunk_nll(gpt, state, x, targets, blocks[:, sl], geom)
         out[:, sl] = _scatter_targets(nll, targets, L)
     # keep j in R \ a only, and nothing for padded candidates
     keep = unseen[:, None, :] & (token_block[None, None, :] != candidates[:, :, None]) & is_cand[:, :, None]
@@ -334,11 +372,18 @@ def extrapolative_weights(geom: BlockGeometry, kind: WeightKind, neighbour_weigh
     return w.masked_fill(own, 0.0).float()
 
 
+@lru_cache(maxsize=16)
+def _weights_on(geom: BlockGeometry, kind: WeightKind, neighbour_weight: float, device: torch.device) -> torch.Tensor:
+    """`extrapolative_weights` on `device`, cached: a copy from the host every call would wait for the GPU."""
+    return extrapolative_weights(geom, kind, neighbour_weight).to(device)
+
+
 @torch.no_grad()
 def oracle_utilities(gpt: GPT, state: DecodeState, x: torch.Tensor, revealed: torch.Tensor,
                      geom: BlockGeometry, kind: UtilityKind = "future_loss", weight: WeightKind = "uniform",
                      candidates: torch.Tensor | None = None, chunk: int | None = None,
-                     neighbour_weight: float = 0.5) -> torch.Tensor:
+                     neighbour_weight: float = 0.5, *, validate: bool = True,
+                     sizes: HostSizes | None = None) -> torch.Tensor:
     """Utility of revealing each block next, in nats: [B, N] float32, -inf where not computed.
 
     state: the visible prefix S, consistent with revealed [B, N] bool; x [B, L] ground truth.
@@ -348,6 +393,8 @@ def oracle_utilities(gpt: GPT, state: DecodeState, x: torch.Tensor, revealed: to
     `extrapolative_weights(geom, weight, neighbour_weight)` (`weight` is ignored for future_loss).
     candidates [B, C] long (-1 = padding): compute only these blocks (they must be unrevealed);
     None = every unrevealed block. `chunk`: see `candidate_nll`. The state is unchanged.
+    validate, sizes: see the module doc (with `sizes`, candidates=None packs sizes.unseen / T
+    columns, exactly the most unrevealed blocks of any row).
     """
     if kind not in UTILITY_KINDS:
         raise ValueError(f"unknown utility kind {kind!r}; choose from {UTILITY_KINDS}")
@@ -360,24 +407,25 @@ def oracle_utilities(gpt: GPT, state: DecodeState, x: torch.Tensor, revealed: to
     revealed = revealed.to(dev)
     if candidates is None:
         # every unrevealed block, packed to the left (stable sort keeps ascending block ids)
-        C = int((~revealed).sum(1).max())
+        C = int((~revealed).sum(1).max()) if sizes is None else sizes.unseen // geom.tokens_per_block
         idx = torch.sort(revealed.to(torch.int8), dim=1, stable=True).indices[:, :C]
         candidates = torch.where(revealed.gather(1, idx), -1, idx)
     else:
         candidates = candidates.to(dev)
         bad = (candidates >= 0) & revealed.gather(1, candidates.clamp(min=0))
-        if bool(bad.any()):
+        if validate and bool(bad.any()):
             raise ValueError(f"candidates (row, slot) {torch.nonzero(bad).tolist()[:8]} are revealed blocks")
     unseen = geom.block_mask_to_token_mask(~revealed)  # [B, L]
 
-    before = unseen_token_nll(gpt, state, x, unseen)  # l_j(S), [B, L]
-    after = candidate_nll(gpt, state, x, unseen, geom, candidates, chunk)  # l_j(S + a), [B, C, L]
+    before = unseen_token_nll(gpt, state, x, unseen, validate=validate, sizes=sizes)  # l_j(S), [B, L]
+    after = candidate_nll(gpt, state, x, unseen, geom, candidates, chunk,
+                          validate=validate, sizes=sizes)  # l_j(S + a), [B, C, L]
     _, token_block = geom._on(dev)
     rest = unseen[:, None, :] & (token_block[None, None, :] != candidates[:, :, None])  # j in R \ a
     if kind == "future_loss":
         util = before.sum(1, keepdim=True) - after.sum(2)  # [B, C]
     else:
-        w = extrapolative_weights(geom, weight, neighbour_weight).to(dev)[candidates.clamp(min=0)]  # [B, C, L]
+        w = _weights_on(geom, weight, float(neighbour_weight), torch.device(dev))[candidates.clamp(min=0)]  # [B, C, L]
         util = (w * rest * (before[:, None, :] - after)).sum(2)
 
     out = torch.full((B, N + 1), float("-inf"), device=dev)  # column N collects the padding

@@ -22,6 +22,13 @@ Three ways to run it, each an explicit method (no behaviour switch on `self.trai
 * `query`: `log p(x_j | x_S)` for many unseen positions j in one forward: each query row is the
   pending token carrying `ta(j)` and attends to the cache and to itself only.
 
+Host-device synchronisation: by default the cached methods check their inputs against the state and
+size the attention window to the longest cache exactly, which reads device tensors (on a GPU each
+read waits for the queue to drain). Hot loops that checked their inputs once at their boundary pass
+`validate=False`: nothing is read back from the device, and the window is the caller's host-known
+`window` or the state's host bound `DecodeState.kmax_bound`. Masks hide every slot past a row's own
+length, so a wider window gives the same attention up to float summation order.
+
 Shapes: B batch, L = grid_h * grid_w tokens, T new tokens, Q query rows, D model dim, V vocabulary,
 H heads, Dh head dim, C cache capacity (= L + 1, the last slot is scratch for inactive rows).
 Positions are raster token indices p = row * grid_w + col; position -1 denotes the class token.
@@ -255,6 +262,8 @@ class DecodeState:
     token counts as one). `pending_tok`/`pending_pos` [B]: the last revealed token, not yet in the
     cache because its target-aware embedding needs the next position (-1/-1 = the class token).
     `has_pending` [B] bool: False between `advance` and `feed`. `cond` [B]: class labels.
+    `kmax_bound`: a host-side upper bound of `length.max()` (a Python int, advanced by every commit),
+    so attention windows can be sized without reading the device; exact while rows move in lockstep.
     """
 
     k: list[torch.Tensor]
@@ -265,6 +274,7 @@ class DecodeState:
     has_pending: torch.Tensor
     cond: torch.Tensor
     capacity: int = field(default=0)
+    kmax_bound: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -294,9 +304,11 @@ class DecodeState:
             dst[rows] = src
         for name in ("length", "pending_tok", "pending_pos", "has_pending", "cond"):
             getattr(self, name)[rows] = getattr(other, name)
+        self.kmax_bound = max(self.kmax_bound, other.kmax_bound)
 
     def reset_rows_(self, rows: torch.Tensor, cond: torch.Tensor) -> None:
-        """In place: restart rows `rows` (bool [B] or LongTensor) from the class token `cond`."""
+        """In place: restart rows `rows` (bool [B] or LongTensor) from the class token `cond`.
+        `kmax_bound` stays (still an upper bound: which rows restart is not known on the host)."""
         self.length[rows] = 0
         self.pending_tok[rows] = CLASS_POS
         self.pending_pos[rows] = CLASS_POS
@@ -447,20 +459,28 @@ class GPT(nn.Module):
         )
 
     def _commit(self, state: DecodeState, tok: torch.Tensor, pos: torch.Tensor, ta_pos: torch.Tensor,
-                active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                active: torch.Tensor | None, validate: bool, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run inputs [B, T] causally after the cache, write their keys/values and advance `length`
-        on active rows. Inactive rows write into the scratch slot and keep their state."""
+        on active rows. Inactive rows write into the scratch slot and keep their state. The window
+        (cache slots attended) is `window`, else exact when validating, else from `kmax_bound`."""
         B, T = tok.shape
         dev = tok.device
         act = torch.ones(B, dtype=torch.bool, device=dev) if active is None else active.to(dev)
         end = state.length + T
-        if bool((act & (end > state.capacity - 1)).any()):
-            bad = torch.nonzero(act & (end > state.capacity - 1)).flatten().tolist()
-            raise ValueError(f"rows {bad}: appending {T} inputs overflows the cache "
-                             f"(capacity {state.capacity - 1}); the image has only {self.cfg.num_tokens} tokens")
+        if validate:
+            if bool((act & (end > state.capacity - 1)).any()):
+                bad = torch.nonzero(act & (end > state.capacity - 1)).flatten().tolist()
+                raise ValueError(f"rows {bad}: appending {T} inputs overflows the cache "
+                                 f"(capacity {state.capacity - 1}); the image has only {self.cfg.num_tokens} tokens")
+            exact = int(torch.where(act, end, 1).max())
+            if window is not None and window < exact:
+                raise ValueError(f"window={window} is narrower than the longest active cache after the call ({exact})")
+            kmax = exact if window is None else window
+        else:
+            kmax = state.kmax_bound + T if window is None else window
+        kmax = min(kmax, state.capacity - 1)  # past that lies only the scratch slot, which no row sees
         steps = torch.arange(T, device=dev)
         write_idx = torch.where(act[:, None], state.length[:, None] + steps, state.capacity - 1)
-        kmax = int(torch.where(act, end, 1).max())
         kpos = torch.arange(kmax, device=dev)
         # row b, input t sees cache slots < length + t + 1 (itself included); inactive: slot 0 only
         visible = torch.where(act[:, None], state.length[:, None] + steps + 1, 1)  # [B, T]
@@ -471,10 +491,12 @@ class GPT(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, ctx, i)
         state.length = torch.where(act, end, state.length)
+        state.kmax_bound = max(state.kmax_bound, kmax)  # active rows now end <= kmax, the others did not move
         return self._head(h)
 
     def append(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor,
-               active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               active: torch.Tensor | None = None, *, validate: bool = True,
+               window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-force `tokens` at `positions` [B, T] (e.g. one block in in-block raster order).
 
         The pending token is committed with ta(positions[:, 0]), tokens[:, :-1] are committed with
@@ -483,45 +505,54 @@ class GPT(nn.Module):
         Returns logits [B, T, V] (logits[:, t] predicts tokens[:, t] given everything before: their
         log-softmax gathered at `tokens` is the block's log-likelihood) and hidden states [B, T, D]
         of the committed inputs.
+
+        validate=False skips the checks of tokens, positions and pending tokens (the caller checked
+        them) and reads nothing back from the device; `window` (host int): cache slots to attend,
+        at least the longest active row's length after the call (default: see the module doc).
         """
-        self._check_rows(state, tokens, positions)
+        self._check_rows(state, tokens, positions, validate)
         act = torch.ones_like(state.has_pending) if active is None else active.to(torch.bool)
-        if bool((act & ~state.has_pending).any()):
+        if validate and bool((act & ~state.has_pending).any()):
             raise ValueError("append() needs a pending token on every active row; call feed() after advance()")
         tok = torch.cat([state.pending_tok[:, None], tokens[:, :-1]], 1)
         pos = torch.cat([state.pending_pos[:, None], positions[:, :-1]], 1)
-        out = self._commit(state, tok, pos, positions, act)
+        out = self._commit(state, tok, pos, positions, act, validate, window)
         state.pending_tok = torch.where(act, tokens[:, -1], state.pending_tok)
         state.pending_pos = torch.where(act, positions[:, -1], state.pending_pos)
         return out
 
-    def advance(self, state: DecodeState, target: torch.Tensor,
-                active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def advance(self, state: DecodeState, target: torch.Tensor, active: torch.Tensor | None = None, *,
+                validate: bool = True, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Commit the pending token with ta(target) and return the prediction for `target` [B]:
-        logits [B, V], hidden [B, D]. Follow with `feed` once the token is known (generation)."""
+        logits [B, V], hidden [B, D]. Follow with `feed` once the token is known (generation).
+        `validate`, `window`: as in `append`."""
         act = torch.ones_like(state.has_pending) if active is None else active.to(torch.bool)
-        self._check_positions(target, "advance() target", allow_none=False)
-        if bool((act & ~state.has_pending).any()):
-            raise ValueError("advance() twice without feed(): the pending token was already committed")
+        if validate:
+            self._check_positions(target, "advance() target", allow_none=False)
+            if bool((act & ~state.has_pending).any()):
+                raise ValueError("advance() twice without feed(): the pending token was already committed")
         logits, h = self._commit(state, state.pending_tok[:, None], state.pending_pos[:, None],
-                                 target[:, None], act)
+                                 target[:, None], act, validate, window)
         state.has_pending = state.has_pending & ~act
         return logits[:, 0], h[:, 0]
 
     def feed(self, state: DecodeState, token: torch.Tensor, position: torch.Tensor,
-             active: torch.Tensor | None = None) -> None:
-        """Make `token` at `position` [B] the pending token (after `advance` predicted it)."""
+             active: torch.Tensor | None = None, *, validate: bool = True) -> None:
+        """Make `token` at `position` [B] the pending token (after `advance` predicted it).
+        validate=False skips the checks (no read of the device)."""
         act = torch.ones_like(state.has_pending) if active is None else active.to(torch.bool)
-        self._check_positions(position, "feed() position", allow_none=False)
-        if bool(((token < 0) | (token >= self.cfg.vocab_size)).any()):
-            raise ValueError(f"feed() token ids must lie in [0, {self.cfg.vocab_size})")
-        if bool((act & state.has_pending).any()):
-            raise ValueError("feed() without advance(): the previous pending token would be lost")
+        if validate:
+            self._check_positions(position, "feed() position", allow_none=False)
+            if bool(((token < 0) | (token >= self.cfg.vocab_size)).any()):
+                raise ValueError(f"feed() token ids must lie in [0, {self.cfg.vocab_size})")
+            if bool((act & state.has_pending).any()):
+                raise ValueError("feed() without advance(): the previous pending token would be lost")
         state.pending_tok = torch.where(act, token, state.pending_tok)
         state.pending_pos = torch.where(act, position, state.pending_pos)
         state.has_pending = state.has_pending | act
 
-    def query(self, state: DecodeState, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, state: DecodeState, targets: torch.Tensor, *, validate: bool = True,
+              window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions for many positions at once without changing the state.
 
         targets [B, Q]: raster positions j; row (b, q) is the pending token of row b carrying
@@ -529,15 +560,26 @@ class GPT(nn.Module):
         an explicit forward of (prefix, j). targets == -1 gives the pending token's output with no
         target-aware term (a target-free summary). Returns logits [B, Q, V] (log_softmax gathered
         at x_j is log p(x_j | x_S)) and hidden [B, Q, D].
+
+        validate=False skips the checks of targets and pending tokens and reads nothing back from
+        the device; `window` (host int): cache slots to attend, at least the longest row's length.
         """
-        if not bool(state.has_pending.all()):
-            raise ValueError("query() needs a pending token on every row")
-        self._check_positions(targets, "query() targets", allow_none=True)
+        if validate:
+            if not bool(state.has_pending.all()):
+                raise ValueError("query() needs a pending token on every row")
+            self._check_positions(targets, "query() targets", allow_none=True)
         if targets.dim() != 2 or targets.shape[0] != state.batch_size:
             raise ValueError(f"query() targets must be [B={state.batch_size}, Q], got {tuple(targets.shape)}")
         B, Q = targets.shape
         dev = targets.device
-        kmax = max(int(state.length.max()), 1)
+        if validate:
+            exact = max(int(state.length.max()), 1)
+            if window is not None and window < exact:
+                raise ValueError(f"window={window} is narrower than the longest cache ({exact})")
+            kmax = exact if window is None else window
+        else:
+            kmax = max(state.kmax_bound, 1) if window is None else window
+        kmax = min(kmax, state.capacity - 1)
         cache_vis = torch.arange(kmax, device=dev)[None, :] < state.length[:, None]  # [B, kmax]
         self_vis = torch.eye(Q, dtype=torch.bool, device=dev)
         mask = torch.cat([cache_vis[:, None, :].expand(B, Q, kmax), self_vis.expand(B, Q, Q)], 2)[:, None]
@@ -556,12 +598,16 @@ class GPT(nn.Module):
             extra = " (or -1 for no target)" if allow_none else ""
             raise ValueError(f"{what} must lie in [0, {self.cfg.num_tokens}){extra}")
 
-    def _check_rows(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor) -> None:
+    def _check_rows(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor,
+                    validate: bool = True) -> None:
+        """Shapes always (host-side, free); value ranges only when validating (they read the device)."""
         if tokens.shape != positions.shape or tokens.dim() != 2 or tokens.shape[0] != state.batch_size:
             raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must "
                              f"both be [B={state.batch_size}, T]")
         if tokens.shape[1] == 0:
             raise ValueError("append() needs at least one token")
+        if not validate:
+            return
         L, V = self.cfg.num_tokens, self.cfg.vocab_size
         if bool(((positions < 0) | (positions >= L)).any()):
             raise ValueError(f"positions must lie in [0, {L})")

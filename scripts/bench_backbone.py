@@ -5,7 +5,13 @@ weights). The last two lines are the ratios at GPT-B geometry (L = 256):
     any_order_vs_raster=<random-order KV tokens/s / raster KV tokens/s>      (target >= 0.9)
     any_order_vs_recompute=<random-order KV tokens/s / recompute tokens/s>   (target >= 10)
 
+With --overhead-batch B (default 16) each preset also prints `decode_overhead=<ratio>`: seconds per
+KV decode step of `generate` at batch B over the seconds its FLOPs take at the matmul throughput
+measured in the same run (large = bound by launches, Python and host-device syncs, not by FLOPs).
+--overhead-only prints just those lines.
+
     python scripts/bench_backbone.py [--batch 2] [--device cpu] [--recompute-steps N] [--skip-gpt-b]
+                                     [--overhead-batch 16] [--overhead-only]
 """
 
 import argparse
@@ -16,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from backbone.benchmark import time_samplers
+from backbone.benchmark import decode_overhead, time_samplers
 from backbone.blocks import BlockGeometry
 from backbone.gpt import GPT, gpt_config
 
@@ -29,6 +35,8 @@ def main() -> None:
     ap.add_argument("--recompute-steps", type=int, default=None,
                     help="stop the O(L^2) sampler after N steps (its speed is then overstated)")
     ap.add_argument("--skip-gpt-b", action="store_true", help="tiny preset only (no final ratio lines)")
+    ap.add_argument("--overhead-batch", type=int, default=16, help="batch of the decode-overhead line (0: skip it)")
+    ap.add_argument("--overhead-only", action="store_true", help="only the decode-overhead lines (no sampler timings)")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -40,13 +48,20 @@ def main() -> None:
     for name, cfg, block in setups:
         model = GPT(cfg).eval().requires_grad_(False).to(args.device, dtype)
         geom = BlockGeometry(cfg.grid_h, cfg.grid_w, block)
+        if args.overhead_batch > 0:
+            ov = decode_overhead(model, geom, args.overhead_batch)
+            print(f"[{name}] batch={args.overhead_batch} decode step {ov.step_s * 1e3:.2f} ms, FLOP bound "
+                  f"{ov.flops / ov.matmul_flops_s * 1e3:.3f} ms ({ov.flops / 1e6:.1f} MFLOP at "
+                  f"{ov.matmul_flops_s / 1e9:.1f} GFLOP/s)  decode_overhead={ov.ratio:.1f}")
+        if args.overhead_only:
+            continue
         times = time_samplers(model, geom, args.batch, recompute_steps=args.recompute_steps)
         print(f"[{name}] L={geom.num_tokens} params={model.num_params() / 1e6:.1f}M  tokens/s: "
               f"raster_kv={times.raster_kv:.1f} random_block_kv={times.random_kv:.1f} "
               f"recompute={times.recompute:.1f} (over {times.recompute_steps} steps)  "
               f"ratios: any_order/raster={times.any_order_vs_raster:.3f} "
               f"any_order/recompute={times.any_order_vs_recompute:.1f}")
-    if not args.skip_gpt_b:
+    if not args.skip_gpt_b and not args.overhead_only:
         print(f"any_order_vs_raster={times.any_order_vs_raster:.3f}")
         print(f"any_order_vs_recompute={times.any_order_vs_recompute:.1f}")
 

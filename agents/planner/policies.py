@@ -97,7 +97,10 @@ class BlockPolicy(TensorDictModuleBase):
             if budget not in self.budgets:
                 raise ValueError(f"budget={budget} is not one of the env's budgets {self.budgets}")
             self.budget_default = self.budgets.index(budget)
-        self.forwards, self.decisions = 0, 0  # backbone forwards / live rows decided (see module doc)
+        # backbone forwards / live rows decided (see module doc): running totals kept as device
+        # tensors, so booking a decision never waits for the device; `forwards`/`decisions` read them
+        self._forwards: torch.Tensor | int = 0
+        self._decisions: torch.Tensor | int = 0
         self.cost: torch.Tensor | None = None  # [B] forwards of the current decision, set by a state-dependent decide
 
     forwards_per_row = 0  # forwards per decision of a policy whose cost does not depend on the state
@@ -118,19 +121,31 @@ class BlockPolicy(TensorDictModuleBase):
         if isinstance(gen, torch.Generator):
             gen.manual_seed(int(seed))
 
+    @property
+    def forwards(self) -> int:
+        """Backbone forwards booked so far (reads the device once)."""
+        return int(self._forwards)
+
+    @property
+    def decisions(self) -> int:
+        """Live rows decided so far (reads the device once)."""
+        return int(self._decisions)
+
     def forwards_per_decision(self) -> float:
         """Mean backbone forwards per decision so far (the policy's `forwards_per_row` before any)."""
-        return self.forwards / self.decisions if self.decisions else float(self.forwards_per_row)
+        decisions = self.decisions
+        return self.forwards / decisions if decisions else float(self.forwards_per_row)
 
     def _count(self, legal: torch.Tensor, forwards: torch.Tensor | None = None) -> None:
         """Book one decision on every live row of legal [B, N] (forwards [B] per row, default
         `forwards_per_row`)."""
         live = legal.any(-1)
-        self.decisions += int(live.sum())
+        n = live.sum()
+        self._decisions = self._decisions + n
         if forwards is None:
-            self.forwards += self.forwards_per_row * int(live.sum())
+            self._forwards = self._forwards + self.forwards_per_row * n
         else:
-            self.forwards += int(forwards.to(live.device)[live].sum())
+            self._forwards = self._forwards + torch.where(live, forwards.to(live.device), 0).sum()
 
     @property
     def router(self) -> bool:
@@ -155,7 +170,7 @@ class BlockPolicy(TensorDictModuleBase):
         if not self.router:
             return ranked[:, 0]
         if bidx is None:
-            bidx = torch.full((legal.shape[0],), self.budget_default, dtype=torch.long)
+            bidx = torch.full((legal.shape[0],), self.budget_default, dtype=torch.long, device=legal.device)
         return torch.cat([bidx.to(legal.device).long()[:, None], ranked[:, : self.K]], 1)
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:

@@ -213,18 +213,20 @@ class KeyBlockModel(nn.Module):
         return torch.ones_like(state.has_pending) if active is None else active.to(state.has_pending.device).bool()
 
     def append(self, state: ToyState, tokens: torch.Tensor, positions: torch.Tensor,
-               active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               active: torch.Tensor | None = None, *, validate: bool = True,
+               window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-force `tokens` at `positions` [B, T] (as `GPT.append`). Returns logits [B, T, V]
         (logits[:, t] predicts tokens[:, t] from what was revealed before it) and hidden states
-        [B, T, D] of the committed inputs (the previously pending token, then tokens[:, :-1])."""
+        [B, T, D] of the committed inputs (the previously pending token, then tokens[:, :-1]).
+        validate=False skips the value checks; `window` is accepted and unused (no cache here)."""
         B, L, V = state.batch_size, self.cfg.num_tokens, self.cfg.vocab_size
         if tokens.shape != positions.shape or tokens.dim() != 2 or tokens.shape[0] != B or tokens.shape[1] == 0:
             raise ValueError(f"tokens {tuple(tokens.shape)} and positions {tuple(positions.shape)} must both be "
                              f"[B={B}, T>0]")
-        if bool(((positions < 0) | (positions >= L)).any()) or bool(((tokens < 0) | (tokens >= V)).any()):
+        if validate and (bool(((positions < 0) | (positions >= L)).any()) or bool(((tokens < 0) | (tokens >= V)).any())):
             raise ValueError(f"positions must lie in [0, {L}) and token ids in [0, {V})")
         act = self._active(state, active)
-        if bool((act & ~state.has_pending).any()):
+        if validate and bool((act & ~state.has_pending).any()):
             raise ValueError("append() needs a pending token on every active row; call feed() after advance()")
         rows = torch.arange(B, device=tokens.device)
         grid = state.tokens.clone()
@@ -241,28 +243,30 @@ class KeyBlockModel(nn.Module):
         state.length = state.length + act * tokens.shape[1]
         return torch.stack(logits, 1), torch.stack(hidden, 1)
 
-    def query(self, state: ToyState, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, state: ToyState, targets: torch.Tensor, *, validate: bool = True,
+              window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Predictions for positions `targets` [B, Q] (-1: a target-free summary row) without
-        changing the state: logits [B, Q, V] (exact log-probabilities) and hidden [B, Q, D]."""
-        if not bool(state.has_pending.all()):
+        changing the state: logits [B, Q, V] (exact log-probabilities) and hidden [B, Q, D].
+        validate, window: as in `append`."""
+        if validate and not bool(state.has_pending.all()):
             raise ValueError("query() needs a pending token on every row")
         if targets.dim() != 2 or targets.shape[0] != state.batch_size:
             raise ValueError(f"query() targets must be [B={state.batch_size}, Q], got {tuple(targets.shape)}")
-        if bool(((targets < -1) | (targets >= self.cfg.num_tokens)).any()):
+        if validate and bool(((targets < -1) | (targets >= self.cfg.num_tokens)).any()):
             raise ValueError(f"query() targets must lie in [0, {self.cfg.num_tokens}) (or -1 for no target)")
         logits = self._logprobs(state.tokens, state.cond, targets)
         h = self._hidden(state.tokens, state.cond, state.pending_tok, state.pending_pos)  # [B, D]
         ta = (targets >= 0)[..., None] * self.ta_emb[targets.clamp(min=0)]
         return logits, (h[:, None, :] + ta).to(h.dtype)
 
-    def advance(self, state: ToyState, target: torch.Tensor,
-                active: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def advance(self, state: ToyState, target: torch.Tensor, active: torch.Tensor | None = None, *,
+                validate: bool = True, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Commit the pending token and predict `target` [B]: logits [B, V], hidden [B, D]. Follow
-        with `feed` (generation mode)."""
+        with `feed` (generation mode). validate, window: as in `append`."""
         act = self._active(state, active)
-        if bool((act & ~state.has_pending).any()):
+        if validate and bool((act & ~state.has_pending).any()):
             raise ValueError("advance() twice without feed(): the pending token was already committed")
-        if bool(((target < 0) | (target >= self.cfg.num_tokens)).any()):
+        if validate and bool(((target < 0) | (target >= self.cfg.num_tokens)).any()):
             raise ValueError(f"advance() target must lie in [0, {self.cfg.num_tokens})")
         logits = self._logprobs(state.tokens, state.cond, target[:, None])[:, 0]
         h = self._hidden(state.tokens, state.cond, state.pending_tok, state.pending_pos)
@@ -270,14 +274,15 @@ class KeyBlockModel(nn.Module):
         return logits, h
 
     def feed(self, state: ToyState, token: torch.Tensor, position: torch.Tensor,
-             active: torch.Tensor | None = None) -> None:
-        """Reveal `token` at `position` [B] and make it the pending token (after `advance`)."""
+             active: torch.Tensor | None = None, *, validate: bool = True) -> None:
+        """Reveal `token` at `position` [B] and make it the pending token (after `advance`).
+        validate=False skips the value checks."""
         act = self._active(state, active)
-        if bool(((token < 0) | (token >= self.cfg.vocab_size)).any()):
+        if validate and bool(((token < 0) | (token >= self.cfg.vocab_size)).any()):
             raise ValueError(f"feed() token ids must lie in [0, {self.cfg.vocab_size})")
-        if bool(((position < 0) | (position >= self.cfg.num_tokens)).any()):
+        if validate and bool(((position < 0) | (position >= self.cfg.num_tokens)).any()):
             raise ValueError(f"feed() position must lie in [0, {self.cfg.num_tokens})")
-        if bool((act & state.has_pending).any()):
+        if validate and bool((act & state.has_pending).any()):
             raise ValueError("feed() without advance(): the previous pending token would be lost")
         rows = torch.arange(state.batch_size, device=token.device)
         state.tokens[rows, position] = torch.where(act, token, state.tokens[rows, position])
