@@ -2,14 +2,15 @@
 
 - Atomic writes: temp file in the target directory, flush + fsync, ``os.replace``. A crash
   mid-write leaves the previous file intact (``torch.save`` straight onto the final path, as
-  nanoGPT / LlamaGen do, leaves a truncated checkpoint instead).
+  nanoGPT / LlamaGen do, leaves a truncated checkpoint instead). The next write of that path
+  removes the temp file a killed writer left behind.
 - Loading is ``weights_only=True`` only: LlamaGen training checkpoints pickle an
   ``argparse.Namespace`` and are refused with a message that says how to re-save them.
 - ``CheckpointManager``: ``step_XXXXXXXX.pt`` files plus a ``last.json`` pointer that moves only
   after the checkpoint is complete (LeRobot's ``update_last_checkpoint``), and RNG-state helpers
   for exact resume.
 
-Imports no other project module; never envs or agents.
+Imports backbone.artifacts only (its `check_finite`); never envs or agents.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 from torch import nn
+
+from backbone.artifacts import check_finite
 
 __all__ = [
     "CheckpointCorruptError",
@@ -77,11 +80,38 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files of ``path`` left by writers that were killed mid-write (SIGKILL, power loss:
+    no ``except`` ran), so repeated crashes do not pile up half-written checkpoints. Only files named
+    as ``atomic_write`` names them whose process is gone; one path has one writer at a time."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp$")
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = pattern.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+
+
 def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it onto ``path``.
-    Streams: ``write`` may emit a large array without an in-memory copy."""
+    Streams: ``write`` may emit a large array without an in-memory copy. Temp files of ``path`` left
+    by a killed writer are removed first (`_remove_stale_temps`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(path)
     # Same directory => same filesystem => os.replace is an atomic rename. A leading dot keeps
     # half-written files out of globs such as step_*.pt.
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -288,7 +318,8 @@ def load_state_dict_checked(
     """Load ``state_dict`` into ``module`` after checking every key and shape.
 
     Raises ValueError listing (each list cut at a readable length) the missing keys not in
-    ``allowed_missing``, the unexpected keys, and the mis-shaped keys with expected and got shapes.
+    ``allowed_missing``, the unexpected keys, and the mis-shaped keys with expected and got shapes,
+    or naming the tensors that hold nan / inf (``backbone.artifacts.check_finite``).
     Nothing is loaded when it raises. Tensors are converted to the dtype of the module's tensor.
 
     Returns:
@@ -322,6 +353,7 @@ def load_state_dict_checked(
         raise ValueError(
             f"{where}state dict does not match {type(module).__name__}:\n" + "\n".join(parts)
         )
+    check_finite(state_dict, context or type(module).__name__)
     converted = {
         k: v.to(dtype=expected[k].dtype)
         if isinstance(v, torch.Tensor) and isinstance(expected[k], torch.Tensor)
@@ -511,7 +543,8 @@ class CheckpointManager:
     def load_latest(self) -> dict | None:
         """Load the checkpoint ``latest()`` would pick, falling back past files that fail to
         load (with a warning). None if there is none. A checkpoint refused by weights_only is an
-        error, not corruption, and is raised."""
+        error, not corruption, and is raised; so is one whose "model" weights hold nan / inf
+        (NonFiniteWeightsError naming the tensors)."""
         pointed = self._pointed()
         for path in self._candidates():
             if not path.is_file():
@@ -527,5 +560,8 @@ class CheckpointManager:
                     f"resuming from {path.name}",
                     stacklevel=2,
                 )
+            if isinstance(state.get("model"), Mapping):  # a diverged run's weights: resuming would go on with nan
+                check_finite(state["model"], f"checkpoint {path} (model weights)",
+                             f"Delete {path.name} to resume from the checkpoint before it, or use a new run_dir")
             return state
         return None

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 
 from backbone.blocks import BlockGeometry
 from backbone.checkpoint import CheckpointManager, atomic_write_json, rng_state, set_rng_state
-from backbone.config import TrainBackboneRun, resolve_path
+from backbone.config import TrainBackboneRun, check_train_backbone_run, resolve_path
 from backbone.gpt import GPT
 from backbone.loading import backbone_gpt_config, data_fingerprint, load_gpt, load_token_data, save_gpt
 from backbone.orders import block_order
-from backbone.run_utils import Logger, dist_info, progress, setup_device
+from backbone.run_utils import Logger, console_log, dist_info, progress, setup_device
+from backbone.seeding import seed_global
 
 LN2 = math.log(2.0)
 
@@ -130,9 +131,11 @@ def heldout_nll(model: GPT, codes: torch.Tensor, labels: torch.Tensor, geom: Blo
     return out
 
 
+@console_log("train_backbone")
 def train_backbone(run: TrainBackboneRun) -> dict:
     """Train (or resume) the order-robust GPT of `run.backbone`; returns the summary written to
     `run_dir/summary.json` (rank 0)."""
+    check_train_backbone_run(run)
     rank, world, local_rank = dist_info()
     device = setup_device(run.device, local_rank)
     if world > 1 and not dist.is_initialized():
@@ -149,6 +152,10 @@ def train_backbone(run: TrainBackboneRun) -> dict:
     if train_codes.shape[1] != gcfg.num_tokens or int(train_codes.max()) >= gcfg.vocab_size:
         raise ValueError(f"data has {train_codes.shape[1]} tokens/image with ids up to {int(train_codes.max())}; "
                          f"the GPT expects {gcfg.num_tokens} tokens and vocab {gcfg.vocab_size}")
+    # The GPT's init keeps the plain torch seed, drawn right here (nothing before draws from it): the
+    # committed tiny default was trained so. numpy and `random` get a named stream (none of this
+    # draws from them, a library might); dropout is reseeded per step below.
+    seed_global(run.seed, "train_backbone", "host")
     torch.manual_seed(run.seed)
     model = GPT(gcfg)
     if tc.init_from:
@@ -166,6 +173,7 @@ def train_backbone(run: TrainBackboneRun) -> dict:
 
     # -- resume -----------------------------------------------------------------------------------
     start, history = 0, []
+    loss_val = float("nan")  # the last logged train loss (the summary's final_train_loss_nats)
     ckpt = ckpts.load_latest()
     if ckpt is not None:
         saved = ckpt["identity"]
@@ -177,6 +185,8 @@ def train_backbone(run: TrainBackboneRun) -> dict:
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
         start, history = int(ckpt["step"]), list(ckpt.get("history", []))
+        # a run stopped after its last checkpoint trains no more steps: the summary reads the saved loss
+        loss_val = float(ckpt.get("last_loss", float("nan")))
         if rank == 0:
             print(f"resumed from {ckpts.latest()} at step {start}")
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None) \
@@ -191,14 +201,14 @@ def train_backbone(run: TrainBackboneRun) -> dict:
     def save(step: int) -> None:
         if rank == 0:
             ckpts.save(step, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                              "rng": rng_state(), "identity": identity, "history": history})
+                              "rng": rng_state(), "identity": identity, "history": history,
+                              "last_loss": loss_val})
 
     # -- loop -------------------------------------------------------------------------------------
     model.train()
     t0, tokens_seen = time.time(), 0
     end = tc.max_steps if tc.stop_at is None else min(tc.max_steps, tc.stop_at)
     bar = progress(range(start, end), initial=start, total=tc.max_steps, disable=rank != 0, desc="train_backbone")
-    loss_val = float("nan")
     for step in bar:
         torch.manual_seed((run.seed * 1_000_003 + step) * 65_537 + rank)  # dropout masks
         ratio = random_ratio(step, tc.max_steps, tc.random_frac, tc.anneal_frac)

@@ -12,8 +12,12 @@ Loss: cross-entropy on the oracle argmax block (or, with `bc.targets=soft`, on s
 over the unrevealed blocks). The latent-reasoning depth R follows a curriculum (`bc.R_schedule`,
 e.g. [0, 1, 2]: equal shares of the steps), on the same parameters. Optional DAgger rounds add
 states visited by the current learner (labels from the oracle). Exact resume: the minibatch of
-step s is drawn from a generator seeded by (seed, s); model, optimizer and RNG state are
-checkpointed atomically.
+step s is drawn from a generator seeded by (seed, s); the head's init and the dropout stream come
+from their own named seeds (`backbone.seeding`: (seed, "bc", "orderhead_init") and (seed, "bc",
+"train")), so nothing drawn before (an oracle set built in the same process, an init head, the
+joint tuner's GPT) shifts them; model, optimizer, RNG states and the records of the DAgger rounds
+done (a resume replays them: the learner that visited their states is gone) are checkpointed
+atomically.
 
 Limited joint tuning (seed Stage 5, `bc.joint.top_n > 0`, off by default): from step
 `bc.joint.start_step` on, the top n transformer blocks of the GPT (and, with `tune_output`, its final
@@ -59,7 +63,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from agents.evaluation.report import EvalSpec, heldout_report, print_report
+from agents.evaluation.report import EvalSpec, check_eval_spec, heldout_report, print_report
 from agents.planner.orderhead import OrderHead, OrderHeadConfig, load_orderhead, orderhead_config_for, save_orderhead
 from agents.planner.policies import OrderHeadPolicy
 from agents.training.features import episode_observations
@@ -67,11 +71,13 @@ from agents.training.generated_states import GeneratedStatesConfig, load_or_buil
 from agents.training.joint import JointConfig, JointTuner
 from agents.training.oracle_data import (
     MANIFEST,
+    RECORD_KEYS,
     BuildOracleRun,
     OracleConfig,
     OracleDataset,
     build_identity,
     build_oracle,
+    check_oracle_config,
     collect_states,
     select_images,
 )
@@ -84,9 +90,11 @@ from backbone.checkpoint import (
     set_rng_state,
     sha256_file,
 )
-from backbone.config import BackboneConfig, RunConfig, resolve_path
-from backbone.loading import save_gpt
-from backbone.run_utils import Logger, progress, setup_device
+from backbone.config import BackboneConfig, RunConfig, check_backbone_config, check_run_config, resolve_path
+from backbone.loading import backbone_gpt_config, save_gpt
+from backbone.run_utils import Logger, console_log, progress, setup_device
+from backbone.seeding import isolated_rng, seed_global
+from backbone.validation import check_choice, check_int, check_int_list, check_positive, check_range
 from envs.core import EnvConfig, OrderPlanningCore
 from envs.factory import make_core
 
@@ -260,10 +268,38 @@ class BCData:
             setattr(self, f.name, None if a is None else torch.cat([a, b]))
 
 
-def check_bc_run(run: BCRun) -> None:
-    """Refuse a configuration train_bc cannot run, before any heavy work (ValueError naming the fix;
-    FileNotFoundError for a missing bc.init_from)."""
+def _check_bc_values(run: BCRun, check_paths: bool) -> None:
+    """Every BCRun field in its range, named by its dotted key (backbone/validation.py)."""
     bc = run.bc
+    check_run_config(run)
+    num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
+    run.env.validate(num_blocks=num_blocks)
+    check_oracle_config(run.oracle, "oracle.", num_blocks)
+    check_int("oracle_seed", run.oracle_seed, allow_none=True, note=" (null = seed)")
+    for name in ("d_model", "n_heads", "n_latents"):
+        check_int(f"agent.{name}", getattr(run.agent, name), 1)
+    check_positive("agent.mlp_ratio", run.agent.mlp_ratio)
+    check_range("agent.dropout", run.agent.dropout, 0.0, 1.0, hi_open=True)
+    for name in ("steps", "batch_size", "dagger_images", "replay_batch", "log_every", "ckpt_every",
+                 "keep_checkpoints"):
+        check_int(f"bc.{name}", getattr(bc, name), 1)
+    check_int("bc.dagger_rounds", bc.dagger_rounds, 0, note=" (0 = no DAgger)")
+    check_positive("bc.lr", bc.lr)
+    check_range("bc.weight_decay", bc.weight_decay, 0.0)
+    check_positive("bc.grad_clip", bc.grad_clip)
+    check_choice("bc.targets", bc.targets, ("argmax", "soft"))
+    check_positive("bc.soft_tau", bc.soft_tau, note=" (nats)")
+    check_int_list("bc.R_schedule", bc.R_schedule, 0)
+    bc.joint.validate(backbone_gpt_config(run.backbone).n_layer, bc.steps)
+    check_eval_spec(run.eval)
+
+
+def check_bc_run(run: BCRun, check_paths: bool = True) -> None:
+    """Refuse a configuration train_bc cannot run, before any heavy work (ValueError naming the key
+    and its allowed range, or the fix; with `check_paths`, FileNotFoundError for a missing
+    bc.init_from or backbone weights)."""
+    bc = run.bc
+    _check_bc_values(run, check_paths)
     if run.states not in STATES:
         raise ValueError(f"states must be one of {STATES}, got {run.states!r}")
     if bc.joint.top_n and run.env.beliefs:
@@ -281,7 +317,7 @@ def check_bc_run(run: BCRun) -> None:
             raise ValueError("states=generated with generated.roll_in=init rolls in with the init head: set "
                              "bc.init_from to an OrderHead .safetensors (e.g. a teacher-forced BC run's "
                              "orderhead.safetensors), or set generated.roll_in=random")
-    if bc.init_from:
+    if bc.init_from and check_paths:
         resolve_path(bc.init_from, what="bc.init_from (OrderHead weights)")
 
 
@@ -385,19 +421,29 @@ class DaggerRounds:
         """Whether round `done` (rounds done so far) starts at `step`."""
         return done < len(self.steps) and step >= self.steps[done]
 
-    def add(self, data: BCData, r: int, model: OrderHead) -> None:
-        """Append round r's states to `data` (the model is left in train mode)."""
+    def add(self, data: BCData, r: int, model: OrderHead) -> dict[str, torch.Tensor]:
+        """Append round r's states to `data` (the model is left in train mode). Returns the round's
+        record: its images [M] and the oracle records of the states (`collect_states` keys), what a
+        checkpoint keeps so that a resume replays the round instead of collecting it again (the
+        learner that visited the states is gone by then)."""
         run, core = self.run, self.core
         pool = torch.tensor([i for i in select_images(core.num_images, None, run.seed).tolist() if i not in self.used])
         perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(run.seed + 100 + r))
         imgs = pool[perm[:run.bc.dagger_images]]
-        self.used.update(imgs.tolist())
         learner = OrderHeadPolicy(model.eval(), greedy=True)
         rec = collect_states(core, lambda obs: learner.act(obs), imgs, self.kind, run.oracle.weight,
                              generator=torch.Generator().manual_seed(run.seed + 200 + r))
-        data.extend(BCData.from_records(core, rec))
         model.train()
-        print(f"DAgger round {r + 1}: +{len(rec['image_index'])} learner-visited states ({len(data)} in all)")
+        round_rec = {"images": imgs.clone(), **rec}
+        self.replay(data, r, round_rec)
+        return round_rec
+
+    def replay(self, data: BCData, r: int, round_rec: dict[str, torch.Tensor]) -> None:
+        """Append the states of round r's record (`add`) to `data`: their features are recomputed by
+        the frozen backbone, exactly as when the round was collected."""
+        self.used.update(round_rec["images"].tolist())
+        data.extend(BCData.from_records(self.core, {k: round_rec[k] for k in RECORD_KEYS}))
+        print(f"DAgger round {r + 1}: +{len(round_rec['image_index'])} learner-visited states ({len(data)} in all)")
 
 
 def _checkpoint_identity(run: BCRun, states: TrainingStates, tuner: JointTuner | None,
@@ -429,12 +475,13 @@ def _make_tuner(run: BCRun, device: torch.device, core: OrderPlanningCore) -> tu
 
 
 def _restore(ckpts: CheckpointManager, identity: dict, model: OrderHead, opt: torch.optim.Optimizer,
-             tuner: JointTuner | None) -> tuple[int, list[dict], int]:
+             tuner: JointTuner | None) -> tuple[int, list[dict], int, list[dict] | None]:
     """Load the latest checkpoint, if any, into model / optimizer / tuner / RNG after checking its
-    identity. Returns (step, history, DAgger rounds done); (0, [], 0) for a fresh run."""
+    identity. Returns (step, history, DAgger rounds done, their records (None in checkpoints written
+    before they were kept)); (0, [], 0, []) for a fresh run."""
     ckpt = ckpts.load_latest()
     if ckpt is None:
-        return 0, [], 0
+        return 0, [], 0, []
     check_identity(ckpt.get("identity", {}), identity, ckpts.latest(),
                    f"Use a new run_dir or delete {ckpts.ckpt_dir}.", what="cannot resume, the run changed")
     model.load_state_dict(ckpt["model"])
@@ -443,7 +490,9 @@ def _restore(ckpts: CheckpointManager, identity: dict, model: OrderHead, opt: to
         tuner.load_state_dict(ckpt["joint"])
     set_rng_state(ckpt["rng"])
     print(f"resumed from {ckpts.latest()} at step {int(ckpt['step'])}")
-    return int(ckpt["step"]), list(ckpt["history"]), int(ckpt["dagger_done"])
+    done = int(ckpt["dagger_done"])
+    records = ckpt.get("dagger_records", None if done else [])
+    return int(ckpt["step"]), list(ckpt["history"]), done, None if records is None else list(records)
 
 
 @dataclass
@@ -549,13 +598,15 @@ def _finish(run: BCRun, model: OrderHead, tuner: JointTuner | None, bits_before:
     return summary
 
 
+@console_log("bc")
 def train_bc(run: BCRun) -> dict:
-    """Behaviour cloning + the held-out report. Writes run_dir/{orderhead.safetensors, summary.json}."""
+    """Behaviour cloning + the held-out report. Writes run_dir/{orderhead.safetensors, summary.json}
+    (and what it prints to run_dir/bc.log)."""
     t0 = time.time()
     check_bc_run(run)
     bc = run.bc
     device = setup_device(run.device)
-    torch.manual_seed(run.seed)
+    seed_global(run.seed, "bc", "setup")  # what setup draws (a GPT's init, overwritten by its weights)
     train_env = replace(run.env, split="train", budget=None)
     core = make_core(run.backbone, env=train_env, batch_size=bc.replay_batch, device=device, seed=run.seed)
     cfg = head_config(run, core)
@@ -563,7 +614,9 @@ def train_bc(run: BCRun) -> dict:
     states = generated_states(run, core, init) if run.states == "generated" else oracle_states(run, core)
     data = states.data
     bc.joint.validate(core.gpt.cfg.n_layer, bc.steps)
-    model = OrderHead(cfg).to(device)
+    # its own stream: the init must not depend on what was drawn before (an in-process data build)
+    with isolated_rng(run.seed, "bc", "orderhead_init"):
+        model = OrderHead(cfg).to(device)
     if init:
         model.load_state_dict(init.model.state_dict())
         print(f"starting from {init.path} (sha256 {init.sha256[:12]})")
@@ -571,16 +624,23 @@ def train_bc(run: BCRun) -> dict:
     tuner, bits_before = _make_tuner(run, device, core)
     ckpts = CheckpointManager(Path(run.run_dir) / "checkpoints", keep_last=bc.keep_checkpoints)
     identity = _checkpoint_identity(run, states, tuner, init)
-    start, history, dagger_done = _restore(ckpts, identity, model, opt, tuner)
+    seed_global(run.seed, "bc", "train")  # dropout; a checkpoint's RNG states replace it on resume
+    start, history, dagger_done, dagger_records = _restore(ckpts, identity, model, opt, tuner)
     dagger = DaggerRounds(run, core, states.kind, states.used)
-    for r in range(dagger_done):  # on resume, re-collect the rounds already done (same seeds)
-        dagger.add(data, r, model)
+    if dagger_records is None:  # a checkpoint written before rounds were kept: collect them again
+        print("note: this checkpoint does not keep its DAgger states; collecting them again with the resumed "
+              "learner, so the run will not equal an uninterrupted one")
+        with torch.random.fork_rng(devices=[]):
+            dagger_records = [dagger.add(data, r, model) for r in range(dagger_done)]
+    else:  # replay the stored rounds: the learner that visited their states is the one of back then
+        for r, round_rec in enumerate(dagger_records):
+            dagger.replay(data, r, round_rec)
     logger = Logger(run, Path(run.run_dir), job="bc")
     model.train()
     bar = progress(range(start, bc.steps), initial=start, total=bc.steps, desc="bc")
     for step in bar:
         if dagger.due(dagger_done, step):
-            dagger.add(data, dagger_done, model)
+            dagger_records.append(dagger.add(data, dagger_done, model))
             dagger_done += 1
         out = _train_step(run, step, data, model, opt, tuner, device)
         done = step + 1
@@ -589,7 +649,8 @@ def train_bc(run: BCRun) -> dict:
         if done % bc.ckpt_every == 0 or done == bc.steps:
             ckpts.save(done, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
                               "rng": rng_state(), "history": history, "dagger_done": dagger_done,
-                              "identity": identity, **({"joint": tuner.state_dict()} if tuner else {})})
+                              "dagger_records": dagger_records, "identity": identity,
+                              **({"joint": tuner.state_dict()} if tuner else {})})
     bar.close()
     extra = {"train_states": len(data), "steps": bc.steps, "resumed_from": start, "history": history,
              "states": run.states, **states.summary}

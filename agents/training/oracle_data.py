@@ -39,11 +39,15 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from backbone.checkpoint import atomic_torch_save, atomic_write_json, check_identity, load_torch_checkpoint, sha256_file
-from backbone.config import BackboneConfig, resolve_path
+from backbone.config import BackboneConfig, check_backbone_config, resolve_path
+from backbone.future_loss import UtilityKind, WeightKind
+from backbone.run_utils import console_log
+from backbone.validation import check_choice, check_int
 from agents.training.features import check_replay_core, replay_states
 from envs.actions import random_valid_action  # its plain rule is exactly this data set's draw
 from envs.core import EnvConfig
@@ -262,10 +266,11 @@ def build_shards(core, out_dir: str | Path, image_index: torch.Tensor, identity:
             "chunks_built": len(chunks), "seconds": time.time() - t0}
 
 
-def write_manifest(out_dir: str | Path, image_index: torch.Tensor, identity: dict) -> dict:
+def write_manifest(out_dir: str | Path, image_index: torch.Tensor, identity: dict, write: bool = True) -> dict:
     """Rank 0, after every rank finished: check that every image of `image_index` is covered
     exactly once across the progress files, then write manifest.json (identity, shard list, counts,
-    utility statistics). Raises RuntimeError on a lost or duplicated image."""
+    utility statistics; only built and returned with write=False). Raises RuntimeError on a lost or
+    duplicated image."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, identity)
     everyone = _read_progress(out_dir)
@@ -302,7 +307,8 @@ def write_manifest(out_dir: str | Path, image_index: torch.Tensor, identity: dic
         "utility": {"mean_max": max_sum / max(n_states, 1),
                     "argmax_histogram": hist.tolist() if hist is not None else []},
     }
-    atomic_write_json(out_dir / MANIFEST, manifest)
+    if write:
+        atomic_write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -404,6 +410,31 @@ class BuildOracleRun(OracleConfig):
     split: str = "train"  # train | heldout (the env draws from it: env.split follows)
 
 
+def check_oracle_config(cfg: OracleConfig, prefix: str, num_blocks: int | None) -> None:
+    """The OracleConfig fields (`prefix` + field in errors: "" for build_oracle.yaml, "oracle." in
+    bc.yaml): counts >= 1, states_per_image in [1, N blocks], known behaviour / kind / weight."""
+    check_int(f"{prefix}num_images", cfg.num_images, 1, allow_none=True, note=" (null = every image)")
+    check_choice(f"{prefix}behaviour", cfg.behaviour, BEHAVIOURS)
+    check_choice(f"{prefix}kind", cfg.kind, get_args(UtilityKind))
+    check_choice(f"{prefix}weight", cfg.weight, get_args(WeightKind))
+    check_int(f"{prefix}states_per_image", cfg.states_per_image, 1, num_blocks, allow_none=True,
+              note=" (the states of one episode; null = all)")
+    check_int(f"{prefix}batch_size", cfg.batch_size, 1)
+    check_int(f"{prefix}chunk_images", cfg.chunk_images, 1)
+
+
+def check_build_oracle_run(run: BuildOracleRun, check_paths: bool = True) -> None:
+    """Validate configs/build_oracle.yaml's schema before anything is built (ValueError naming the
+    key and its range; FileNotFoundError for missing weights with `check_paths`)."""
+    num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
+    run.env.validate(num_blocks=num_blocks)
+    check_oracle_config(run, "", num_blocks)
+    check_choice("split", run.split, ("train", "heldout"))
+    if not (run.device == "cpu" or str(run.device).startswith("cuda")):
+        raise ValueError(f"device must be cpu, cuda or cuda:<index>, got {run.device!r}")
+    check_int("seed", run.seed)
+
+
 def build_identity(run: BuildOracleRun) -> dict:
     """The identity (`oracle_identity`) of the data set `run` builds, from its config alone (no
     core is built): every field that shapes the stored states and utilities, with the GPT weights
@@ -422,6 +453,7 @@ def build_identity(run: BuildOracleRun) -> dict:
                            gpt_weights_sha256=sha256_file(weights) if weights else None)
 
 
+@console_log("build_oracle", dir_field="out_dir")
 def build_oracle(run: BuildOracleRun) -> dict:
     """Build (or resume) the oracle data set of `run` in `run.out_dir`; under torchrun each rank
     builds its share. Returns the summary written to out_dir/summary.json (rank 0; {} elsewhere)."""
@@ -430,6 +462,7 @@ def build_oracle(run: BuildOracleRun) -> dict:
     from backbone.run_utils import dist_info, setup_device
     from envs.factory import make_core
 
+    check_build_oracle_run(run)
     if run.behaviour not in BEHAVIOURS:
         raise ValueError(f"behaviour must be one of {BEHAVIOURS}, got {run.behaviour!r}")
     if run.env.split != run.split:
@@ -460,7 +493,7 @@ def build_oracle(run: BuildOracleRun) -> dict:
         gathered = [stats]
     summary: dict = {}
     if rank == 0:
-        manifest = write_manifest(out_dir, images, identity)
+        manifest = write_manifest(out_dir, images, identity, write=False)
         wall = time.time() - t0
         built = sum(s["images_built"] for s in gathered)
         summary = {
@@ -477,6 +510,9 @@ def build_oracle(run: BuildOracleRun) -> dict:
             "config": asdict(run),
         }
         atomic_write_json(out_dir / "summary.json", summary)
+        # the manifest last: it marks the set finished, so a crash before it (even while the summary
+        # is written) makes the next run finish the build and write both
+        atomic_write_json(out_dir / MANIFEST, manifest)
         print(f"{manifest['counts']['states']} states of {manifest['counts']['images']} images in "
               f"{manifest['counts']['shards']} shards ({built} images built in {wall:.1f}s); "
               f"wrote {out_dir / MANIFEST}")

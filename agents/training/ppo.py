@@ -32,7 +32,10 @@ iteration) only:
   multiple of B * N no episode is ever cut), and
 * just before that reset the env is seeded from (cfg.seed, iteration) (the collector's
   `pre_collect_hook`), so the images drawn do not depend on what happened before;
-* the torch RNG (action sampling, minibatch permutations) is restored after the collector is built.
+* the torch RNG (action sampling, minibatch permutations) is restored after the collector is built
+  (a fresh run seeds it, numpy's and Python's from the named stream (cfg.seed, "ppo", "train"),
+  `backbone.seeding`), and the last metrics are checkpointed with it, so a run stopped after its
+  final checkpoint reports what the uninterrupted one does.
 So a run stopped after iteration i and restarted reproduces the uninterrupted run bit for bit on
 the CPU (tested: identical weights). On a GPU the same holds up to the non-determinism of CUDA
 kernels (same iterations, frames and images; weights equal up to float rounding).
@@ -46,7 +49,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +69,12 @@ from agents.planner.distributions import RouterDistribution
 from agents.planner.orderhead import OrderHead, save_orderhead
 from backbone.checkpoint import CheckpointManager, check_identity, rng_state, set_rng_state
 from backbone.run_utils import progress as progress_bar
+from backbone.seeding import seed_global
+from backbone.validation import check_choice, check_gamma, check_int, check_positive, check_probability, check_range
 from envs.rewards import discount_factors
 
 __all__ = ["PPOConfig", "make_actor_critic", "make_gae", "make_loss", "train_ppo", "iteration_seed",
-           "discounted_episode_returns", "smdp_env_gamma"]
+           "discounted_episode_returns", "smdp_env_gamma", "check_ppo_config"]
 
 
 EvalFn = Callable[[OrderHead, int], dict[str, float]]
@@ -263,6 +268,34 @@ def _router_of(env: EnvBase) -> bool:
     return len(env.action_spec.shape) > len(env.batch_size)
 
 
+def check_ppo_config(cfg: PPOConfig, key: str = "ppo") -> None:
+    """Each PPOConfig field in its range, named `{key}.<field>` (PPOConfig.validate adds the checks
+    against the env's batch size): counts and sizes >= 1, eval_every >= 0 (0 = never), gamma in
+    (0, 1], gae_lambda in [0, 1], clip_epsilon in (0, 1], coefficients >= 0, lr / eps / norms > 0."""
+    check_int(f"{key}.frames_per_batch", cfg.frames_per_batch, 1)
+    check_int(f"{key}.total_frames", cfg.total_frames, 1)
+    check_int(f"{key}.R", cfg.R, 0, allow_none=True, note=" (null = the OrderHead's own R)")
+    check_int(f"{key}.seed", cfg.seed)
+    check_gamma(f"{key}.gamma", cfg.gamma)
+    check_probability(f"{key}.gae_lambda", cfg.gae_lambda)
+    check_positive(f"{key}.reward_scale", cfg.reward_scale, allow_none=True, note=" (null = 1 / RMS of the first batch)")
+    check_range(f"{key}.clip_epsilon", cfg.clip_epsilon, 0.0, 1.0, lo_open=True)
+    check_range(f"{key}.entropy_coef", cfg.entropy_coef, 0.0)
+    check_range(f"{key}.critic_coef", cfg.critic_coef, 0.0)
+    check_choice(f"{key}.loss_critic_type", cfg.loss_critic_type, ("l1", "l2", "smooth_l1"))
+    check_positive(f"{key}.clip_value", cfg.clip_value, allow_none=True, note=" (null = no value clipping)")
+    check_positive(f"{key}.lr", cfg.lr)
+    check_positive(f"{key}.adam_eps", cfg.adam_eps)
+    check_positive(f"{key}.max_grad_norm", cfg.max_grad_norm)
+    check_int(f"{key}.epochs", cfg.epochs, 1)
+    check_int(f"{key}.minibatch_size", cfg.minibatch_size, 1)
+    check_positive(f"{key}.target_kl", cfg.target_kl, allow_none=True, note=" (null = no early stop)")
+    check_int(f"{key}.eval_every", cfg.eval_every, 0, note=" (0 = never)")
+    check_int(f"{key}.ckpt_every", cfg.ckpt_every, 1)
+    check_int(f"{key}.keep_checkpoints", cfg.keep_checkpoints, 1)
+    check_int(f"{key}.stop_at", cfg.stop_at, 1, allow_none=True, note=" (null = run to the end)")
+
+
 def smdp_env_gamma(env_gamma: float | None, ppo_gamma: float) -> float:
     """The per-block discount of a semi-MDP router env, checked once here for every caller.
     ppo.gamma is the source of truth: env.gamma left None takes it; a set env.gamma must equal it
@@ -319,6 +352,10 @@ class _Progress:
     iteration: int = 0  # iterations done
     frames: int = 0  # frames collected
     reward_scale: float | None = None  # None until the first batch sets it (auto scale)
+    # the last iteration's train/ and time/ metrics and the last eval metrics: a run stopped after its
+    # final checkpoint trains no more iterations, and still returns (and reports) them
+    metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
 class _SeedEnvPerIteration:
@@ -361,12 +398,12 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
     # Building the collector ran the policy once; the RNG streams start (or resume) here.
     if saved_rng is not None:
         set_rng_state(saved_rng)
-    else:
-        torch.manual_seed(cfg.seed)
+    else:  # a named stream: whatever setup drew (the collector's policy call, a GPT's init) changes nothing
+        seed_global(cfg.seed, "ppo", "train")
 
     # -- the loop: rollout, learning from it, evaluation, logging, checkpoint ----------------------
-    metrics: dict[str, float] = {}
-    eval_metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(progress.metrics)
+    eval_metrics: dict[str, float] = dict(progress.eval_metrics)
     ckpt_path = manager.latest()
     bar = progress_bar(total=plan.num_iterations, initial=progress.iteration, desc="ppo")
     t_start = time.perf_counter()
@@ -390,6 +427,7 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
             if logger is not None:
                 logger.log(metrics, step=progress.frames)
             if progress.iteration % cfg.ckpt_every == 0 or final:
+                progress.metrics, progress.eval_metrics = metrics, eval_metrics
                 ckpt_path = _save_checkpoint(manager, model, learner.optim, cfg, plan, progress)
             bar.update(1)
             bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in
@@ -457,7 +495,8 @@ def _restore(manager: CheckpointManager, cfg: PPOConfig, model: OrderHead,
                    "another run_dir.", what="cannot resume, the checkpoint was made with another batch size")
     model.load_state_dict(state["model"])
     optim.load_state_dict(state["optimizer"])
-    return _Progress(int(state["iteration"]), int(state["frames"]), state["reward_scale"]), state["rng"]
+    return _Progress(int(state["iteration"]), int(state["frames"]), state["reward_scale"],
+                     dict(state.get("metrics", {})), dict(state.get("eval_metrics", {}))), state["rng"]
 
 
 def _make_collector(learner: _Learner, cfg: PPOConfig, plan: _RunPlan, iteration: int) -> Collector:
@@ -477,6 +516,8 @@ def _save_checkpoint(manager: CheckpointManager, model: OrderHead, optim: torch.
         "model": model.state_dict(), "optimizer": optim.state_dict(), "iteration": progress.iteration,
         "frames": progress.frames, "frames_per_batch": plan.F, "reward_scale": float(progress.reward_scale),
         "rng": rng_state(), "config": asdict(cfg), "orderhead_config": model.cfg.to_dict(),
+        "metrics": {k: float(v) for k, v in progress.metrics.items()},
+        "eval_metrics": {k: float(v) for k, v in progress.eval_metrics.items()},
     })
 
 

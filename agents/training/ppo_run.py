@@ -32,17 +32,21 @@ import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import get_args
 
 import torch
 
-from agents.evaluation.report import EvalSpec, heldout_core, heldout_report, print_report
+from agents.evaluation.report import EvalSpec, check_eval_spec, heldout_core, heldout_report, print_report
 from agents.evaluation.rollouts import balanced_images, index_batches
 from agents.planner.orderhead import OrderHead, load_orderhead
 from agents.planner.policies import BlockPolicy, OrderHeadPolicy
-from agents.training.ppo import PPOConfig, smdp_env_gamma, train_ppo
+from agents.training.ppo import PPOConfig, check_ppo_config, smdp_env_gamma, train_ppo
 from backbone.checkpoint import atomic_write_json
-from backbone.config import BackboneConfig, RunConfig, resolve_path
-from backbone.run_utils import Logger, setup_device
+from backbone.config import BackboneConfig, RunConfig, check_backbone_config, check_run_config, resolve_path
+from backbone.future_loss import UtilityKind
+from backbone.run_utils import Logger, console_log, setup_device
+from backbone.seeding import isolated_rng
+from backbone.validation import check_budgets, check_choice, check_int, check_path_exists
 from envs.core import EnvConfig, OrderPlanningCore
 from envs.episodes import Decision, play_episodes
 from envs.factory import make_core
@@ -68,6 +72,25 @@ class PPORun(RunConfig):
     batch_size: int = 16  # env rows collected together
     oracle_kind: str = "future_loss"  # utility used for agreement / regret in the report
     run_dir: str = "runs/ppo/tiny_mnist"
+
+
+def check_ppo_run(run: PPORun, check_paths: bool = True) -> None:
+    """Validate configs/ppo.yaml's schema before anything loads: ValueError naming the key and its
+    range (batch_size >= 1, agent.budgets in [1, N blocks], every ppo.* and eval.* field, the env
+    against the backbone's geometry); with `check_paths`, FileNotFoundError for a missing
+    agent.init_from or backbone weights."""
+    check_run_config(run)
+    num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
+    run.env.validate(num_blocks=num_blocks)
+    check_int("batch_size", run.batch_size, 1, note=" (env rows)")
+    check_budgets("agent.budgets", run.agent.budgets, num_blocks)
+    if check_paths:
+        check_path_exists("agent.init_from", run.agent.init_from, hint="run `python scripts/bc.py` first (or set "
+                          "agent.init_from=/path/to/orderhead.safetensors)")
+    check_ppo_config(run.ppo)
+    run.ppo.validate(run.batch_size)
+    check_eval_spec(run.eval)
+    check_choice("oracle_kind", run.oracle_kind, get_args(UtilityKind))
 
 
 def smdp_gamma(run: PPORun) -> float | None:
@@ -146,8 +169,11 @@ def heldout_budgets(core: OrderPlanningCore, ev: EvalSpec, model: OrderHead, rou
     return budget_summary(chosen_budgets(core, policy, balanced_images(core.labels, ev.num_images)), router_budgets)
 
 
+@console_log("ppo")
 def run_ppo(run: PPORun) -> dict:
-    """Fine-tune, evaluate on held-out images, write run_dir/{orderhead.safetensors, summary.json}."""
+    """Fine-tune, evaluate on held-out images, write run_dir/{orderhead.safetensors, summary.json}
+    (and what it prints to run_dir/ppo.log)."""
+    check_ppo_run(run)
     t0 = time.time()
     train_env_config(run)  # fail on a bad env (mode, reward, gamma) before loading anything
     device = setup_device(run.device)
@@ -167,8 +193,9 @@ def run_ppo(run: PPORun) -> dict:
     env_cfg = train_env_config(run)
     core = make_core(run.backbone, env=env_cfg, batch_size=run.batch_size, device=device, seed=run.seed)
     model.check_compatible(core.D, core.geom)
-    if budgets is not None:
-        model.enable_router(budgets)
+    if budgets is not None:  # the new router head's init: its own named stream (ppo.seed), whatever drew before
+        with isolated_rng(run.ppo.seed, "ppo", "router_init"):
+            model.enable_router(budgets)
     actions = (f"router {budgets}, decision cost {env_cfg.decision_cost}, gamma per block" if budgets
                else "one block per decision")
     mode = (f"generation mode, reward {env_cfg.reward}, cfg_scale {env_cfg.sampling.cfg_scale}"

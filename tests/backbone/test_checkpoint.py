@@ -71,6 +71,32 @@ def test_crash_before_rename_keeps_previous_bytes(tmp_path, monkeypatch):
     assert path.read_bytes() == b"old" and _files(tmp_path) == ["blob.bin"]
 
 
+def test_sigkill_mid_write_keeps_the_old_file_and_the_next_write_removes_the_temp(tmp_path):
+    """A writer killed with SIGKILL halfway through its bytes (no except clause runs) leaves the
+    previous file intact plus its temp file; the next write of that path removes the temp of the
+    dead process, and leaves alone temps whose writer is still alive."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "summary.json"
+    atomic_write_json(path, {"v": 1})
+    child = (f"import os, signal, sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+             "from backbone.checkpoint import atomic_write\n"
+             "def half(f):\n"
+             "    f.write(b'{\"v\": 2, \"pad'); f.flush(); os.fsync(f.fileno()); os.kill(os.getpid(), signal.SIGKILL)\n"
+             f"atomic_write({str(path)!r}, half)\n")
+    proc = subprocess.run([sys.executable, "-c", child], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9
+    temps = [p for p in tmp_path.iterdir() if p.name.startswith(".summary.json.")]
+    assert len(temps) == 1 and temps[0].read_bytes() == b'{"v": 2, "pad'  # half a file, never renamed
+    assert json.loads(path.read_text()) == {"v": 1}
+    alive = tmp_path / f".summary.json.{os.getppid()}.0123abcd.tmp"  # a writer that is still running
+    alive.write_bytes(b"in progress")
+    atomic_write_json(path, {"v": 3})
+    assert _files(tmp_path) == [alive.name, "summary.json"] and json.loads(path.read_text()) == {"v": 3}
+
+
 def test_atomic_write_json(tmp_path):
     path = tmp_path / "a" / "meta.json"
     atomic_write_json(path, {"b": [1, 2], "a": "x"})
@@ -307,3 +333,59 @@ def test_rng_state_roundtrip_through_weights_only_checkpoint(tmp_path):
     got = _draw()
     assert got[:3] == expected[:3]
     assert torch.equal(got[3], expected[3]) and torch.equal(got[4], expected[4])
+
+
+# ---------------------------------------------------------------------------- non-finite weights
+def test_non_finite_weights_are_refused_by_name(tmp_path):
+    from backbone.artifacts import NonFiniteWeightsError
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["0.weight"][1, 2] = float("nan")
+    state["1.bias"][0] = float("inf")
+    before = model[0].weight.detach().clone()
+    with pytest.raises(NonFiniteWeightsError, match=r"m\.safetensors.*0\.weight \(1 of 12 values\).*1\.bias"):
+        load_state_dict_checked(model, state, context="m.safetensors")
+    assert torch.equal(model[0].weight, before)  # nothing was loaded
+    state["0.weight"][1, 2] = 0.0
+    state["1.bias"][0] = 0.0
+    load_state_dict_checked(model, state)  # finite again: loads
+
+
+def test_nan_gpt_orderhead_and_vq_files_are_refused(tmp_path):
+    from agents.planner.orderhead import OrderHead, load_orderhead, orderhead_config_for, save_orderhead
+    from backbone.blocks import BlockGeometry
+    from backbone.loading import load_gpt, save_gpt
+    from backbone.vq import VQModel, load_vq_safetensors, save_vq_safetensors, vq_preset
+    from tests.conftest import randomized_gpt
+
+    gpt = randomized_gpt()
+    with torch.no_grad():
+        gpt.layers[1].attention.wqkv.weight[0, 0] = float("nan")
+    save_gpt(gpt, tmp_path / "gpt.safetensors")
+    with pytest.raises(ValueError, match=r"gpt\.safetensors.*nan / inf.*layers\.1\.attention\.wqkv\.weight"):
+        load_gpt(tmp_path / "gpt.safetensors")
+
+    head = OrderHead(orderhead_config_for(128, BlockGeometry(8, 8, 2), num_classes=10))
+    name = next(n for n, p in head.named_parameters() if p.dim() == 2)
+    with torch.no_grad():
+        head.get_parameter(name)[0, 0] = float("-inf")
+    save_orderhead(head, tmp_path / "head.safetensors")
+    with pytest.raises(ValueError, match=rf"head\.safetensors.*{name.replace('.', '[.]')}"):
+        load_orderhead(tmp_path / "head.safetensors")
+
+    cfg = vq_preset("tiny_mnist")
+    vq = VQModel(cfg)
+    with torch.no_grad():
+        vq.quantize.embedding.weight[3, 0] = float("nan")
+    save_vq_safetensors(vq, cfg, tmp_path / "vq.safetensors")
+    with pytest.raises(ValueError, match=r"vq\.safetensors.*quantize\.embedding\.weight"):
+        load_vq_safetensors(tmp_path / "vq.safetensors")
+
+
+def test_manager_refuses_a_resume_checkpoint_with_nan_weights(tmp_path):
+    mgr = CheckpointManager(tmp_path / "ckpt", keep_last=2)
+    mgr.save(1, {"model": {"w": torch.ones(2)}, "step": 1})
+    mgr.save(2, {"model": {"w": torch.tensor([1.0, float("nan")])}, "step": 2})
+    with pytest.raises(ValueError, match=r"step_00000002\.pt.*\bw \(1 of 2 values\).*Delete step_00000002\.pt"):
+        mgr.load_latest()

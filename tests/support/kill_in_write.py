@@ -1,0 +1,60 @@
+"""Run a script with a SIGKILL halfway through the write of one output file (tests/test_crash_resume.py).
+
+    python tests/support/kill_in_write.py PATTERN NEEDLE scripts/X.py key=value ...
+
+Every write of the project goes through `backbone.checkpoint.atomic_write` (JSON, torch files,
+safetensors, PNGs). It is wrapped here, before the script imports anything else, so that the first
+write whose path matches PATTERN (fnmatch against the path's trailing components, e.g.
+"bc/summary.json" or "step_00000024.pt") and whose bytes contain NEEDLE ("-" = any write) writes
+half of its bytes into the real writer's temp file, fsyncs them and kills the process with SIGKILL:
+what a crash mid-write leaves behind, produced by the real writer's own code path. Other writes are
+untouched. The script then runs as `python scripts/X.py ...` would (runpy, as __main__).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import backbone.checkpoint as checkpoint  # noqa: E402
+
+
+def main() -> None:
+    pattern, needle, script, *args = sys.argv[1:]
+    real = checkpoint.atomic_write
+
+    def atomic_write(path, write):
+        path = Path(path)
+        if not fnmatch.fnmatch(path.as_posix(), f"*/{pattern}"):
+            return real(path, write)
+        buf = io.BytesIO()
+        write(buf)
+        data = buf.getvalue()
+        if needle != "-" and needle.encode() not in data:
+            return real(path, lambda f: f.write(data))
+
+        def half_then_die(f) -> None:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        return real(path, half_then_die)
+
+    # modules that import the function by name (`from backbone.checkpoint import atomic_write`) are
+    # imported after this line, so they get the wrapper too
+    checkpoint.atomic_write = atomic_write
+    sys.argv = [script, *args]
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
