@@ -5,7 +5,8 @@ Generates two policies' sample sets in chunks (the same labels, sampler streams 
 classifier / Inception features, and after each checkpoint N computes the paired dFID = FID(a) -
 FID(b) with its paired bootstrap interval (agents/evaluation/sample_metrics.py). It stops at the first
 checkpoint whose interval half-width is under `power.target_ratio` x |dFID| (the two orders are
-separated with that precision), at `power.max_samples`, or when `power.max_minutes` run out, and says
+separated with that precision; the interval holds the reference statistics fixed unless
+`power.resample_reference`, and both intervals are reported), at `power.max_samples`, or when `power.max_minutes` run out, and says
 which. Either way it fits half-width = c / sqrt(N) to the measured checkpoints and reports the N the
 target would take.
 
@@ -36,7 +37,7 @@ from agents.evaluation.run import (EvaluateRun, PolicySpec, _check_options, _sam
 from agents.evaluation.sample_metrics import paired_fid_delta
 from backbone.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_torch_checkpoint
 from backbone.loading import Backbone, build_backbone, load_token_data
-from backbone.run_utils import progress, setup_device
+from backbone.run_utils import console_log, progress, setup_device
 
 
 @dataclass
@@ -48,6 +49,11 @@ class PowerSpec:
     max_samples: int = 320000  # per policy
     target_ratio: float = 1 / 3  # separated when the interval half-width < target_ratio * |dFID|
     max_minutes: float | None = None  # stop after the chunk that crosses this wall-clock budget
+    # the interval the target is judged on: false = the generated samples' noise with the reference
+    # statistics held fixed (FID's convention); true = the reference set resampled as well. Both are
+    # reported; a finite reference puts a floor under the second that no N removes.
+    resample_reference: bool = False
+    stop_when_separated: bool = True  # false: go on to max_samples (the whole curve, e.g. from saved chunks)
 
 
 @dataclass
@@ -74,6 +80,13 @@ def check_power(p: PowerSpec, gen_batch_size: int) -> None:
         raise ValueError(f"power.target_ratio must be in (0, 1], got {p.target_ratio}")
     if p.max_minutes is not None and p.max_minutes <= 0:
         raise ValueError(f"power.max_minutes must be > 0 or null, got {p.max_minutes}")
+
+
+def check_power_run(run: PowerRun, check_paths: bool = True) -> None:
+    """Validate configs/power.yaml's schema before anything loads: the evaluate fields
+    (`agents.evaluation.run._check_options`) and the power block (`check_power`)."""
+    _check_options(run, check_paths)
+    check_power(run.power, run.eval.gen_batch_size)
 
 
 def required_n(points: list[dict], ratio: float) -> float | None:
@@ -108,14 +121,14 @@ def _gen_env(spec: PolicySpec, run: PowerRun):
     return replace(run.env, sampling=run.eval.sampling, budget=spec.budgets, beliefs=run.env.beliefs or spec.beliefs)
 
 
+@console_log("power")
 def run_power(run: PowerRun) -> dict:
     """The study of the module doc; returns what power.json holds."""
     from agents.evaluation.feature_net import make_feature_extractor  # torchmetrics' inception import is heavy
 
     t_start = time.time()
     p, ev = run.power, run.eval
-    _check_options(run)
-    check_power(p, ev.gen_batch_size)
+    check_power_run(run)
     device, run_dir = setup_device(run.device), Path(run.run_dir)
     bb = build_backbone(run.backbone, device=device)
     specs = [resolve_policy(name, run, bb) for name in (p.a, p.b)]
@@ -133,7 +146,7 @@ def run_power(run: PowerRun) -> dict:
     checkpoints = sorted({n for n in p.checkpoints if n <= p.max_samples} | {p.max_samples - p.max_samples % p.chunk})
     feats: dict[str, list[torch.Tensor]] = {s.name: [] for s in specs}
     points: list[dict] = []
-    stop = "max_samples"
+    stop, first_separated = "max_samples", None
     bar = progress(total=checkpoints[-1] // p.chunk, desc=f"power {p.a} vs {p.b}: chunks")
     for c in range(checkpoints[-1] // p.chunk):
         for s in specs:
@@ -141,27 +154,34 @@ def run_power(run: PowerRun) -> dict:
             feats[s.name].append(_chunk_features(s, run, bb, labels, c, extractor, device, identities[s.name], path))
         bar.update(1)
         n = (c + 1) * p.chunk
-        if n in checkpoints:
+        out_of_time = p.max_minutes is not None and time.time() - t_start > 60 * p.max_minutes
+        if n in checkpoints or out_of_time:  # a budget stop still reports the N it reached
             fa, fb = (torch.cat(feats[s.name]) for s in specs)
-            d = paired_fid_delta(real, fa, fb, run.stats.bootstrap, run.stats.level, run.seed)
+            both = {flag: paired_fid_delta(real, fa, fb, run.stats.bootstrap, run.stats.level, run.seed, flag)
+                    for flag in (False, True)}
+            d = both[p.resample_reference]
             hw = (d.hi - d.lo) / 2
             points.append({"n": n, "dfid": d.delta, "ci": [d.lo, d.hi], "half_width": hw,
                            "ratio": hw / abs(d.delta) if d.delta else math.inf,
+                           "ci_fixed_reference": [both[False].lo, both[False].hi],
+                           "ci_resampled_reference": [both[True].lo, both[True].hi],
                            "minutes": round((time.time() - t_start) / 60, 2)})
             print(f"[power] N={n}: dFID({p.a} - {p.b}) = {d.delta:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}], "
                   f"half-width / |dFID| = {points[-1]['ratio']:.2f} (target < {p.target_ratio:.2f})", flush=True)
-            if points[-1]["ratio"] < p.target_ratio:
-                stop = "separated"
-                break
-        if p.max_minutes is not None and time.time() - t_start > 60 * p.max_minutes:
-            stop = "max_minutes"
+            if points[-1]["ratio"] < p.target_ratio and stop != "separated":
+                stop, first_separated = "separated", n
+                if p.stop_when_separated:
+                    break
+        if out_of_time:
+            stop = "max_minutes" if stop != "separated" else stop
             break
     bar.close()
     if not points:
         raise RuntimeError(f"power: max_minutes ({p.max_minutes}) ran out before the first checkpoint "
                            f"({checkpoints[0]} samples); the chunks so far are saved for a rerun")
-    results = {"a": p.a, "b": p.b, "stop": stop, "separated": stop == "separated", "points": points,
-               "n": points[-1]["n"], "target_ratio": p.target_ratio,
+    results = {"a": p.a, "b": p.b, "stop": stop, "separated": stop == "separated", "separated_at": first_separated,
+               "points": points,
+               "n": points[-1]["n"], "target_ratio": p.target_ratio, "resample_reference": p.resample_reference,
                "required_n_fit": required_n(points, p.target_ratio),
                "reference": reference_name(run.features.reference), "num_reference": len(real),
                "features": run.features.kind, "sampling": asdict(ev.sampling), "bootstrap": run.stats.bootstrap,
@@ -181,15 +201,20 @@ def power_markdown(r: dict) -> str:
              f"- paired bootstrap ({r['bootstrap']} resamples, {r['level']:.0%} interval) against the "
              f"{r['reference']} split ({r['num_reference']} images), {r['features']} features; sampling "
              f"{r['sampling']}; seed {r['seed']}",
-             f"- target: half-width < {r['target_ratio']:.2f} x |dFID|; stopped: **{r['stop']}** at N = {r['n']} "
-             f"per policy after {r['seconds'] / 60:.1f} min", ""]
+             f"- target: half-width < {r['target_ratio']:.2f} x |dFID| of the interval with the reference "
+             f"{'resampled' if r['resample_reference'] else 'held fixed'}; "
+             + (f"**met first at N = {r['separated_at']}** per policy; " if r["separated_at"] else "**not met**; ")
+             + f"last N = {r['n']}, after {r['seconds'] / 60:.1f} min", ""]
     if r["required_n_fit"] is not None:
         lines += [f"- half-width = c / sqrt(N) fitted to these points reaches the target at N ~ "
                   f"{r['required_n_fit']:,.0f} per policy (at the last |dFID|)", ""]
-    lines += ["| N | dFID [CI] | half-width | half-width / abs(dFID) | min |", "|---|---|---|---|---|"]
+    lines += ["| N | dFID [CI] | half-width | half-width / abs(dFID) | CI, reference fixed | CI, reference resampled "
+              "| min |", "|---|---|---|---|---|---|---|"]
     for q in r["points"]:
+        fx, rs = q["ci_fixed_reference"], q["ci_resampled_reference"]
         lines.append(f"| {q['n']} | {q['dfid']:+.3f} [{q['ci'][0]:+.3f}, {q['ci'][1]:+.3f}] | "
-                     f"{q['half_width']:.3f} | {q['ratio']:.2f} | {q['minutes']} |")
+                     f"{q['half_width']:.3f} | {q['ratio']:.2f} | [{fx[0]:+.3f}, {fx[1]:+.3f}] | "
+                     f"[{rs[0]:+.3f}, {rs[1]:+.3f}] | {q['minutes']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -143,7 +143,7 @@ class PairedFid:
 
 
 def paired_fid_delta(real: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Tensor, num_resamples: int = 200,
-                     level: float = 0.95, seed: int = 0) -> PairedFid:
+                     level: float = 0.95, seed: int = 0, resample_reference: bool = True) -> PairedFid:
     """delta = FID(real, a) - FID(real, b) for real [M, F], fake_a and fake_b [S, F], with the
     percentile interval of its paired bootstrap.
 
@@ -152,7 +152,12 @@ def paired_fid_delta(real: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Ten
     terms. The two FIDs then move together over replicates (sample difficulty, reference noise and
     the upward bias of duplicated points largely cancel), so the interval of the difference is far
     narrower than two separate intervals suggest. No re-centring: the duplication bias cancels in the
-    difference. With a == b every replicate's delta is exactly 0."""
+    difference. With a == b every replicate's delta is exactly 0.
+
+    resample_reference=False holds the reference set fixed (FID's reference statistics treated as
+    constants, as with a published reference batch): the interval then covers only the generated
+    samples' noise, which shrinks as 1/sqrt(S); with it, the finite reference adds a floor that no S
+    removes once the two policies' means differ."""
     _check_features("real", real)
     _check_features("fake_a", fake_a)
     _check_features("fake_b", fake_b)
@@ -167,7 +172,7 @@ def paired_fid_delta(real: torch.Tensor, fake_a: torch.Tensor, fake_b: torch.Ten
     g = torch.Generator().manual_seed(int(seed))
     deltas = torch.empty(num_resamples, dtype=torch.float64)
     for r in range(num_resamples):
-        ref_r = _stats(real, torch.randint(M, (M,), generator=g))  # once per replicate, for both terms
+        ref_r = _stats(real, torch.randint(M, (M,), generator=g)) if resample_reference else ref  # both terms
         idx = torch.randint(S, (S,), generator=g)
         deltas[r] = _frechet(ref_r, _stats(fake_a, idx)) - _frechet(ref_r, _stats(fake_b, idx))
     lo, hi = _percentile_interval(deltas, level)

@@ -245,3 +245,25 @@ def test_reveal_time_heatmaps_average_the_reveal_steps(tmp_path):
         reveal_time_heatmaps(tmp_path / "bad.png", {"dup": torch.tensor([[0, 0, 1, 2]])}, geometry, "x")
     with pytest.raises(ValueError, match="N=4"):
         reveal_time_heatmaps(tmp_path / "bad.png", {"wide": torch.arange(5)[None]}, geometry, "x")
+
+
+def test_paired_delta_with_a_fixed_reference_resamples_only_the_samples():
+    """resample_reference=False: each replicate is FID(real, a[idx]) - FID(real, b[idx]) with one
+    shared draw of sample indices and the whole reference, the interval the power study judges on."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(60, 4, generator=g, dtype=torch.float64)
+    a = torch.randn(40, 4, generator=g, dtype=torch.float64) + 0.3
+    b = a + 0.1 * torch.randn(40, 4, generator=g, dtype=torch.float64)
+    got = paired_fid_delta(real, a, b, num_resamples=30, level=0.9, seed=5, resample_reference=False)
+    draw = torch.Generator().manual_seed(5)
+    reps = []
+    for _ in range(30):
+        idx = torch.randint(40, (40,), generator=draw)
+        reps.append(frechet_from_features(real, a[idx]) - frechet_from_features(real, b[idx]))
+    lo, hi = np.quantile(np.array(reps), [0.05, 0.95])
+    assert got.lo == pytest.approx(lo, abs=1e-9) and got.hi == pytest.approx(hi, abs=1e-9)
+    assert got.delta == pytest.approx(frechet_from_features(real, a) - frechet_from_features(real, b), abs=1e-9)
+    resampled = paired_fid_delta(real, a, b, num_resamples=30, level=0.9, seed=5)
+    assert (resampled.lo, resampled.hi) != (got.lo, got.hi)  # the flag changes what is resampled
