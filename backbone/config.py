@@ -4,7 +4,8 @@ The YAML files under `configs/` are read by Hydra; `to_typed` merges them into t
 below so that a misspelt key (`train.max_step=...`) or a wrong type fails loudly instead of being
 silently ignored. Paths in configs are resolved by `resolve_path`.
 
-Imports no other project module; never envs or agents.
+Imports `backbone.validation` (and, inside `check_backbone_config`, `backbone.loading`); never envs
+or agents.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
+
+from backbone.validation import (check_choice, check_int, check_path_exists, check_positive, check_probability,
+                                 check_range)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -140,3 +144,67 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
         return hydra_compose(config_name=config_name, overrides=overrides or [])
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         return hydra_compose(config_name=config_name, overrides=overrides or [])
+
+
+# -- validation (one pass per schema, before any work; errors name the dotted key and the range) ----
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def check_run_config(run: RunConfig) -> None:
+    """The fields every script shares: run_dir set, device cpu | cuda[:i], logger none | wandb,
+    wandb.mode online | offline | disabled."""
+    if not str(run.run_dir or "").strip():
+        raise ValueError(f"run_dir must be a directory path, got {run.run_dir!r}")
+    if not (run.device == "cpu" or str(run.device).startswith("cuda")):
+        raise ValueError(f"device must be cpu, cuda or cuda:<index>, got {run.device!r}")
+    check_int("seed", run.seed)
+    check_choice("logger", run.logger if run.logger not in ("", None) else "none", ("none", "wandb"))
+    check_choice("wandb.mode", run.wandb.mode, WANDB_MODES)
+
+
+def check_backbone_config(b: BackboneConfig, key: str = "backbone", check_paths: bool = True,
+                          gpt_weights: bool = True) -> int:
+    """The backbone group: a GPT preset and block_size that make a block geometry, a known data
+    kind, and (with `check_paths`) existing weight files / codes directory: backbone.gpt_weights
+    must be set unless `gpt_weights=False` (runs that do not read it, i.e. the backbone's own
+    training). Returns N, the number of blocks."""
+    from backbone.loading import backbone_num_blocks  # heavy (torch, the GPT): imported when validating only
+
+    check_int(f"{key}.block_size", b.block_size, 1)
+    num_blocks = backbone_num_blocks(b, key)
+    check_choice(f"{key}.data.kind", b.data.kind, ("mnist_embedded", "codes"))
+    if check_paths:
+        if gpt_weights:  # every run but the backbone's own training reads it
+            check_path_exists(f"{key}.gpt_weights", b.gpt_weights)
+        # the embedded data is encoded with the VQ at load time: it must exist then
+        check_path_exists(f"{key}.vq_weights", b.vq_weights, allow_none=b.data.kind != "mnist_embedded")
+        if b.data.kind == "codes":
+            check_path_exists(f"{key}.data.codes_dir", b.data.codes_dir,
+                              hint="write it with scripts/extract_codes.py")
+    return num_blocks
+
+
+def check_train_backbone_run(run: TrainBackboneRun, check_paths: bool = True) -> None:
+    """configs/train_backbone.yaml: positive step counts, sizes and intervals, lr > 0, betas in
+    [0, 1), probabilities in [0, 1], train.init_from existing when set."""
+    check_run_config(run)
+    check_backbone_config(run.backbone, check_paths=check_paths, gpt_weights=False)  # it writes the GPT, reads none
+    t = run.train
+    if check_paths:
+        check_path_exists("train.init_from", t.init_from, allow_none=True)
+    check_int("train.max_steps", t.max_steps, 1)
+    check_int("train.stop_at", t.stop_at, 1, allow_none=True, note=" (null = run to max_steps)")
+    check_int("train.batch_size", t.batch_size, 1)
+    check_positive("train.lr", t.lr)
+    check_range("train.min_lr", t.min_lr, 0.0)
+    check_int("train.warmup_steps", t.warmup_steps, 0)
+    check_range("train.weight_decay", t.weight_decay, 0.0)
+    check_range("train.beta1", t.beta1, 0.0, 1.0, hi_open=True)
+    check_range("train.beta2", t.beta2, 0.0, 1.0, hi_open=True)
+    check_positive("train.grad_clip", t.grad_clip)
+    for name in ("class_dropout", "random_frac", "anneal_frac"):
+        check_probability(f"train.{name}", getattr(t, name))
+    for name in ("log_every", "eval_every", "ckpt_every", "keep_checkpoints"):
+        check_int(f"train.{name}", getattr(t, name), 1)
+    check_int("train.eval_seed", t.eval_seed)

@@ -5,7 +5,7 @@ from disk and never runs the tokenizer. Layout with `flip=true`: rows [0, N) hol
 images, rows [N, 2N) their horizontal mirrors (same labels), recorded in the meta file.
 
 Imports `backbone.checkpoint`, `backbone.config`, `backbone.data`, `backbone.run_utils`,
-`backbone.vq` from this package; never envs or agents.
+`backbone.validation`, `backbone.vq` from this package; never envs or agents.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from backbone.run_utils import console_log
 from backbone.run_utils import progress as progress_bar
 
 from backbone.checkpoint import sha256_file
 from backbone.config import BackboneConfig, resolve_path
 from backbone.data import ImageFolderDataset, embedded_mnist_sha256, images_to_model, load_embedded_mnist, write_codes
+from backbone.validation import check_choice, check_int, check_path_exists
 from backbone.vq import VQConfig, VQModel, load_llamagen_vq, load_vq_safetensors, vq_preset
 
 
@@ -60,6 +62,24 @@ class ExtractCodesConfig:
     """cpu or cuda."""
     progress: bool = True
     """Show a tqdm progress bar."""
+
+
+def check_extract_codes(cfg: ExtractCodesConfig, check_paths: bool = True) -> None:
+    """Validate configs/extract_codes.yaml's schema before anything loads: ValueError naming the
+    key and its range; with `check_paths`, FileNotFoundError for missing VQ weights or image folder."""
+    check_choice("source", cfg.source, ("mnist_embedded", "image_folder"))
+    check_choice("device", cfg.device, ("cpu", "cuda"))
+    check_int("batch_size", cfg.batch_size, 1)
+    check_int("num_workers", cfg.num_workers, 0)
+    check_int("image_size", cfg.image_size, 1)
+    if not str(cfg.out_dir or "").strip():
+        raise ValueError(f"out_dir must be a directory path, got {cfg.out_dir!r}")
+    if cfg.source == "image_folder" and not cfg.image_folder:
+        raise ValueError("source=image_folder needs image_folder=/path/to/split")
+    if check_paths:
+        check_path_exists("vq_weights", cfg.vq_weights)
+        if cfg.source == "image_folder":
+            check_path_exists("image_folder", cfg.image_folder)
 
 
 def load_any_vq(path: str | os.PathLike, preset: str) -> tuple[VQModel, VQConfig]:
@@ -111,10 +131,10 @@ def encode_batches(model: VQModel, batches, n_images: int, flip: bool, device: t
     return codes, labels
 
 
+@console_log("extract_codes", dir_field="out_dir")
 def extract_codes(cfg: ExtractCodesConfig) -> dict[str, dict]:
     """Encode the configured source and write its splits under out_dir. Returns {split: meta}."""
-    if cfg.device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {cfg.device!r}")
+    check_extract_codes(cfg)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda requested but CUDA is not available")
     device = torch.device(cfg.device)

@@ -1,8 +1,8 @@
 """Building the frozen generator stack from a `backbone=` config: GPT weights (LlamaGen `.pt` or our
 `.safetensors`), the VQ tokenizer, the block geometry and the token data.
 
-Imports `backbone.blocks`, `backbone.checkpoint`, `backbone.config`, `backbone.data`,
-`backbone.gpt`, `backbone.vq` from this package; never envs or agents.
+Imports `backbone.artifacts`, `backbone.blocks`, `backbone.checkpoint`, `backbone.config`,
+`backbone.data`, `backbone.gpt`, `backbone.vq` from this package; never envs or agents.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from backbone.artifacts import verify_artifact
 from backbone.blocks import BlockGeometry
 from backbone.checkpoint import (
     extract_model_state,
@@ -34,6 +35,21 @@ def backbone_gpt_config(bcfg: BackboneConfig) -> GPTConfig:
     return gpt_config(bcfg.gpt.preset, **dict(bcfg.gpt.overrides))
 
 
+def backbone_num_blocks(bcfg: BackboneConfig, key: str = "backbone") -> int:
+    """N, the number of blocks of a backbone config's geometry, from the config alone (no weights
+    are read): what budgets and block counts are validated against before anything loads.
+    Raises ValueError naming `{key}.gpt` or `{key}.block_size` when they do not make a geometry."""
+    try:
+        cfg = backbone_gpt_config(bcfg)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{key}.gpt (preset {bcfg.gpt.preset!r}, overrides {dict(bcfg.gpt.overrides)}): {e}") from e
+    try:
+        return BlockGeometry(cfg.grid_h, cfg.grid_w, bcfg.block_size).num_blocks
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{key}.block_size={bcfg.block_size!r} does not fit the {cfg.grid_h}x{cfg.grid_w} token "
+                         f"grid: {e}") from e
+
+
 def save_gpt(model: GPT, path: str | Path, metadata: dict | None = None) -> None:
     """Write GPT weights as safetensors (atomically) with its config and `metadata` in the header."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -43,8 +59,11 @@ def save_gpt(model: GPT, path: str | Path, metadata: dict | None = None) -> None
 def load_gpt(path: str | Path, cfg: GPTConfig | None = None) -> GPT:
     """Load GPT weights from our `.safetensors` (config read from the file, and checked against
     `cfg` when given) or from a LlamaGen `.pt` checkpoint (`cfg` required; weights under `model`;
-    only `ta_pos_table` may be missing). Raises ValueError naming mismatched fields or keys."""
+    only `ta_pos_table` may be missing). Raises ValueError naming mismatched fields or keys, and
+    ArtifactMismatchError when a manifest.json next to the file records another sha256
+    (`backbone.artifacts.verify_artifact`); non-finite weights are refused by name."""
     path = Path(path)
+    verify_artifact(path)
     if path.suffix == ".safetensors":
         state, meta = load_safetensors(path)
         if "gpt_config" not in meta:

@@ -5,7 +5,7 @@ top-p) and two generators that give the same distribution at very different cost
 * `generate_recompute`: the O(L^2) full-recompute sampler of the seed experiments (a full forward
   of the whole prefix at every step); kept as the reference the benchmark compares against.
 
-Imports `backbone.gpt` from this package; never envs or agents.
+Imports `backbone.gpt` and `backbone.validation` from this package; never envs or agents.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from backbone.gpt import GPT
+from backbone.validation import check_choice, check_int, check_probability, check_range
 
 
 @dataclass
@@ -38,6 +39,17 @@ class SamplingConfig:
 
 NOISES = ("stream", "position")
 _M32 = 0xFFFFFFFF
+
+
+def check_sampling(sc: SamplingConfig, key: str = "sampling") -> None:
+    """Raise ValueError naming `{key}.<field>` and its range: cfg_scale >= 0 (<= 1 turns guidance
+    off), temperature >= 0 (0 is greedy: logits are divided by max(temperature, 1e-5)), top_k >= 0
+    (0 = off), top_p in [0, 1] (1 = off; the most likely token is always kept), noise in NOISES."""
+    check_range(f"{key}.cfg_scale", sc.cfg_scale, 0.0, note=" (<= 1 disables guidance)")
+    check_range(f"{key}.temperature", sc.temperature, 0.0)
+    check_int(f"{key}.top_k", sc.top_k, 0, note=" (0 = no top-k filter)")
+    check_probability(f"{key}.top_p", sc.top_p, note=" (1 = no top-p filter)")
+    check_choice(f"{key}.noise", sc.noise, NOISES)
 
 
 def hash32(x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +103,10 @@ def sample_logits(logits: torch.Tensor, sc: SamplingConfig, generator: torch.Gen
     rows' noise `keys` [B] and the token `positions` [B] being sampled (raster indices)."""
     logits = filter_logits(logits / max(sc.temperature, 1e-5), sc.top_k, sc.top_p)
     if sc.noise == "stream":
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+        # torch.multinomial's own one-sample algorithm (argmax of p / q, q ~ Exp(1), from the same
+        # generator: the same draws), without its validity checks, which read the device every token
+        probs = logits.softmax(-1)
+        return (probs / torch.empty_like(probs).exponential_(1, generator=generator)).argmax(-1)
     if sc.noise != "position":
         raise ValueError(f"sampling.noise must be one of {NOISES}, got {sc.noise!r}")
     if keys is None or positions is None:
@@ -115,12 +130,19 @@ def _with_null(model: GPT, cond: torch.Tensor, sc: SamplingConfig) -> torch.Tens
 
 @torch.no_grad()
 def generate(model: GPT, cond: torch.Tensor, order: torch.Tensor, sc: SamplingConfig | None = None,
-             generator: torch.Generator | None = None, keys: torch.Tensor | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
+             validate: bool = True) -> torch.Tensor:
     """Sample images with the KV cache. cond [B]; order [B, L] raster positions in generation order;
     sc None = SamplingConfig() defaults; keys [B] the rows' noise keys (sc.noise = position).
-    Returns token grids [B, L] in raster layout."""
+    Returns token grids [B, L] in raster layout.
+
+    `order` is checked once, here (one read of the device; validate=False skips it); the decode
+    loop itself reads nothing back: every row moves in lockstep, so the state's host bound is the
+    exact cache length."""
     sc = SamplingConfig() if sc is None else sc
     B, L = order.shape
+    if validate and bool(((order < 0) | (order >= model.cfg.num_tokens)).any()):
+        raise ValueError(f"order must hold raster positions in [0, {model.cfg.num_tokens})")
     rows = torch.arange(B, device=cond.device)
     cond2 = _with_null(model, cond, sc)
     rep = cond2.shape[0] // B
@@ -128,12 +150,12 @@ def generate(model: GPT, cond: torch.Tensor, order: torch.Tensor, sc: SamplingCo
     out = torch.zeros(B, L, dtype=torch.long, device=cond.device)
     for t in range(L):
         pos = order[:, t]
-        logits, _ = model.advance(state, pos.repeat(rep))
+        logits, _ = model.advance(state, pos.repeat(rep), validate=False)
         if rep == 2:
             logits = guided(logits, sc.cfg_scale)
         tok = sample_logits(logits, sc, generator, keys, pos)
         out[rows, pos] = tok
-        model.feed(state, tok.repeat(rep), pos.repeat(rep))
+        model.feed(state, tok.repeat(rep), pos.repeat(rep), validate=False)
     return out
 
 

@@ -75,7 +75,8 @@ def build_tiny_default(work_dir: str | Path = "runs/tiny_default", out_dir: str 
     }
     from backbone.loading import load_gpt
 
-    manifest["gpt"]["gpt_config"] = load_gpt(out / "gpt.safetensors").cfg.to_dict()
+    # read from the training run's copy: out/ still holds the old manifest, whose sha256 the new file fails
+    manifest["gpt"]["gpt_config"] = load_gpt(gpt_dir / "gpt.safetensors").cfg.to_dict()
     print(f"built in {time.time() - t0:.0f} s")
     atomic_write_json(out / "manifest.json", manifest)
     print(f"wrote {out}: held-out bits/token raster {bits['raster']:.4f}, random block order "

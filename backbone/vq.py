@@ -9,7 +9,7 @@ official `vq_ds16_c2i.pt` loads into the `vq_16` preset with `load_state_dict(st
 Shapes: images [B, C, H, W] in [-1, 1]; latents [B, D, h, w] with D = codebook_embed_dim and
 h = H / 2**(len(encoder_ch_mult) - 1); codes LongTensor [B, h, w] in [0, codebook_size).
 
-Imports `backbone.checkpoint` from this package; never envs or agents.
+Imports `backbone.artifacts` and `backbone.checkpoint` from this package; never envs or agents.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from backbone.artifacts import check_finite, verify_artifact
 
 # --------------------------------------------------------------------------------------------
 # Config and presets
@@ -462,6 +464,7 @@ def load_llamagen_vq(path: str | os.PathLike, cfg: VQConfig) -> VQModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQ checkpoint not found: {path}")
+    verify_artifact(path)  # a file its directory's manifest.json lists must match the recorded sha256
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -472,6 +475,7 @@ def load_llamagen_vq(path: str | os.PathLike, cfg: VQConfig) -> VQModel:
         raise ValueError(f"{path}: expected a state dict (or a dict with a 'model' key), got {type(state).__name__}")
     model = VQModel(cfg)
     check_state_dict(model, state, str(path))
+    check_finite(state, str(path))
     model.load_state_dict(state, strict=not any(k not in state for k in _OPTIONAL_KEYS))
     return model.eval()
 
@@ -496,6 +500,7 @@ def load_vq_safetensors(path: str | os.PathLike) -> tuple[VQModel, VQConfig]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"VQ weights not found: {path}")
+    verify_artifact(path)  # a file its directory's manifest.json lists must match the recorded sha256
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "vq_config" not in meta:
@@ -504,5 +509,6 @@ def load_vq_safetensors(path: str | os.PathLike) -> tuple[VQModel, VQConfig]:
     state = load_file(str(path))
     model = VQModel(cfg)
     check_state_dict(model, state, str(path))
+    check_finite(state, str(path))
     model.load_state_dict(state, strict=not any(k not in state for k in _OPTIONAL_KEYS))
     return model.eval(), cfg

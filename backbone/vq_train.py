@@ -6,8 +6,8 @@ already give sharp reconstructions, and both would need extra networks and much 
 Unused codes are re-initialised from current encoder outputs (dead-code restart) so the small
 codebook stays in use.
 
-Imports `backbone.checkpoint`, `backbone.data`, `backbone.run_utils`, `backbone.vq` from this
-package; never envs or agents.
+Imports `backbone.checkpoint`, `backbone.data`, `backbone.run_utils`, `backbone.validation`,
+`backbone.vq` from this package; never envs or agents.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from backbone.run_utils import progress
+from backbone.run_utils import console_log, progress
 
 from backbone.checkpoint import atomic_write_json
 from backbone.data import embedded_mnist_sha256, images_to_model, load_embedded_mnist
-from backbone.vq import VQConfig, VQModel, codebook_stats, save_vq_safetensors, vq_preset
+from backbone.validation import check_choice, check_int, check_positive, check_probability, check_range
+from backbone.vq import VQ_PRESETS, VQConfig, VQModel, codebook_stats, save_vq_safetensors, vq_preset
 
 
 @dataclass
@@ -80,6 +81,29 @@ class TrainVQConfig:
     train: TrainSection = field(default_factory=TrainSection)
 
 
+def check_train_vq(cfg: TrainVQConfig) -> None:
+    """Validate configs/train_vq.yaml's schema before any data loads: ValueError naming the key and
+    its range (0 turns grad_clip and restart_every off)."""
+    tc = cfg.train
+    check_choice("device", cfg.device, ("cpu", "cuda"))
+    check_int("seed", cfg.seed)
+    check_int("threads", cfg.threads, 0, note=" (0 = torch default)")
+    check_choice("vq.preset", cfg.vq.preset, VQ_PRESETS)
+    check_int("train.max_steps", tc.max_steps, 1)
+    check_int("train.batch_size", tc.batch_size, 1)
+    check_positive("train.lr", tc.lr)
+    check_probability("train.lr_min_ratio", tc.lr_min_ratio)
+    check_int("train.warmup_steps", tc.warmup_steps, 0)
+    check_range("train.beta1", tc.beta1, 0.0, 1.0, hi_open=True)
+    check_range("train.beta2", tc.beta2, 0.0, 1.0, hi_open=True)
+    check_range("train.grad_clip", tc.grad_clip, 0.0, note=" (0 = off)")
+    check_range("train.l1_weight", tc.l1_weight, 0.0)
+    check_int("train.restart_every", tc.restart_every, 0, note=" (0 = off)")
+    check_probability("train.restart_until", tc.restart_until, note=" (a fraction of max_steps)")
+    check_int("train.log_every", tc.log_every, 1)
+    check_int("train.eval_batch_size", tc.eval_batch_size, 1)
+
+
 def _lr_at(step: int, tc: TrainSection) -> float:
     if step < tc.warmup_steps:
         return tc.lr * (step + 1) / tc.warmup_steps
@@ -132,12 +156,12 @@ def _restart_dead_codes(model: VQModel, counts: torch.Tensor, z: torch.Tensor, g
     return int(dead.numel())
 
 
+@console_log("train_vq")
 def train_vq(cfg: TrainVQConfig) -> dict:
     """Train, evaluate on the held-out split, write run_dir/{vq.safetensors, summary.json}.
     Returns the summary dict."""
+    check_train_vq(cfg)
     tc = cfg.train
-    if cfg.device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda requested but CUDA is not available")
     device = torch.device(cfg.device)

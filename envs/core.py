@@ -52,17 +52,28 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import torch
 
 from backbone.belief_utility import BeliefUtilities, expected_utilities
-from backbone.future_loss import _scatter_targets, extrapolative_weights, oracle_utilities
+from backbone.future_loss import HostSizes, WeightKind, _scatter_targets, extrapolative_weights, oracle_utilities
 from backbone.loading import Backbone
-from backbone.sampling import SamplingConfig, guided, row_keys, sample_logits
+from backbone.sampling import SamplingConfig, check_sampling, guided, row_keys, sample_logits
+from backbone.validation import check_budgets, check_choice, check_gamma, check_int, check_range
 from envs.rewards import REWARDS, decision_reward, discounted_return, information_reward
 
 MODES = ("teacher_forced", "generate")
+
+
+class _StepPlan(NamedTuple):
+    """Host-side sizes of one step (Python ints; entry i is about the i-th block of the decision),
+    read from the device together with the action check: the step's one host-device synchronisation.
+    They size the cache windows and query widths exactly as reading the device at each call would."""
+
+    first: list[int]  # longest cache among the rows revealing an i-th block, before it (-1: no such row)
+    length: list[int]  # longest cache of any row after the i-th block
+    unseen: list[int]  # most unseen tokens of any row after the i-th block
 
 
 class QueryResult(NamedTuple):
@@ -97,7 +108,10 @@ class EnvConfig:
     # target-free row (generation without rewards or beliefs: what decoding alone costs, reward nan)
     query: str = "full"
 
-    def validate(self) -> None:
+    def validate(self, num_blocks: int | None = None) -> None:
+        """Raise ValueError naming the first bad field (`env.<field>`) and its allowed values.
+        `num_blocks`: the backbone geometry's N, the upper bound of env.budget entries (unchecked
+        when None; OrderPlanningCore checks it against its geometry)."""
         if self.mode not in MODES:
             raise ValueError(f"env.mode must be one of {MODES}, got {self.mode!r}")
         if self.reward not in REWARDS:
@@ -106,16 +120,18 @@ class EnvConfig:
             raise ValueError("generation mode has no ground truth: its reward is env.reward=entropy")
         if self.mode == "teacher_forced" and self.reward == "entropy":
             raise ValueError("env.reward=entropy is the generation-mode reward; use env.mode=generate")
+        check_choice("env.weight", self.weight, get_args(WeightKind))
         if self.hidden not in ("token", "block"):
             raise ValueError(f"env.hidden must be token or block, got {self.hidden!r}")
         if self.split not in ("train", "heldout"):
             raise ValueError(f"env.split must be train or heldout, got {self.split!r}")
-        if self.budget is not None and (len(self.budget) == 0 or min(self.budget) < 1):
-            raise ValueError(f"env.budget must be a non-empty list of positive block counts, got {self.budget}")
-        if self.gamma is not None and not 0.0 < self.gamma <= 1.0:
-            raise ValueError(f"env.gamma must lie in (0, 1] (or be null: per-decision rewards), got {self.gamma}")
-        if int(self.belief_samples) < 1:
-            raise ValueError(f"env.belief_samples must be >= 1, got {self.belief_samples}")
+        check_budgets("env.budget", self.budget, num_blocks, allow_none=True)
+        check_gamma("env.gamma", self.gamma, allow_none=True, note=" (null: per-decision rewards)")
+        check_int("env.belief_samples", self.belief_samples, 1)
+        check_range("env.neighbour_weight", self.neighbour_weight, 0.0)
+        check_range("env.decision_cost", self.decision_cost, 0.0, note=" (nats per decision)")
+        check_int("env.oracle_chunk", self.oracle_chunk, 1, allow_none=True, note=" (null = all candidates)")
+        check_sampling(self.sampling, "env.sampling")
         if self.query not in ("full", "pending"):
             raise ValueError(f"env.query must be full or pending, got {self.query!r}")
         if self.query == "pending" and (self.mode != "generate" or self.beliefs):
@@ -125,15 +141,19 @@ class EnvConfig:
 
 class OrderPlanningCore:
     """Batched, device-resident dynamics. All tensors live on the backbone's device; no Python loop
-    runs over the batch.
+    runs over the batch. A step reads the device once (the action check, which also brings back the
+    sizes of the step's cache windows and queries); the oracle reads it not at all.
 
     codes [M, L] long / labels [M] long: the image pool of the split (teacher-forced ground truth;
     in generation mode only the labels are used, as conditioning classes).
     """
 
+    _sizes: HostSizes | None = None  # the current state's sizes on the host, set by every query of it
+
     def __init__(self, backbone: Backbone, codes: torch.Tensor, labels: torch.Tensor, cfg: EnvConfig,
                  batch_size: int, seed: int | None = None):
-        cfg.validate()
+        check_int("batch_size", batch_size, 1, note=" (env rows)")
+        cfg.validate(num_blocks=backbone.geometry.num_blocks)
         self.bb, self.cfg, self.B = backbone, cfg, int(batch_size)
         self.gpt, self.geom = backbone.gpt, backbone.geometry
         dev = self.device = backbone.device
@@ -242,13 +262,18 @@ class OrderPlanningCore:
     @torch.no_grad()
     def reset(self, rows: torch.Tensor | None = None, image_index: torch.Tensor | None = None) -> None:
         """Start new episodes on `rows` ([B] bool, default all): draw images (or take
-        `image_index` [B]), empty the cache, compute l_j(empty) for every token."""
+        `image_index` [B], an integer tensor: floats and bools raise ValueError), empty the cache,
+        compute l_j(empty) for every token."""
         dev = self.device
         rows = torch.ones(self.B, dtype=torch.bool, device=dev) if rows is None else rows.to(dev).bool()
         if image_index is None:
             image_index = torch.randint(self.num_images, (self.B,), generator=self.generator).to(dev)
         else:
-            image_index = torch.as_tensor(image_index, device=dev).long()
+            image_index = torch.as_tensor(image_index, device=dev)
+            # no silent truncation: .long() would turn [0.9, 1.7] into images [0, 1]
+            if image_index.dtype == torch.bool or image_index.is_floating_point() or image_index.is_complex():
+                raise ValueError(f"image_index must be an integer tensor (image ids), got dtype {image_index.dtype}")
+            image_index = image_index.long()
             if image_index.shape != (self.B,):
                 raise ValueError(f"image_index must have shape [B={self.B}], got {tuple(image_index.shape)}")
             bad = rows & ((image_index < 0) | (image_index >= self.num_images))
@@ -279,7 +304,12 @@ class OrderPlanningCore:
         [B, 1 + K] = (budget index, K ordered block choices; entries past the clipped budget are
         ignored). Rows outside `active` ([B] bool, default all) are not checked and reveal nothing.
         Returns blocks [B, K] (-1 past each row's count) and counts k [B].
-        Raises ValueError naming the offending rows."""
+        Raises ValueError naming the offending rows. All value checks are one read of the device."""
+        blocks, k, _ = self._parse_action(action, active)
+        return blocks, k
+
+    def _parse_action(self, action: torch.Tensor, active: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, _StepPlan]:
+        """`parse_action`, plus the host-side `_StepPlan` of the step, read in the same single transfer."""
         B, N = self.B, self.N
         if not isinstance(action, torch.Tensor):
             raise ValueError(f"action must be a torch.Tensor, got {type(action).__name__}")
@@ -296,32 +326,50 @@ class OrderPlanningCore:
             if action.shape != want:
                 raise ValueError(f"action must have shape {want} (one block index per row), got {tuple(action.shape)}")
         act = torch.ones(B, dtype=torch.bool, device=self.device) if active is None else active.to(self.device).bool()
+        # every check is computed on the device (none depends on an earlier one passing: indices are
+        # clamped), then all are read in one transfer with the step plan
         stale = act & (self.needs_reset | self.done)
-        if bool(stale.any()):
-            raise ValueError(f"rows {_rows(stale)} have finished episodes (or were never reset); reset them first")
         if self.router:
             bidx, choice = action[:, 0], action[:, 1:]
-            bad = act & ((bidx < 0) | (bidx >= len(self.budgets)))
-            if bool(bad.any()):
-                raise ValueError(f"rows {_rows(bad)}: budget index out of range [0, {len(self.budgets)})")
+            bad_budget = act & ((bidx < 0) | (bidx >= len(self.budgets)))
             left = (~self.revealed).sum(-1)
             k = torch.minimum(self.budgets[bidx.clamp(0, len(self.budgets) - 1)], left)
         else:
             choice, k = action[:, None], torch.ones(B, dtype=torch.long, device=self.device)
+            bad_budget = torch.zeros_like(act)
         k = torch.where(act, k, 0)
-        used = torch.arange(choice.shape[1], device=self.device)[None, :] < k[:, None]  # [B, K]
+        K = choice.shape[1]
+        used = torch.arange(K, device=self.device)[None, :] < k[:, None]  # [B, K]
         out_of_range = used & ((choice < 0) | (choice >= N))
-        if bool(out_of_range.any()):
-            raise ValueError(f"rows {_rows(out_of_range.any(-1))}: block index out of range [0, {N})")
         safe = choice.clamp(0, N - 1)
         revealed = used & self.revealed.gather(1, safe)
-        if bool(revealed.any()):
-            raise ValueError(f"rows {_rows(revealed.any(-1))}: block already revealed")
         dup = used[:, :, None] & used[:, None, :] & (safe[:, :, None] == safe[:, None, :])
-        dup = dup & ~torch.eye(choice.shape[1], dtype=torch.bool, device=self.device)
-        if bool(dup.any()):
-            raise ValueError(f"rows {_rows(dup.flatten(1).any(-1))}: the same block chosen twice in one decision")
-        return torch.where(used, safe, -1), k
+        dup = dup & ~torch.eye(K, dtype=torch.bool, device=self.device)
+        bad = torch.stack([stale, bad_budget, out_of_range.any(-1), revealed.any(-1), dup.flatten(1).any(-1)])  # [5, B]
+        host = torch.cat([bad.any(-1).long(), self._step_plan(k, K).flatten()]).tolist()  # the one read
+        failed = [i for i, flag in enumerate(host[:5]) if flag]
+        if failed:  # the first failing check, in the order they were always raised
+            rows = _rows(bad[failed[0]])
+            raise ValueError((
+                f"rows {rows} have finished episodes (or were never reset); reset them first",
+                f"rows {rows}: budget index out of range [0, {len(self.budgets)})",
+                f"rows {rows}: block index out of range [0, {N})",
+                f"rows {rows}: block already revealed",
+                f"rows {rows}: the same block chosen twice in one decision",
+            )[failed[0]])
+        plan = _StepPlan(host[5:5 + K], host[5 + K:5 + 2 * K], host[5 + 2 * K:])
+        return torch.where(used, safe, -1), k, plan
+
+    def _step_plan(self, k: torch.Tensor, K: int) -> torch.Tensor:
+        """The `_StepPlan` of a step revealing k [B] blocks per row, still on the device: [3, K] long.
+        Every revealed block adds T entries to a row's cache (one append of T inputs in
+        teacher-forced mode, T advances in generation mode) and removes T unseen tokens."""
+        i = torch.arange(K, device=self.device)
+        length = self.state.length[:, None]  # [B, 1]
+        first = torch.where(k[:, None] > i, length + self.T * i, -1).max(0).values
+        after = torch.minimum(k[:, None], i + 1)  # [B, K] blocks each row has revealed after the i-th
+        unseen = (~self.revealed).sum(-1, keepdim=True) - after
+        return torch.stack([first, (length + self.T * after).max(0).values, (self.T * unseen).max(0).values])
 
     # -- step -------------------------------------------------------------------------------------
 
@@ -331,40 +379,40 @@ class OrderPlanningCore:
         state and get reward 0). Returns reward [B] (float32, nats) and done [B] bool; the blocks
         each active row revealed are in `decision_blocks` [B] (inactive rows keep theirs).
         Invalid actions raise ValueError before anything changes."""
-        blocks, k = self.parse_action(action, active)
-        reward = self._step_smdp(blocks) if self.smdp else self._step_decision(blocks, k)
+        blocks, k, plan = self._parse_action(action, active)  # the step's only read of the device
+        reward = self._step_smdp(blocks, plan) if self.smdp else self._step_decision(blocks, k, plan)
         self.steps += k
         self.decision_blocks = torch.where(k > 0, k, self.decision_blocks)  # inactive rows keep their state
         return torch.where(k > 0, reward, 0.0), self.done
 
-    def _step_decision(self, blocks: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def _step_decision(self, blocks: torch.Tensor, k: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
         """Reveal blocks [B, K] (-1 = none), then one query: reward [B] of the whole decision (nats)."""
         unseen_before = self.unseen
         loss_before = self.token_loss
         loglik = torch.zeros(self.B, device=self.device)
         for i in range(blocks.shape[1]):
-            active = blocks[:, i] >= 0
-            if not bool(active.any()):
+            if plan.first[i] < 0:  # no row reveals an i-th block
                 break
-            loglik += self._reveal_block(blocks[:, i], active, i)
-        q = self._query_losses()
+            active = blocks[:, i] >= 0
+            loglik += self._reveal_block(blocks[:, i], active, i, plan.first[i])
+        q = self._query_losses(HostSizes(plan.length[-1], plan.unseen[-1]))
         self._store_pending_hidden(q.pending_hidden, torch.ones(self.B, dtype=torch.bool, device=self.device))
         reward = self._reward(blocks, k, unseen_before, loss_before, self.unseen, q.loss, loglik)
         self._keep_query(q, k > 0)
         return reward
 
-    def _step_smdp(self, blocks: torch.Tensor) -> torch.Tensor:
+    def _step_smdp(self, blocks: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
         """Semi-MDP step: reveal blocks [B, K] (-1 = none) one at a time with a query after each, and
         return R [B] = sum_i gamma^i r_i - decision_cost (nats), r_i the one-block reward of block i."""
         one = torch.ones(self.B, dtype=torch.long, device=self.device)
         per_block = []  # r_i [B] of the i-th block of each row's decision (0 past its k)
         for i in range(blocks.shape[1]):
-            active = blocks[:, i] >= 0
-            if not bool(active.any()):
+            if plan.first[i] < 0:  # no row reveals an i-th block
                 break
+            active = blocks[:, i] >= 0
             unseen_before, loss_before = self.unseen, self.token_loss
-            loglik = self._reveal_block(blocks[:, i], active, i)
-            q = self._query_losses()
+            loglik = self._reveal_block(blocks[:, i], active, i, plan.first[i])
+            q = self._query_losses(HostSizes(plan.length[i], plan.unseen[i]))
             self._store_pending_hidden(q.pending_hidden, active)
             r = self._information_reward(blocks[:, i:i + 1], one, unseen_before, loss_before, self.unseen, q.loss, loglik)
             per_block.append(torch.where(active, r, 0.0))
@@ -375,18 +423,22 @@ class OrderPlanningCore:
         total = discounted_return(torch.stack(per_block, 1), float(self.cfg.gamma))
         return decision_reward(total, self.cfg.decision_cost)
 
-    def _reveal_block(self, block: torch.Tensor, active: torch.Tensor, i: int) -> torch.Tensor:
-        """Reveal block [B] (the i-th of this decision) on active rows [B] bool; returns its
-        teacher-forced log-likelihood [B] (nats; 0 in generation mode and on inactive rows)."""
+    def _reveal_block(self, block: torch.Tensor, active: torch.Tensor, i: int, first: int) -> torch.Tensor:
+        """Reveal block [B] (the i-th of this decision) on active rows [B] bool, whose longest cache
+        is `first` entries (host int, from the step plan); returns its teacher-forced
+        log-likelihood [B] (nats; 0 in generation mode and on inactive rows)."""
         blk = block.clamp(min=0)
         positions = self.block_tokens[blk]  # [B, T]
         if self.cfg.mode == "teacher_forced":
-            loglik = self._reveal_teacher_forced(positions, active)
+            loglik = self._reveal_teacher_forced(positions, active, first + self.T)
         else:
-            self._reveal_generated(positions, active)
+            self._reveal_generated(positions, active, first)
             loglik = torch.zeros(self.B, device=self.device)
-        self.revealed[active, blk[active]] = True
-        self.history[active, self.steps[active] + i] = blk[active]
+        # one index per row with where() instead of boolean-mask indexing, which reads the device
+        rows = torch.arange(self.B, device=self.device)
+        self.revealed[rows, blk] = self.revealed[rows, blk] | active
+        col = torch.where(active, self.steps + i, 0)  # inactive rows rewrite their own slot 0
+        self.history[rows, col] = torch.where(active, blk, self.history[rows, col])
         return loglik
 
     def _store_pending_hidden(self, hid: torch.Tensor, rows: torch.Tensor) -> None:
@@ -396,58 +448,80 @@ class OrderPlanningCore:
         keep = self.hidden_tok[idx, pend.clamp(min=0)]
         self.hidden_tok[idx, pend.clamp(min=0)] = torch.where(((pend >= 0) & rows)[:, None], hid, keep)
 
-    def _reveal_teacher_forced(self, positions: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
-        """Append the ground-truth tokens of one block per active row; returns their log-likelihood [B]."""
+    def _reveal_teacher_forced(self, positions: torch.Tensor, active: torch.Tensor, window: int) -> torch.Tensor:
+        """Append the ground-truth tokens of one block per active row (longest cache after it:
+        `window`); returns their log-likelihood [B]."""
         tokens = self.x.gather(1, positions)
         prev = self.state.pending_pos.clone()
-        logits, hid = self.gpt.append(self.state, tokens, positions, active=active)
+        # the action was checked at the step's boundary: no further checks (they read the device)
+        logits, hid = self.gpt.append(self.state, tokens, positions, active=active, validate=False, window=window)
         # input 0 was the previously pending token (the class token at the start: no spatial slot)
         in_pos = torch.cat([prev[:, None], positions[:, :-1]], 1)
         self._store_hidden(in_pos, hid, active)
         logp = torch.log_softmax(logits.float(), -1).gather(-1, tokens[..., None])[..., 0].sum(-1)
         return torch.where(active, logp, 0.0)
 
-    def _reveal_generated(self, positions: torch.Tensor, active: torch.Tensor) -> None:
-        """Sample one block per active row token by token (in-block raster order) with CFG."""
+    def _reveal_generated(self, positions: torch.Tensor, active: torch.Tensor, first: int) -> None:
+        """Sample one block per active row token by token (in-block raster order) with CFG; `first`:
+        the active rows' longest cache before the block (host int)."""
         for t in range(positions.shape[1]):
             pos = positions[:, t]
             prev = self.state.pending_pos.clone()
-            logits, hid = self.gpt.advance(self.state, pos, active=active)
-            if self.ustate is not None:
-                ulogits, _ = self.gpt.advance(self.ustate, pos, active=active)
+            logits, hid = self.gpt.advance(self.state, pos, active=active, validate=False, window=first + t + 1)
+            if self.ustate is not None:  # the unconditional cache moves in lockstep with the conditional one
+                ulogits, _ = self.gpt.advance(self.ustate, pos, active=active, validate=False, window=first + t + 1)
                 logits = guided(torch.cat([logits, ulogits]), self.sc.cfg_scale)
             tok = sample_logits(logits, self.sc, self.sample_generator, self.row_key, pos)
             self._store_hidden(prev[:, None], hid[:, None], active)
-            self.gpt.feed(self.state, tok, pos, active=active)
+            self.gpt.feed(self.state, tok, pos, active=active, validate=False)
             if self.ustate is not None:
-                self.gpt.feed(self.ustate, tok, pos, active=active)
+                self.gpt.feed(self.ustate, tok, pos, active=active, validate=False)
             rows = torch.arange(self.B, device=self.device)
             self.x[rows, pos] = torch.where(active, tok, self.x[rows, pos])
 
     def _store_hidden(self, positions: torch.Tensor, hidden: torch.Tensor, active: torch.Tensor) -> None:
-        """hidden_tok[b, positions[b, t]] := hidden[b, t] on active rows (positions < 0 skipped)."""
-        ok = active[:, None] & (positions >= 0)
-        b, t = torch.nonzero(ok, as_tuple=True)
-        self.hidden_tok[b, positions[b, t]] = hidden[b, t].to(self.dtype)
+        """hidden_tok[b, positions[b, t]] := hidden[b, t] on active rows (positions < 0 skipped).
 
-    def _query_losses(self) -> QueryResult:
+        Every (b, t) writes, so no nonzero() (a read of the device) picks the real entries: a
+        skipped entry repeats a real write of its row (same slot, same value), or rewrites its
+        slot's current value when its row has none, so no two writes to one slot disagree."""
+        ok = active[:, None] & (positions >= 0)  # [B, T]; a row's real positions are distinct
+        first = ok.to(torch.int8).argmax(1, keepdim=True)  # [B, 1]: a real entry of the row, if any
+        has = ok.any(1, keepdim=True)
+        slot = torch.where(ok, positions, positions.gather(1, first)).clamp(min=0)  # [B, T]
+        rows = torch.arange(self.B, device=self.device)[:, None].expand_as(slot)
+        hidden = hidden.to(self.dtype)
+        twin = hidden.gather(1, first[..., None].expand(-1, 1, hidden.shape[-1])).expand_as(hidden)
+        value = torch.where(ok[..., None], hidden, torch.where(has[..., None], twin, self.hidden_tok[rows, slot]))
+        self.hidden_tok[rows, slot] = value
+
+    def _query_losses(self, sizes: HostSizes | None = None) -> QueryResult:
         """One query over every unseen token plus one target-free row per image: per-token losses
         l_j(S) (H_j(S) in generation mode), entropies H_j(S), the block-pooled query hidden states
-        (with env.beliefs) and the pending token's hidden state; see `QueryResult`."""
+        (with env.beliefs) and the pending token's hidden state; see `QueryResult`.
+
+        sizes: the state's longest cache and most unseen tokens, known on the host (a step's plan);
+        None reads both from the device in one transfer (reset). Kept for the oracle on this state."""
+        if sizes is None:
+            length, unrevealed = torch.stack([self.state.length.max(), (~self.revealed).sum(-1).max()]).tolist()
+            sizes = HostSizes(length, self.T * unrevealed)
+        self._sizes = sizes
+        window = max(sizes.length, 1)
         unseen = self.unseen
         if self.cfg.query == "pending":  # one target-free row per image: the pending token's hidden state
-            _, hid = self.gpt.query(self.state, torch.full((self.B, 1), -1, device=self.device, dtype=torch.long))
+            _, hid = self.gpt.query(self.state, torch.full((self.B, 1), -1, device=self.device, dtype=torch.long),
+                                    validate=False, window=window)
             nan = torch.full((self.B, self.L), float("nan"), device=self.device)
             return QueryResult(torch.where(unseen, nan, 0.0), torch.where(unseen, nan, 0.0), None, hid[:, -1])
-        Q = int(unseen.sum(-1).max())
+        Q = sizes.unseen
         # unseen positions first (ascending), padding and the summary row carry target -1
         key = torch.where(unseen, torch.arange(self.L, device=self.device), self.L)
         targets = key.sort(-1).values[:, :Q]
         targets = torch.cat([torch.where(targets < self.L, targets, -1),
                              torch.full((self.B, 1), -1, device=self.device, dtype=torch.long)], 1)
-        logits, hid = self.gpt.query(self.state, targets)
+        logits, hid = self.gpt.query(self.state, targets, validate=False, window=window)
         if self.ustate is not None and self.cfg.guided_beliefs:
-            ulogits, _ = self.gpt.query(self.ustate, targets)
+            ulogits, _ = self.gpt.query(self.ustate, targets, validate=False, window=window)
             logits = ulogits + self.sc.cfg_scale * (logits - ulogits)
         logp = torch.log_softmax(logits[:, :Q].float(), -1)
         valid = targets[:, :Q] >= 0
@@ -500,14 +574,19 @@ class OrderPlanningCore:
             raise ValueError("oracle utilities need ground truth: use env.mode=teacher_forced")
         live = ~self.done
         util = torch.full((self.B, self.N), float("-inf"), device=self.device)
-        if not bool(live.any()):
+        sizes = self._sizes
+        if sizes is None:  # never reset: read them (the last step or reset keeps them otherwise)
+            sizes = HostSizes(int(self.state.length.max()), self.T * int((~self.revealed).sum(-1).max()))
+        if sizes.unseen == 0:  # every row is done
             return util
         if candidates is not None:
             candidates = candidates.to(self.device)
             candidates = torch.where((candidates >= 0) & ~self.revealed.gather(1, candidates.clamp(min=0)), candidates, -1)
+        # the core's own state, and candidates made unrevealed above: nothing to check, no read of the device
         out = oracle_utilities(self.gpt, self.state, self.x, self.revealed, self.geom, kind=kind,
                                weight=weight or self.cfg.weight, candidates=candidates,
-                               chunk=self.cfg.oracle_chunk, neighbour_weight=self.cfg.neighbour_weight)
+                               chunk=self.cfg.oracle_chunk, neighbour_weight=self.cfg.neighbour_weight,
+                               validate=False, sizes=sizes)
         return torch.where(live[:, None], out, util)
 
     @torch.no_grad()

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from backbone.config import BackboneConfig, compose, to_typed
-from backbone.loading import build_backbone, load_token_data
+from backbone.config import BackboneConfig, check_backbone_config, compose, to_typed
+from backbone.loading import backbone_num_blocks, build_backbone, load_token_data
+from backbone.validation import check_int
 from envs.core import EnvConfig, OrderPlanningCore
 from envs.torchrl_env import OrderPlanningEnv
 
@@ -26,6 +27,14 @@ class EnvRun:
     batch_size: int = 16
     device: str = "cpu"
     seed: int = 0
+
+
+def check_env_run(run: EnvRun, check_paths: bool = True) -> None:
+    """Validate configs/make_env.yaml's schema: the backbone (weights exist when `check_paths`),
+    the env against the backbone's block count, batch_size >= 1. ValueError names the key."""
+    check_backbone_config(run.backbone, check_paths=check_paths)
+    run.env.validate(num_blocks=backbone_num_blocks(run.backbone))
+    check_int("batch_size", run.batch_size, 1, note=" (env rows)")
 
 
 def _override(key: str, value: Any) -> str:
@@ -70,7 +79,10 @@ def make_core(backbone: str | BackboneConfig = "tiny_mnist", env: EnvConfig | No
     A typed `env` (EnvConfig) / `backbone` (BackboneConfig) is the base its overrides apply to
     (with `dataclasses.replace`; the passed objects are not modified); a backbone name or a missing
     env is composed from configs/make_env.yaml with the overrides, as the scripts do (`mode="generate"`
-    then starts from the env=generate preset). Unknown keys raise an error naming them."""
+    then starts from the env=generate preset). Unknown keys raise an error naming them; bad values
+    (batch_size < 1, env.budget outside [1, N blocks], ...) raise ValueError naming the key before
+    any weights are loaded."""
+    check_int("batch_size", batch_size, 1, note=" (env rows)")
     env_over: dict[str, Any] = {}
     bb_over: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -94,6 +106,7 @@ def make_core(backbone: str | BackboneConfig = "tiny_mnist", env: EnvConfig | No
         run = to_typed(compose("make_env", args), EnvRun)
         bcfg = bcfg or run.backbone
         ecfg = ecfg or run.env
+    ecfg.validate(num_blocks=backbone_num_blocks(bcfg))  # before the weights load (the core checks again)
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     bb = build_backbone(bcfg, device=device, dtype=dtype)

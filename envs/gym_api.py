@@ -187,8 +187,9 @@ def _image_index_option(core: OrderPlanningCore, options: dict[str, Any]) -> tor
         return None
     try:
         idx = action_to_tensor(options["image_index"], core.device)
-    except ValueError as e:
-        raise ValueError(f"options['image_index'] must be integer-valued: {e}") from e
+    except ValueError as e:  # the core would refuse these too; name the option rather than "action"
+        raise ValueError(f"options['image_index'] must be an integer, or an integer array / tensor of image ids "
+                         f"(no floats or bools), got {options['image_index']!r}") from e
     return idx.reshape(core.B) if idx.numel() == core.B else idx  # the core validates shape and range
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backbone.run_utils import tee_console
 from backbone.tiny_default import ARTIFACT_DIR, build_tiny_default
 
 
@@ -22,7 +23,9 @@ def main() -> None:
     ap.add_argument("--vq", nargs="*", default=[], help="overrides for configs/train_vq.yaml")
     ap.add_argument("--gpt", nargs="*", default=[], help="overrides for configs/train_backbone.yaml")
     args = ap.parse_args()
-    build_tiny_default(args.work_dir, args.out_dir, args.vq, args.gpt)
+    # the stages log into their own run dirs (vq/train_vq.log, gpt/train_backbone.log) too
+    with tee_console(Path(args.work_dir) / "build_tiny_default.log", "build_tiny_default"):
+        build_tiny_default(args.work_dir, args.out_dir, args.vq, args.gpt)
 
 
 if __name__ == "__main__":

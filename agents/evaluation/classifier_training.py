@@ -32,11 +32,12 @@ import torch.nn.functional as F
 from agents.evaluation.feature_net import (DEFAULT_CLASSIFIER, ClassifierConfig, DigitClassifier, evaluate_classifier,
                                            num_parameters, save_classifier)
 from backbone.checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
-from backbone.config import RunConfig, resolve_path
+from backbone.config import RunConfig, check_run_config, resolve_path
 from backbone.data import class_interleaved_order, embedded_mnist_sha256, images_to_model, load_embedded_mnist
-from backbone.run_utils import Logger, progress, setup_device
+from backbone.run_utils import Logger, console_log, progress, setup_device
+from backbone.validation import check_int, check_positive, check_range
 
-__all__ = ["ClassifierRun", "train_classifier", "shift_augment"]
+__all__ = ["ClassifierRun", "check_classifier_run", "train_classifier", "shift_augment"]
 
 
 @dataclass
@@ -56,6 +57,21 @@ class ClassifierRun(RunConfig):
     eval_batch_size: int = 500
     progress: bool = True
     model: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+def check_classifier_run(run: ClassifierRun) -> None:
+    """Validate configs/train_classifier.yaml's schema before any data loads: ValueError naming the
+    key and its range (the model sizes are checked by ClassifierConfig itself when built)."""
+    check_run_config(run)
+    check_int("epochs", run.epochs, 1)
+    check_int("batch_size", run.batch_size, 1)
+    check_positive("lr", run.lr)
+    check_range("weight_decay", run.weight_decay, 0.0)
+    check_int("max_shift", run.max_shift, 0)
+    check_int("max_train_images", run.max_train_images, 1, allow_none=True, note=" (null = all)")
+    check_int("eval_batch_size", run.eval_batch_size, 1)
+    if run.update_manifest and not str(run.out or "").strip():
+        raise ValueError("out must be a file path with update_manifest=true")
 
 
 def shift_augment(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -82,14 +98,14 @@ def _update_manifest(weights: Path, entry: dict[str, Any]) -> Path:
     return atomic_write_json(manifest_path, manifest)
 
 
+@console_log("train_classifier")
 def train_classifier(run: ClassifierRun) -> dict:
     """Train a DigitClassifier on the embedded MNIST train split, report held-out accuracy and
     cross-entropy. Writes run_dir/{classifier.safetensors, summary.json} (and, with
     update_manifest, `out` plus its manifest entry). Returns the summary dict."""
+    check_classifier_run(run)
     t_start = time.time()
     device = setup_device(run.device)
-    if run.augmentation and run.max_shift < 0:
-        raise ValueError(f"max_shift must be >= 0, got {run.max_shift}")
     run_dir = Path(run.run_dir).expanduser().resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
 

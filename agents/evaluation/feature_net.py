@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backbone.artifacts import verify_artifact
 from backbone.checkpoint import load_safetensors, load_state_dict_checked, save_safetensors
 from backbone.config import resolve_path
 from backbone.data import MNIST_IMAGE_SIZE, MNIST_NUM_CLASSES
@@ -187,7 +188,10 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Dig
     """Rebuild a DigitClassifier from `save_classifier`'s file, in eval mode.
 
     Raises FileNotFoundError (no file), CheckpointCorruptError (not a readable safetensors file) or
-    ValueError (not a classifier file; missing, unexpected or mis-shaped tensors, each named)."""
+    ValueError (not a classifier file; missing, unexpected, mis-shaped or non-finite tensors, each
+    named; a sha256 other than the one a manifest.json next to the file records)."""
+    if Path(path).is_file():
+        verify_artifact(path)  # the committed classifier must match artifacts/tiny_mnist/manifest.json
     state, meta = load_safetensors(path)
     model = DigitClassifier(ClassifierConfig.from_dict(_classifier_entry(meta, path)["config"]))
     load_state_dict_checked(model, state, context=f"DigitClassifier file {path}")

@@ -28,8 +28,9 @@ import torch
 
 from agents.evaluation.rollouts import balanced_images, index_batches, replay_order
 from agents.planner.orderhead import OrderHead
-from agents.planner.policies import BlockPolicy, OrderHeadPolicy, make_policy, run_episodes
+from agents.planner.policies import POLICY_NAMES, BlockPolicy, OrderHeadPolicy, make_policy, run_episodes
 from backbone.config import BackboneConfig
+from backbone.validation import check_gamma, check_int
 from envs.core import EnvConfig, OrderPlanningCore
 from envs.episodes import Decision, play_episodes
 from envs.factory import make_core
@@ -44,6 +45,18 @@ class EvalSpec:
     batch_size: int = 16
     gamma: float = 0.9  # discount of the reported returns (future_loss telescopes at gamma = 1)
     baselines: list[str] = field(default_factory=lambda: ["raster", "random", "confident_first", "oracle"])
+
+
+def check_eval_spec(ev: EvalSpec, key: str = "eval") -> None:
+    """Raise ValueError naming `{key}.<field>` and its range: num_images, batch_size >= 1, gamma in
+    (0, 1], baselines registry names (checked here, not after the training the report follows)."""
+    check_int(f"{key}.num_images", ev.num_images, 1)
+    check_int(f"{key}.batch_size", ev.batch_size, 1)
+    check_gamma(f"{key}.gamma", ev.gamma)
+    names = [n for n in POLICY_NAMES if n != "orderhead"]
+    bad = [b for b in ev.baselines if b not in names]
+    if bad:
+        raise ValueError(f"{key}.baselines: {bad} are not policy names; choose from {', '.join(names)}")
 
 
 def order_returns(core: OrderPlanningCore, image_index: torch.Tensor, blocks: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -51,11 +51,13 @@ from agents.evaluation.sample_metrics import (class_logprob, fid_curve, fid_with
 from agents.planner.orderhead import load_orderhead
 from agents.planner.policies import BELIEF_POLICIES, FIXED_ORDERS, BlockPolicy, FixedOrderPolicy, make_policy
 from backbone.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_torch_checkpoint, sha256_file
-from backbone.config import BackboneConfig, RunConfig, resolve_path
+from backbone.config import BackboneConfig, RunConfig, check_backbone_config, check_run_config, resolve_path
 from backbone.data import ImageFolderDataset, images_to_model, load_embedded_mnist
 from backbone.loading import Backbone, build_backbone, load_token_data
-from backbone.run_utils import Logger, progress, setup_device
-from backbone.sampling import SamplingConfig
+from backbone.run_utils import Logger, console_log, progress, setup_device
+from backbone.sampling import SamplingConfig, check_sampling
+from backbone.seeding import isolated_rng
+from backbone.validation import check_choice, check_gamma, check_int, check_int_list, check_path_exists, check_range
 from envs.core import REWARDS, EnvConfig, OrderPlanningCore
 
 ORACLES = {"oracle": "future_loss", "oracle_extrapolative": "extrapolative"}
@@ -405,32 +407,73 @@ def paired_deltas(generated: dict[str, Generated], baselines: list[str], real: t
 # -- the run -------------------------------------------------------------------------------------
 
 
-def _check_options(run: EvaluateRun) -> None:
-    ev = run.eval
+def _check_options(run: EvaluateRun, check_paths: bool = True) -> None:
+    """The fields evaluate and power share (everything but `policies` and `power`), each in its
+    range: ValueError naming the dotted key; with `check_paths`, FileNotFoundError for missing
+    weights, feature-network files or reference sets. Runs before anything loads."""
+    ev, fs, st, pl = run.eval, run.features, run.stats, run.plots
+    check_run_config(run)
+    num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
+    run.env.validate(num_blocks=num_blocks)
     if ev.reward not in ev.rewards:
         raise ValueError(f"eval.reward={ev.reward!r} must be one of eval.rewards {ev.rewards}")
     bad = [r for r in ev.rewards if r not in REWARDS or r == "entropy"]
     if bad:
         raise ValueError(f"eval.rewards: {bad} are not teacher-forced rewards; choose from "
                          f"{[r for r in REWARDS if r != 'entropy']}")
-    if ev.num_samples < 2 or ev.num_images < 0:
-        raise ValueError("eval.num_samples must be >= 2 and eval.num_images >= 0")
-    if not ev.sampler_seeds or len(set(ev.sampler_seeds)) != len(ev.sampler_seeds):
-        raise ValueError(f"eval.sampler_seeds must be distinct and non-empty, got {ev.sampler_seeds}")
-    if ev.seed_samples is not None and ev.seed_samples < 2:
-        raise ValueError(f"eval.seed_samples must be >= 2 (or null), got {ev.seed_samples}")
-    small = {k: v for k, v in ev.policy_samples.items() if int(v) < 2}
-    if small or ev.gen_batch_size < 1:
-        raise ValueError(f"eval.policy_samples must be >= 2 ({small}) and eval.gen_batch_size >= 1")
+    check_int("eval.num_samples", ev.num_samples, 2)
+    check_int("eval.num_images", ev.num_images, 0, note=" (0 = generation only)")
+    check_int("eval.batch_size", ev.batch_size, 1)
+    check_int("eval.gen_batch_size", ev.gen_batch_size, 1)
+    check_int_list("eval.sampler_seeds", ev.sampler_seeds, distinct=True)
+    check_int("eval.seed_samples", ev.seed_samples, 2, allow_none=True, note=" (null = eval.num_samples)")
+    for name, n in ev.policy_samples.items():
+        check_int(f"eval.policy_samples.{name}", n, 2)
+    check_int_list("eval.fid_curve", ev.fid_curve, 2, nonempty=False)
+    check_gamma("eval.gamma", ev.gamma)
+    check_choice("eval.oracle_kind", ev.oracle_kind, ORACLES.values())
+    check_int("eval.agreement_images", ev.agreement_images, 0, note=" (0 = off)")
+    check_sampling(ev.sampling, "eval.sampling")
+    check_int("eval.R", ev.R, 0, allow_none=True, note=" (null = the checkpoint's)")
+    check_choice("features.kind", fs.kind, ("classifier", "inception"))
+    if check_paths:
+        if fs.kind == "classifier":
+            check_path_exists("features.classifier_path", fs.classifier_path, allow_none=True)
+        else:
+            check_path_exists("features.inception_weights", fs.inception_weights,
+                              hint="download pt_inception-2015-12-05-6726825d.pth once; nothing downloads here")
+        for key, ref in (("features.reference", fs.reference), ("features.second_reference", fs.second_reference)):
+            if ref not in ("train", "heldout"):
+                check_path_exists(key, ref, allow_none=key == "features.second_reference")
+    check_int("features.reference_limit", fs.reference_limit, 1, allow_none=True, note=" (null = all)")
+    check_int("features.batch_size", fs.batch_size, 1)
+    check_int("features.pr_k", fs.pr_k, 1)
+    check_int("stats.bootstrap", st.bootstrap, 1)
+    check_range("stats.level", st.level, 0.0, 1.0, lo_open=True, hi_open=True)
+    check_int("stats.kid_subsets", st.kid_subsets, 1)
+    check_int("stats.kid_subset_size", st.kid_subset_size, 2)
+    check_int("plots.per_class", pl.per_class, 1)
+    check_int("plots.max_classes", pl.max_classes, 1)
+    for name in ("heatmap_images", "snapshot_samples", "column_rows"):
+        check_int(f"plots.{name}", getattr(pl, name), 0, note=" (0 = none)")
 
 
+def check_evaluate_run(run: EvaluateRun, check_paths: bool = True) -> None:
+    """Validate configs/evaluate.yaml's schema before anything loads (`_check_options` plus a
+    non-empty `policies`)."""
+    if not run.policies:
+        raise ValueError("policies must name at least one policy, got []")
+    _check_options(run, check_paths)
+
+
+@console_log("evaluate")
 def run_evaluation(run: EvaluateRun) -> dict:
     """Evaluate every policy of `run.policies`; write results.json / results.md / PNGs in run_dir."""
     from agents.evaluation.feature_net import make_feature_extractor  # torchmetrics' inception import is heavy
 
     t_start = time.time()
+    check_evaluate_run(run)
     ev, device, run_dir = run.eval, setup_device(run.device), Path(run.run_dir)
-    _check_options(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = Logger(run, run_dir, job="evaluate")
     torch.manual_seed(run.seed)
@@ -480,13 +523,16 @@ def run_evaluation(run: EvaluateRun) -> dict:
             continue
         t0 = time.time()
         print(f"[evaluate] {spec.name}: teacher-forced rollouts on {n_tf} held-out images", flush=True)
-        row, blocks, curve = _teacher_forced_row(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders)
+        # the policy's own RNG stream: its row must not depend on which policies ran before it in this
+        # process (a rerun skips the finished ones)
+        with isolated_rng(run.seed, "evaluate", "policy", spec.name):
+            row, blocks, curve = _teacher_forced_row(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders)
+            gen_row, generated[spec.name] = _generation_row(spec, run, bb, gen_labels, blocks, refs, extractor,
+                                                            device, run_dir)
         row["source"] = spec.source
         orders_for_heatmap[spec.name] = blocks[:run.plots.heatmap_images]
         if curve:
             curves[spec.name] = curve
-        gen_row, generated[spec.name] = _generation_row(spec, run, bb, gen_labels, blocks, refs, extractor, device,
-                                                        run_dir)
         row.update(gen_row)
         row["seconds"] = round(time.time() - t0, 1)
         results["policies"][spec.name] = row

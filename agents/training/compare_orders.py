@@ -39,11 +39,12 @@ from agents.evaluation.comparison import PolicyScores, comparison_rows, markdown
 from agents.evaluation.rollouts import balanced_images
 from agents.planner.orderhead import load_orderhead
 from agents.planner.policies import BELIEF_POLICIES, FIXED_ORDERS, make_policy
-from agents.training.bc import BCRun, train_bc
-from agents.training.ppo_run import PPORun, run_ppo
+from agents.training.bc import BCRun, check_bc_run, train_bc
+from agents.training.ppo_run import PPORun, check_ppo_run, run_ppo
 from backbone.checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
-from backbone.config import BackboneConfig, RunConfig, compose, to_typed
-from backbone.run_utils import setup_device
+from backbone.config import BackboneConfig, RunConfig, check_backbone_config, check_run_config, compose, to_typed
+from backbone.run_utils import console_log, setup_device
+from backbone.validation import check_choice, check_gamma, check_int, check_int_list, check_range
 from envs.core import EnvConfig
 from envs.factory import make_core
 
@@ -84,19 +85,46 @@ class CompareRun(RunConfig):
     ppo_overrides: list[str] = field(default_factory=list)
     eval: CompareEval = field(default_factory=CompareEval)
 
-    def validate(self) -> None:
+    def validate(self, check_paths: bool = True) -> None:
+        """Every field in its range (ValueError naming the key), before anything trains: the
+        backbone (weights must exist with `check_paths`), env, seeds, eval, and the BC and PPO
+        configs that bc_overrides / ppo_overrides make (composed and validated here, so a typo in
+        an override fails now rather than after the first planners have trained)."""
         bad = [o for o in [*self.observations, self.router_observation, self.ablation_observation]
                if o not in OBSERVATIONS]
         if bad:
             raise ValueError(f"observations must be among {OBSERVATIONS}, got {bad}")
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of distinct seeds, got {self.seeds}")
-        if self.eval.num_images < 1 or self.eval.batch_size < 1 or not 0 < self.eval.gamma <= 1:
-            raise ValueError("eval.num_images and eval.batch_size must be >= 1 and eval.gamma in (0, 1]")
-        if self.stage not in ("all", "train", "score"):
-            raise ValueError(f"stage must be all, train or score, got {self.stage!r}")
-        if any(r < 0 for r in self.R_values):
-            raise ValueError(f"R_values must be >= 0, got {self.R_values}")
+        check_run_config(self)
+        num_blocks = check_backbone_config(self.backbone, check_paths=check_paths)
+        self.env.validate(num_blocks=num_blocks)
+        check_int_list("seeds", self.seeds, distinct=True)
+        check_int_list("router_seeds", self.router_seeds, nonempty=False, distinct=True)
+        check_int("oracle_seed", self.oracle_seed)
+        ev = self.eval
+        check_int("eval.num_images", ev.num_images, 1)
+        check_int("eval.batch_size", ev.batch_size, 1)
+        check_gamma("eval.gamma", ev.gamma)
+        check_int("eval.agreement_images", ev.agreement_images, 0, note=" (0 = off)")
+        check_int("eval.ablation_agreement_images", ev.ablation_agreement_images, 0, note=" (0 = off)")
+        check_choice("eval.oracle_kind", ev.oracle_kind, ("future_loss", "extrapolative"))
+        names = [*FIXED_ORDERS, "random", *BELIEF_POLICIES, "oracle", "oracle_extrapolative"]
+        unknown = [b for b in ev.baselines if b not in names]
+        if unknown:
+            raise ValueError(f"eval.baselines: {unknown} are not policy names; choose from {', '.join(names)}")
+        check_int("eval.bootstrap", ev.bootstrap, 1)
+        check_range("eval.level", ev.level, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_choice("stage", self.stage, ("all", "train", "score"))
+        check_int_list("R_values", self.R_values, 0, nonempty=False)
+        obs, seed = self.observations[0] if self.observations else "block", self.seeds[0]
+        try:
+            check_bc_run(_bc_run(self, obs, seed), check_paths=False)  # bc_overrides, as every BC run gets them
+        except ValueError as e:
+            raise ValueError(f"the BC runs of this comparison (bc_overrides={self.bc_overrides}): {e}") from e
+        if self.ppo or self.router_seeds:
+            try:  # check_paths=False: agent.init_from is the BC head trained first
+                check_ppo_run(_ppo_run(self, obs, seed, router=False), check_paths=False)
+            except ValueError as e:
+                raise ValueError(f"the PPO runs of this comparison (ppo_overrides={self.ppo_overrides}): {e}") from e
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -237,6 +265,7 @@ def _to_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+@console_log("compare_orders")
 def compare_orders(run: CompareRun) -> dict:
     """Train what is missing, score every policy, write run_dir/results.json and results.md."""
     run.validate()

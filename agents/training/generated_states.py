@@ -56,7 +56,8 @@ from backbone.checkpoint import atomic_torch_save, atomic_write_json, check_iden
 from backbone.config import resolve_path
 from backbone.loading import Backbone
 from backbone.run_utils import progress
-from backbone.sampling import SamplingConfig
+from backbone.sampling import SamplingConfig, check_sampling
+from backbone.validation import check_int
 from envs.core import EnvConfig, OrderPlanningCore
 from envs.episodes import play_episodes
 
@@ -105,8 +106,9 @@ class GeneratedStatesConfig:
         if self.roll_in not in ROLL_INS:
             raise ValueError(f"generated.roll_in must be one of {ROLL_INS}, got {self.roll_in!r}")
         for name in ("num_images", "batch_size", "belief_samples"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"generated.{name} must be >= 1, got {getattr(self, name)}")
+            check_int(f"generated.{name}", getattr(self, name), 1)
+        check_sampling(self.sampling, "generated.sampling")
+        check_int("generated.seed", self.seed, allow_none=True, note=" (null = the run's seed)")
 
 
 @dataclass

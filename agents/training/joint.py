@@ -17,6 +17,7 @@ from agents.training.features import state_features
 from backbone.config import BackboneConfig, BackboneTrainConfig, resolve_path
 from backbone.loading import build_backbone, load_token_data
 from backbone.train import ar_batch, ar_loss, heldout_nll
+from backbone.validation import check_int, check_positive, check_probability, check_range
 
 
 @dataclass
@@ -35,13 +36,19 @@ class JointConfig:
     start_step: int = 0  # the head trains alone on the frozen features before this step
 
     def validate(self, n_layer: int, steps: int) -> None:
-        if not 0 <= self.top_n <= n_layer:
-            raise ValueError(f"bc.joint.top_n must lie in [0, {n_layer}] (the GPT's layers), got {self.top_n}")
+        """Raise ValueError naming the bc.joint key and its range (`n_layer`: the GPT's layers;
+        `steps`: bc.steps)."""
+        check_int("bc.joint.top_n", self.top_n, 0, n_layer, note=" (the GPT's layers)")
         if self.top_n and not 0 <= self.start_step < steps:
             raise ValueError(f"bc.joint.start_step must lie in [0, bc.steps={steps}), got {self.start_step}")
-        if self.lam < 0 or self.lr <= 0 or self.ar_batch_size < 1:
-            raise ValueError(f"bc.joint needs lam >= 0, lr > 0, ar_batch_size >= 1; got lam={self.lam}, "
-                             f"lr={self.lr}, ar_batch_size={self.ar_batch_size}")
+        check_int("bc.joint.start_step", self.start_step, 0)
+        check_range("bc.joint.lam", self.lam, 0.0)
+        check_positive("bc.joint.lr", self.lr)
+        check_range("bc.joint.weight_decay", self.weight_decay, 0.0)
+        check_positive("bc.joint.grad_clip", self.grad_clip)
+        check_int("bc.joint.ar_batch_size", self.ar_batch_size, 1)
+        check_probability("bc.joint.ar_random_ratio", self.ar_random_ratio)
+        check_probability("bc.joint.class_dropout", self.class_dropout)
 
 
 

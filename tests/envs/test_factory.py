@@ -66,3 +66,20 @@ def test_composed_path_unchanged(built):
     assert (core.cfg.reward, core.cfg.weight, core.cfg.budget) == ("extrapolative", "neighbours", [1, 2, 4])
     core = envs.make_core("tiny_mnist", batch_size=2, mode="generate", reward="entropy")
     assert core.cfg.sampling.cfg_scale == 2.0  # the env=generate preset (configs/env/generate.yaml)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5])
+def test_bad_batch_size_fails_naming_it_before_anything_loads(built, bad):
+    """Regression: batch_size=0 gave `IndexError: index 0 is out of bounds`, -2 a bare RuntimeError
+    from torch.zeros."""
+    with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1"):
+        envs.make_env("tiny_mnist", batch_size=bad)
+    assert "backbone" not in built  # refused before the backbone was built
+
+
+def test_budget_beyond_the_block_count_fails_naming_env_budget(built):
+    """Regression: budget=[1, 999] on a 16-block image was accepted."""
+    with pytest.raises(ValueError, match=r"env\.budget\[1\] must be an integer in \[1, 16\].*got 999"):
+        envs.make_env("tiny_mnist", batch_size=2, budget=[1, 999])
+    assert "backbone" not in built
+    assert envs.make_env("tiny_mnist", batch_size=2, budget=[1, 16]).core.K == 16  # N itself is allowed

@@ -471,3 +471,23 @@ def test_bf16_backbone_gives_float32_numpy(device):
     obs, r, *_ = env.step(env.action_space.sample())
     assert obs["hidden"].dtype == np.float32 and obs["hidden"].any() and np.isfinite(r)
     np.testing.assert_array_equal(obs["hidden"], core.hidden_tok[0].float().cpu().numpy())
+
+
+@pytest.mark.parametrize("bad", [0.9, np.array([1.7]), torch.tensor([2.0]), True, np.array([True])])
+def test_reset_image_index_floats_and_bools_are_refused(bad):
+    env = gym_env()
+    env.reset(options={"image_index": 4})
+    with pytest.raises(ValueError, match=r"options\['image_index'\] must be an integer"):
+        env.reset(options={"image_index": bad})
+    assert int(env.core.image_index[0]) == 4  # nothing changed
+
+
+def test_vector_reset_image_index_floats_are_refused():
+    venv = OrderPlanningVectorEnv(core=toy_core(batch_size=2, seed=0))
+    venv.reset(options={"image_index": np.array([3, 4])})
+    for bad in (np.array([0.9, 1.7]), torch.tensor([0.0, 1.0]), [0.5, 1]):
+        with pytest.raises(ValueError, match=r"options\['image_index'\] must be an integer"):
+            venv.reset(options={"image_index": bad})
+    assert venv.core.image_index.tolist() == [3, 4]
+    _, info = venv.reset(options={"image_index": torch.tensor([1, 2], dtype=torch.int16)})
+    assert info["image_index"].tolist() == [1, 2]

@@ -215,3 +215,23 @@ def test_step_after_done_raises_until_reset():
     td = env.reset()
     td = env.step(env.rand_action(td))
     assert not td["next", "done"].any()
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([0.9, 1.7]), torch.tensor([1.0, 2.0]), torch.tensor([True, False])])
+def test_reset_image_index_must_be_integer(bad):
+    """Regression: float image indices were silently truncated ([0.9, 1.7] -> images [0, 1])."""
+    env = make(2, seed=4)
+    env.reset(TensorDict({"reset_image_index": torch.tensor([5, 11])}, batch_size=[2]))
+    with pytest.raises(ValueError, match=r"image_index must be an integer tensor.*dtype torch\.(float32|bool)"):
+        env.reset(TensorDict({"reset_image_index": bad}, batch_size=[2]))
+    assert env.core.image_index.tolist() == [5, 11]  # the state is left as it was
+    td = env.reset(TensorDict({"reset_image_index": torch.tensor([3, 1], dtype=torch.int32)}, batch_size=[2]))
+    assert td["image_index"].tolist() == [3, 1]  # any integer dtype works
+
+
+def test_core_refuses_bad_batch_size_and_budget():
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match=r"batch_size must be an integer >= 1"):
+            toy_core(bad)
+    with pytest.raises(ValueError, match=r"env\.budget\[1\] must be an integer in \[1, 16\]"):
+        toy_core(2, budget=[1, 999])
