@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from agents.evaluation.fid import extract_features
 from agents.evaluation.rollouts import balanced_images, generate_samples
-from agents.evaluation.run import (EvaluateRun, PolicySpec, _check_options, _sampler_seed, generation_labels,
-                                   policy_identity, reference_images, reference_name, resolve_policy)
+from agents.evaluation.run import (EvaluateRun, PolicySpec, _check_options, _sampler_seed, generation_env,
+                                   generation_labels, policy_identity, reference_images, reference_name,
+                                   resolve_policy)
 from agents.evaluation.sample_metrics import paired_fid_delta
 from backbone.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_torch_checkpoint
 from backbone.loading import Backbone, build_backbone, load_token_data
@@ -109,16 +110,12 @@ def _chunk_features(spec: PolicySpec, run: PowerRun, bb: Backbone, labels: torch
         if done.get("identity") == identity:
             return done["features"]
     ev, C = run.eval, run.power.chunk
-    env = _gen_env(spec, run)
+    env = generation_env(spec, run)
     samples = generate_samples(spec.make, bb, labels[c * C:(c + 1) * C], env, ev.gen_batch_size,
                                _sampler_seed(run, ev.sampler_seeds[0]), num_snapshots=0, first_index=c * C)
     feats = extract_features(extractor, samples.images, run.features.batch_size, device).double()
     atomic_torch_save({"identity": identity, "features": feats}, path)
     return feats
-
-
-def _gen_env(spec: PolicySpec, run: PowerRun):
-    return replace(run.env, sampling=run.eval.sampling, budget=spec.budgets, beliefs=run.env.beliefs or spec.beliefs)
 
 
 @console_log("power")

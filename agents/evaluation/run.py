@@ -178,6 +178,12 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
     return PolicySpec(name, make, budgets=budgets, source=str(path), beliefs=model.cfg.beliefs)
 
 
+def generation_env(spec: PolicySpec, run: EvaluateRun) -> EnvConfig:
+    """The env a policy generates in: the run's env with eval.sampling, the policy's budgets and,
+    for planners that read them, the belief features."""
+    return replace(run.env, sampling=run.eval.sampling, budget=spec.budgets, beliefs=run.env.beliefs or spec.beliefs)
+
+
 def generation_labels(labels: torch.Tensor, images: torch.Tensor, n: int) -> torch.Tensor:
     """Class labels [n] of generated samples: sample i takes the label of held-out image images[i mod M]
     (`balanced_images` order, so every prefix is class-balanced)."""
@@ -313,7 +319,7 @@ def _generate(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels: torc
               seed: int, n: int, snapshots: int) -> Samples:
     ev = run.eval
     make_gen = (lambda core, b=blocks: FixedOrderPolicy(b)) if spec.ground_truth else spec.make
-    gen_env = replace(run.env, sampling=ev.sampling, budget=spec.budgets, beliefs=run.env.beliefs or spec.beliefs)
+    gen_env = generation_env(spec, run)
     return generate_samples(make_gen, bb, gen_labels[:n], gen_env, ev.gen_batch_size, seed, num_snapshots=snapshots,
                             progress_bar=lambda it, name=spec.name: progress(it, desc=f"{name}: generating"))
 
