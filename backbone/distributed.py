@@ -1,0 +1,129 @@
+"""One process group per run under torchrun: discovery, strided sharding and the gathers that undo it.
+
+Backbone training and oracle building started their own groups; BC, PPO and evaluation share this
+module so that every job shards the same way: rank r of W owns rows r, r + W, r + 2W, ... of
+whatever is split (images, oracle states, samples). `gather_strided` puts those rows back in their
+global order on every rank, so a result computed from the gathered tensor does not depend on W.
+
+gloo on CPU (and for object gathers), NCCL when the job runs on CUDA. Without torchrun
+(WORLD_SIZE unset) everything here is a no-op with rank 0 of 1.
+
+Imports `backbone.run_utils` only; never envs or agents.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from backbone.run_utils import dist_info, setup_device
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits: rank of world, and the device it computes on."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    owns_group: bool = False  # True when this context initialised the process group (and must close it)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(device: str = "cpu", timeout_minutes: float = 60.0) -> DistContext:
+    """Discover torchrun's rank and world size, pick the device (one GPU per process) and start
+    the process group when W > 1 and none is running yet (NCCL on CUDA, gloo otherwise)."""
+    rank, world, local_rank = dist_info()
+    dev = setup_device(device, local_rank)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        owns = True
+    return DistContext(rank=rank, world=world, local_rank=local_rank, device=dev, owns_group=owns)
+
+
+def close_distributed(ctx: DistContext) -> None:
+    """Wait for every rank, then end the group if `ctx` started it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@contextmanager
+def distributed(device: str = "cpu") -> Iterator[DistContext]:
+    """`with distributed(run.device) as ctx:` the group lives for the block (closed on success only:
+    after an exception the other ranks may never reach the barrier, so the group is left to die
+    with the process)."""
+    ctx = init_distributed(device)
+    yield ctx
+    close_distributed(ctx)
+
+
+def shard_indices(n: int, rank: int, world: int) -> torch.Tensor:
+    """Global row indices owned by `rank`: [rank, rank + world, ...] below n (LongTensor [ceil])."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world}")
+    return torch.arange(rank, max(n, rank), world, dtype=torch.long)
+
+
+def gather_strided(local: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
+    """Inverse of `shard_indices`: each rank holds rows `shard_indices(n, rank, W)` of a [n, ...]
+    tensor (`local` [n_r, ...]); every rank gets the whole tensor in global row order. Rows are
+    moved, never reduced, so the result is bit-identical to computing all n rows in one process."""
+    if not ctx.distributed:
+        if len(local) != n:
+            raise ValueError(f"one process must hold all {n} rows, got {len(local)}")
+        return local
+    want = len(shard_indices(n, ctx.rank, ctx.world))
+    if len(local) != want:
+        raise ValueError(f"rank {ctx.rank} of {ctx.world} holds {len(local)} rows, its shard of {n} has {want}")
+    m = -(-n // ctx.world)
+    # Gloo and NCCL gather equal shapes only: pad every shard to ceil(n / W) rows.
+    comm_dev = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    pad = torch.zeros((m, *local.shape[1:]), dtype=local.dtype, device=comm_dev)
+    pad[:want] = local.to(comm_dev)
+    parts = [torch.empty_like(pad) for _ in range(ctx.world)]
+    dist.all_gather(parts, pad)
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=comm_dev)
+    for r, part in enumerate(parts):
+        idx = shard_indices(n, r, ctx.world)
+        out[idx.to(comm_dev)] = part[:len(idx)]
+    return out.to(local.device)
+
+
+def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order; [obj] in one process."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    """Rank `src`'s `obj` on every rank."""
+    if not ctx.distributed:
+        return obj
+    box = [obj if ctx.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.distributed:
+        dist.barrier()
