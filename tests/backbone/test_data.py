@@ -4,6 +4,7 @@ import gzip
 import hashlib
 import json
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,21 @@ def test_padding_centres_the_raw_digit():
 
 def test_sha256_is_of_the_packaged_file():
     assert embedded_mnist_sha256() == hashlib.sha256(MNIST_FILE.read_bytes()).hexdigest()
+
+
+def test_recorded_sha256_is_the_manifests():
+    """The constant checked at load is the data checksum the artifacts' manifest records."""
+    manifest = json.loads((Path(__file__).resolve().parents[2] / "artifacts/tiny_mnist/manifest.json").read_text())
+    assert manifest["classifier"]["data"]["sha256"] == data.EMBEDDED_MNIST_SHA256
+
+
+def test_changed_embedded_file_is_refused_by_name():
+    raw = MNIST_FILE.read_bytes()
+    data.check_embedded_mnist(raw)  # the packaged file passes
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    with pytest.raises(data.EmbeddedDataMismatchError, match="mnist_5k.csv.gz.*reinstall"):
+        data.check_embedded_mnist(bytes(flipped))
 
 
 # ---- pixel conversions -----------------------------------------------------------------------
