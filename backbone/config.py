@@ -51,6 +51,17 @@ class BackboneConfig:
     vq_weights: str | None = "artifacts/tiny_mnist/vq.safetensors"
     data: DataSpec = field(default_factory=DataSpec)
     block_size: int = 2
+    # dtype of the frozen GPT (weights, KV cache, hidden states): auto = bfloat16 on CUDA, float32
+    # elsewhere (`backbone.loading.backbone_dtype`). Losses, log-softmaxes, rewards and utilities stay
+    # float32 either way; the OrderHead keeps float32 weights. Training the GPT itself
+    # (train_backbone.py, joint tuning) keeps float32 weights: bfloat16 is refused there.
+    dtype: str = "auto"
+    # seed of deterministic, non-degenerate random GPT weights used instead of gpt_weights
+    # (`backbone.loading.randomize_gpt`): a stand-in of the preset's shapes for smoke runs, no file
+    random_weights: int | None = None
+
+
+DTYPES = ("auto", "float32", "bfloat16")  # values of backbone.dtype
 
 
 @dataclass
@@ -168,14 +179,20 @@ def check_backbone_config(b: BackboneConfig, key: str = "backbone", check_paths:
     """The backbone group: a GPT preset and block_size that make a block geometry, a known data
     kind, and (with `check_paths`) existing weight files / codes directory: backbone.gpt_weights
     must be set unless `gpt_weights=False` (runs that do not read it, i.e. the backbone's own
-    training). Returns N, the number of blocks."""
+    training) or `random_weights` (a seed: random weights, no file) is set; the two exclude each
+    other. Returns N, the number of blocks."""
     from backbone.loading import backbone_num_blocks  # heavy (torch, the GPT): imported when validating only
 
     check_int(f"{key}.block_size", b.block_size, 1)
+    check_choice(f"{key}.dtype", b.dtype, DTYPES)
     num_blocks = backbone_num_blocks(b, key)
     check_choice(f"{key}.data.kind", b.data.kind, ("mnist_embedded", "codes"))
+    check_int(f"{key}.random_weights", b.random_weights, 0, allow_none=True, note=" (null = read gpt_weights)")
+    if b.random_weights is not None and b.gpt_weights:
+        raise ValueError(f"{key}.random_weights={b.random_weights} and {key}.gpt_weights={b.gpt_weights!r} are both "
+                         f"set: random weights replace the file; set one of them to null")
     if check_paths:
-        if gpt_weights:  # every run but the backbone's own training reads it
+        if gpt_weights and b.random_weights is None:  # every run but the backbone's own training reads it
             check_path_exists(f"{key}.gpt_weights", b.gpt_weights)
         # the embedded data is encoded with the VQ at load time: it must exist then
         check_path_exists(f"{key}.vq_weights", b.vq_weights, allow_none=b.data.kind != "mnist_embedded")
@@ -190,6 +207,9 @@ def check_train_backbone_run(run: TrainBackboneRun, check_paths: bool = True) ->
     [0, 1), probabilities in [0, 1], train.init_from existing when set."""
     check_run_config(run)
     check_backbone_config(run.backbone, check_paths=check_paths, gpt_weights=False)  # it writes the GPT, reads none
+    if run.backbone.dtype == "bfloat16":  # Adam on bf16 weights loses small updates; train.amp autocasts instead
+        raise ValueError("backbone.dtype=bfloat16 is for the frozen backbone; train_backbone keeps float32 weights "
+                         "(train.amp=true runs the forward in bfloat16 autocast): use backbone.dtype=auto or float32")
     t = run.train
     if check_paths:
         check_path_exists("train.init_from", t.init_from, allow_none=True)

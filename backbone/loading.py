@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,8 +24,9 @@ from backbone.checkpoint import (
     save_safetensors,
     sha256_file,
 )
-from backbone.config import BackboneConfig, resolve_path
+from backbone.config import DTYPES, BackboneConfig, resolve_path
 from backbone.gpt import GPT, GPTConfig, gpt_config
+from backbone.validation import check_choice
 
 # The only parameter an official LlamaGen checkpoint lacks: it is zero-initialised, a no-op.
 LLAMAGEN_ALLOWED_MISSING = frozenset({"ta_pos_table.weight"})
@@ -33,6 +34,31 @@ LLAMAGEN_ALLOWED_MISSING = frozenset({"ta_pos_table.weight"})
 
 def backbone_gpt_config(bcfg: BackboneConfig) -> GPTConfig:
     return gpt_config(bcfg.gpt.preset, **dict(bcfg.gpt.overrides))
+
+
+def backbone_dtype(bcfg: BackboneConfig, device: str | torch.device) -> torch.dtype:
+    """The frozen GPT's dtype from `backbone.dtype`: auto = bfloat16 on CUDA (what LlamaGen samples
+    in; half the memory and cache traffic), float32 elsewhere (a bf16 episode ran 2x slower than a
+    float32 one on the development CPU); float32 / bfloat16 as named."""
+    check_choice("backbone.dtype", bcfg.dtype, DTYPES)
+    if bcfg.dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, bcfg.dtype)
+
+
+def backbone_identity(bcfg: BackboneConfig, device: str | torch.device) -> dict:
+    """The backbone config as recorded in result caches' identities: every field, except that the
+    fields added after caches existed (`dtype`, `random_weights`) enter only when they change the
+    numbers (a dtype that resolves to other than float32 on `device`; a random-weights seed), so
+    float32 rows cached before them stay valid."""
+    out = asdict(bcfg)
+    resolved = backbone_dtype(bcfg, device)
+    out.pop("dtype")
+    if resolved != torch.float32:
+        out["dtype"] = str(resolved).removeprefix("torch.")
+    if out.get("random_weights") is None:
+        out.pop("random_weights", None)
+    return out
 
 
 def backbone_num_blocks(bcfg: BackboneConfig, key: str = "backbone") -> int:
@@ -90,6 +116,41 @@ def load_gpt(path: str | Path, cfg: GPTConfig | None = None) -> GPT:
     return model
 
 
+def randomize_gpt(gpt: GPT, seed: int) -> GPT:
+    """Overwrite every parameter but the norm gains with N(0, 0.02^2) drawn from a CPU generator
+    seeded `seed` (the same weights on every machine), in place; returns `gpt`. LlamaGen's own init
+    zero-initialises the output layer and the target-aware table, which would make every logit,
+    utility and reward of a random backbone degenerate."""
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for name, p in gpt.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return gpt
+
+
+def random_weights_tag(bcfg: BackboneConfig) -> str | None:
+    """Identity of a `random_weights` backbone ("random:<seed>:<preset>:<overrides JSON>": what fixes
+    its weights), recorded by the oracle set, BC / PPO checkpoints and OrderHead files so that a
+    planner trained on it is never scored on another backbone; None for weights read from a file."""
+    if bcfg.random_weights is None:
+        return None
+    overrides = json.dumps(dict(bcfg.gpt.overrides), sort_keys=True)
+    return f"random:{int(bcfg.random_weights)}:{bcfg.gpt.preset}:{overrides}"
+
+
+def check_random_weights_tag(saved: str | None, bcfg: BackboneConfig, where: str | Path) -> None:
+    """Raise ValueError when a planner file's recorded `random_weights_tag` (None: trained on weights
+    from a file, or written before the tag existed) differs from the backbone in use."""
+    now = random_weights_tag(bcfg)
+    if saved != now:
+        def say(t: str | None) -> str:
+            return f"random weights {t}" if t else "weights from a file (backbone.gpt_weights)"
+        raise ValueError(f"{where} was trained on a backbone with {say(saved)}, but this run's backbone has "
+                         f"{say(now)}: a planner reads its own backbone's hidden states")
+
+
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
     """eval() + requires_grad_(False): a frozen backbone never samples dropout or class dropout."""
     module.eval()
@@ -131,16 +192,22 @@ def load_vq(bcfg: BackboneConfig) -> torch.nn.Module | None:
 def build_backbone(bcfg: BackboneConfig, device: str | torch.device = "cpu", load_weights: bool = True,
                    with_vq: bool = True, dtype: torch.dtype | None = None) -> Backbone:
     """GPT (+ VQ) of a backbone config, frozen, on `device`. `load_weights=False` gives random
-    weights with the configured architecture (tests, benchmarks)."""
+    weights with the configured architecture (tests, benchmarks); `backbone.random_weights` (a seed)
+    gives `randomize_gpt`'s non-degenerate random weights instead of the file. dtype: the GPT's dtype; None =
+    `backbone_dtype` (backbone.dtype). The VQ stays float32 (it decodes images once per episode)."""
     cfg = backbone_gpt_config(bcfg)
-    if load_weights:
+    if load_weights and bcfg.random_weights is not None:  # no file: seeded random weights (random_weights_tag)
+        if bcfg.gpt_weights:
+            raise ValueError(f"backbone {bcfg.name}: random_weights and gpt_weights are both set; set one to null")
+        gpt = randomize_gpt(GPT(cfg), bcfg.random_weights)
+    elif load_weights:
         path = resolve_path(bcfg.gpt_weights, what="GPT weights") if bcfg.gpt_weights else None
         if path is None:
             raise ValueError(f"backbone {bcfg.name}: set backbone.gpt_weights to a checkpoint path")
         gpt = load_gpt(path, cfg)
     else:
         gpt = GPT(cfg)
-    gpt = freeze(gpt).to(device=device, dtype=dtype or torch.float32)
+    gpt = freeze(gpt).to(device=device, dtype=dtype or backbone_dtype(bcfg, device))
     vq = load_vq(bcfg) if (with_vq and load_weights) else None
     if vq is not None:
         vq = freeze(vq).to(device)

@@ -523,6 +523,9 @@ class OrderPlanningCore:
         if self.ustate is not None and self.cfg.guided_beliefs:
             ulogits, _ = self.gpt.query(self.ustate, targets, validate=False, window=window)
             logits = ulogits + self.sc.cfg_scale * (logits - ulogits)
+        # every loss, entropy and reward is float32 whatever the backbone dtype (bf16 on GPU): the GPT's
+        # head returns float32 logits (`GPT._head`), and the log-softmax over V codes and the per-token
+        # sums below stay in float32 (tests/test_bf16.py measures what bf16 hidden states still cost)
         logp = torch.log_softmax(logits[:, :Q].float(), -1)
         valid = targets[:, :Q] >= 0
         ent = (-(logp.exp() * logp).sum(-1)).clamp(min=0.0)  # [B, Q]; rounding can dip below 0

@@ -81,7 +81,8 @@ def make_core(backbone: str | BackboneConfig = "tiny_mnist", env: EnvConfig | No
     env is composed from configs/make_env.yaml with the overrides, as the scripts do (`mode="generate"`
     then starts from the env=generate preset). Unknown keys raise an error naming them; bad values
     (batch_size < 1, env.budget outside [1, N blocks], ...) raise ValueError naming the key before
-    any weights are loaded."""
+    any weights are loaded. dtype: the backbone's (hidden states, KV cache); None = backbone.dtype
+    (auto: bfloat16 on CUDA, float32 on CPU). Rewards and losses are float32 in either."""
     check_int("batch_size", batch_size, 1, note=" (env rows)")
     env_over: dict[str, Any] = {}
     bb_over: dict[str, Any] = {}
@@ -107,9 +108,7 @@ def make_core(backbone: str | BackboneConfig = "tiny_mnist", env: EnvConfig | No
         bcfg = bcfg or run.backbone
         ecfg = ecfg or run.env
     ecfg.validate(num_blocks=backbone_num_blocks(bcfg))  # before the weights load (the core checks again)
-    if dtype is None:
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    bb = build_backbone(bcfg, device=device, dtype=dtype)
+    bb = build_backbone(bcfg, device=device, dtype=dtype)  # dtype None: backbone.dtype (auto: bf16 on CUDA only)
     codes, labels = load_token_data(bcfg, ecfg.split)
     return OrderPlanningCore(bb, codes, labels, ecfg, batch_size, seed=seed)
 

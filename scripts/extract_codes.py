@@ -4,6 +4,7 @@
     python scripts/extract_codes.py vq_weights=runs/train_vq/vq.safetensors out_dir=runs/codes/mnist
     python scripts/extract_codes.py source=image_folder image_folder=/data/imagenet/train \\
         image_size=256 vq_weights=/ckpt/vq_ds16_c2i.pt flip=true device=cuda out_dir=/data/codes/in256
+    python scripts/extract_codes.py backbone=llamagen_b_random source=synthetic   # seeded grids, no VQ
 
 Writes out_dir/{split}_codes.npy, {split}_labels.npy, {split}_meta.json (backbone.data.write_codes).
 """

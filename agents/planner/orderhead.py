@@ -17,6 +17,14 @@ of an unrevealed block is 0 and the revealed embedding says which blocks are vis
 `beliefs` the planner also sees what the backbone believes about each candidate block before it is
 revealed (env.beliefs: observation keys `entropy` [B, L] and `query_hidden` [B, N, D]).
 
+Dtype. The planner keeps float32 weights whatever the backbone's dtype, and casts its bf16 inputs
+(hidden states, query_hidden: what a GPU backbone gives) to float32 before anything else: it is
+small (0.4-7 M parameters, a few percent of the backbone's time), so bf16 would save little, while
+its training needs float32 (bf16 keeps 8 significant bits: an Adam step of lr 3e-4 rounds away on
+any weight above 1/8 in magnitude; PPO's ratio exp(log p_new - log p_old) is a difference of nearly
+equal log-probabilities).
+Logits, value and budget logits leave `plan` as float32 in any case.
+
 Checkpoints are safetensors files whose metadata carries the config (`save_orderhead` /
 `load_orderhead`); R is a forward argument, not a parameter, so any R runs on any checkpoint.
 
@@ -35,6 +43,8 @@ from torch import nn
 
 from backbone.blocks import BlockGeometry
 from backbone.checkpoint import load_safetensors, load_state_dict_checked, save_safetensors
+from backbone.config import BackboneConfig
+from backbone.loading import check_random_weights_tag
 
 __all__ = [
     "OrderHeadConfig",
@@ -68,6 +78,9 @@ class OrderHeadConfig:
     budgets: list[int] | None = None  # e.g. [1, 2, 4]: block counts of the router head; None = no router
     num_classes: int | None = None  # class conditioning (the label observation); None = unconditional
     beliefs: bool = False  # read the env's belief features of candidate blocks (env.beliefs=true)
+    # the backbone's `random_weights_tag` (None: weights from a file): a planner trained on seeded
+    # random weights is refused on any other backbone of the same width (`load_orderhead(backbone=)`)
+    backbone_weights: str | None = None
 
     def __post_init__(self) -> None:
         self.geometry = BlockGeometry(self.grid_h, self.grid_w, self.block)  # validates the grid
@@ -248,7 +261,7 @@ class OrderHead(nn.Module):
         B = hidden.shape[0]
         if block_mask.shape != (B, N):
             raise ValueError(f"block_mask must be [B={B}, N={N}], got {tuple(block_mask.shape)}")
-        hidden = hidden.to(self.in_proj.weight.dtype)
+        hidden = hidden.to(self.in_proj.weight.dtype)  # a GPU backbone's bf16 -> the planner's float32 (module doc)
         if hidden.shape[1] == L:
             pooled = self.cfg.geometry.pool_blocks(hidden)  # as env.hidden=block
         elif hidden.shape[1] == N:
@@ -340,13 +353,16 @@ def save_orderhead(model: OrderHead, path: str | Path, metadata: Mapping[str, An
 
 
 def load_orderhead(path: str | Path, *, hidden_dim: int | None = None, geometry: BlockGeometry | None = None,
-                   device: str | torch.device = "cpu") -> OrderHead:
+                   device: str | torch.device = "cpu", backbone: BackboneConfig | None = None) -> OrderHead:
     """Rebuild an OrderHead from `save_orderhead`'s file (in eval mode). With hidden_dim / geometry
-    given, a checkpoint made for another backbone width or block grid raises ValueError."""
+    given, a checkpoint made for another backbone width or block grid raises ValueError; with
+    `backbone` given, so does one trained on other random weights (`cfg.backbone_weights`)."""
     state, meta = load_safetensors(path)
     if meta.get("format") != FORMAT or "orderhead_config" not in meta:
         raise ValueError(f"{path} is not an OrderHead checkpoint (metadata format={meta.get('format')!r})")
     cfg = OrderHeadConfig.from_dict(meta["orderhead_config"])
+    if backbone is not None:
+        check_random_weights_tag(cfg.backbone_weights, backbone, path)
     model = OrderHead(cfg)
     if hidden_dim is not None or geometry is not None:
         model.check_compatible(cfg.hidden_dim if hidden_dim is None else hidden_dim, geometry or cfg.geometry)

@@ -54,7 +54,7 @@ from agents.planner.orderhead import OrderHead
 from agents.planner.policies import OrderHeadPolicy, RandomPolicy
 from backbone.checkpoint import atomic_torch_save, atomic_write_json, check_identity, load_torch_checkpoint, sha256_file
 from backbone.config import resolve_path
-from backbone.loading import Backbone
+from backbone.loading import Backbone, random_weights_tag
 from backbone.run_utils import progress
 from backbone.sampling import SamplingConfig, check_sampling
 from backbone.validation import check_int
@@ -271,6 +271,7 @@ def generated_identity(cfg: GeneratedStatesConfig, bb: Backbone, gen_env: EnvCon
     weights = resolve_path(bb.cfg.gpt_weights, what="GPT weights") if bb.cfg.gpt_weights else None
     ident = {"format": FORMAT_VERSION, "backbone": bb.cfg.name,
              "gpt_weights_sha256": sha256_file(weights) if weights else None,
+             **({"gpt_random_weights": tag} if (tag := random_weights_tag(bb.cfg)) else {}),
              "num_blocks": bb.geometry.num_blocks, "num_classes": bb.gpt.cfg.num_classes,
              "num_images": int(cfg.num_images), "batch_size": int(cfg.batch_size),
              "belief_samples": int(cfg.belief_samples), "roll_in": cfg.roll_in, "sampling": asdict(cfg.sampling),

@@ -443,14 +443,16 @@ def build_identity(run: BuildOracleRun) -> dict:
     subset it asked for (`OracleDataset.subset`). Nor are batch_size and chunk_images: with random
     behaviour or states_per_image they change which draw an image gets, not how it is drawn."""
     from backbone.blocks import BlockGeometry
-    from backbone.loading import backbone_gpt_config, data_fingerprint
+    from backbone.loading import backbone_gpt_config, data_fingerprint, random_weights_tag
 
     gpt = backbone_gpt_config(run.backbone)
     num_blocks = BlockGeometry(gpt.grid_h, gpt.grid_w, run.backbone.block_size).num_blocks
     weights = resolve_path(run.backbone.gpt_weights, what="GPT weights") if run.backbone.gpt_weights else None
     return oracle_identity(run.kind, run.behaviour, run.split, run.backbone.name, data_fingerprint(run.backbone),
                            num_blocks, run.states_per_image, run.seed, run.weight, run.env.neighbour_weight,
-                           gpt_weights_sha256=sha256_file(weights) if weights else None)
+                           gpt_weights_sha256=sha256_file(weights) if weights else None,
+                           # (only for seeded random weights: sets built from a file keep their identity)
+                           **({"gpt_random_weights": tag} if (tag := random_weights_tag(run.backbone)) else {}))
 
 
 @console_log("build_oracle", dir_field="out_dir")

@@ -119,6 +119,8 @@ BAD = [  # (config, override, the key its error must name, a piece of the allowe
     ("bc", "env.budget=[1,999]", "env.budget[1]", "[1, 16]"),
     ("bc", "env.sampling.top_p=2", "env.sampling.top_p", "[0, 1]"),
     ("bc", "backbone.block_size=3", "backbone.block_size", "8x8"),
+    ("ppo", "backbone.dtype=float16", "backbone.dtype", "auto, float32, bfloat16"),
+    ("train_backbone", "backbone.dtype=bfloat16", "backbone.dtype", "float32"),
     ("ppo", "ppo.gae_lambda=1.5", "ppo.gae_lambda", "[0, 1]"),
     ("ppo", "ppo.gamma=0", "ppo.gamma", "(0, 1]"),
     ("ppo", "ppo.epochs=0", "ppo.epochs", ">= 1"),
