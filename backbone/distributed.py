@@ -115,6 +115,16 @@ def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     return out
 
 
+def gather_objects(obj: Any, ctx: DistContext, dst: int = 0) -> list[Any] | None:
+    """Every rank's `obj` (picklable), in rank order, on rank `dst` only (None on the others): for
+    payloads only one rank reads, so the other ranks do not hold W copies. [obj] in one process."""
+    if not ctx.distributed:
+        return [obj]
+    out: list[Any] | None = [None] * ctx.world if ctx.rank == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank."""
     if not ctx.distributed:
@@ -127,3 +137,39 @@ def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
 def barrier(ctx: DistContext) -> None:
     if ctx.distributed:
         dist.barrier()
+
+
+def gather_rows(local: torch.Tensor, rows: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
+    """Like `gather_strided` for any partition of the rows: rank r holds rows `rows` [n_r] (global
+    indices; the ranks' rows together are range(n), each once) of a [n, ...] tensor as `local`
+    [n_r, ...] (shares may be uneven, e.g. whole episodes per rank). Every rank gets the whole
+    tensor in global row order; rows are moved, never reduced. ValueError unless the rows partition
+    range(n)."""
+    rows = torch.as_tensor(rows, dtype=torch.long).flatten().cpu()
+    if len(local) != len(rows):
+        raise ValueError(f"rank {ctx.rank} holds {len(local)} rows but names {len(rows)}")
+    if not ctx.distributed:
+        parts_rows, parts = [rows], [local]
+    else:
+        counts = all_gather_objects(len(rows), ctx)
+        m = max(counts)
+        comm_dev = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        # gloo gathers equal shapes of numeric dtypes: pad to the largest share, bool travels as uint8
+        wire = torch.uint8 if local.dtype == torch.bool else local.dtype
+        pad = torch.zeros((m, *local.shape[1:]), dtype=wire, device=comm_dev)
+        pad[:len(rows)] = local.to(comm_dev, wire)
+        idx = torch.full((m,), -1, dtype=torch.long, device=comm_dev)
+        idx[:len(rows)] = rows.to(comm_dev)
+        got, got_idx = [torch.empty_like(pad) for _ in counts], [torch.empty_like(idx) for _ in counts]
+        if m:
+            dist.all_gather(got, pad)
+            dist.all_gather(got_idx, idx)
+        parts = [g[:c].to(local.device, local.dtype) for g, c in zip(got, counts)]
+        parts_rows = [g[:c].cpu() for g, c in zip(got_idx, counts)]
+    every = torch.cat(parts_rows)
+    if len(every) != n or not torch.equal(every.sort().values, torch.arange(n)):
+        raise ValueError(f"the ranks' rows do not cover range({n}) once each")
+    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    for r_rows, part in zip(parts_rows, parts):
+        out[r_rows.to(local.device)] = part
+    return out

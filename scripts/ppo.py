@@ -2,6 +2,7 @@
 
     python scripts/ppo.py                                     # embedded tiny default, CPU
     python scripts/ppo.py agent.router=true env.decision_cost=1.0   # + budget router (1, 2 or 4 blocks)
+    torchrun --nproc_per_node 4 scripts/ppo.py device=cuda      # one env batch per process, one model
 
 Writes run_dir/orderhead.safetensors and run_dir/summary.json (held-out returns of raster, random,
 oracle and the learned policy, oracle agreement, regret; with the router its decisions per episode

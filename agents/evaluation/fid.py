@@ -57,7 +57,9 @@ def _check_pair(real: torch.Tensor, fake: torch.Tensor) -> None:
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
     """FID between feature sets real [N, F] and fake [M, F] (squared feature units)."""
     _check_pair(real, fake)
-    metric = FrechetInceptionDistance(feature=CachedFeatures(real.shape[1]))
+    # sync_on_compute=False: the sets are whole here; under torchrun torchmetrics would otherwise
+    # merge every rank's states (and wait forever for ranks that compute no FID)
+    metric = FrechetInceptionDistance(feature=CachedFeatures(real.shape[1]), sync_on_compute=False)
     metric.update(real.double().cpu(), real=True)
     metric.update(fake.double().cpu(), real=False)
     # the Frechet distance of two near-identical sets can come out a tiny negative from eigvals
@@ -73,7 +75,8 @@ def kernel_distance(real: torch.Tensor, fake: torch.Tensor, subsets: int = 50, s
     size = int(min(subset_size, real.shape[0], fake.shape[0]))
     with warnings.catch_warnings():  # "will save all extracted features": that is the point here
         warnings.simplefilter("ignore", UserWarning)
-        metric = KernelInceptionDistance(feature=CachedFeatures(real.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=CachedFeatures(real.shape[1]), subsets=subsets, subset_size=size,
+                                         sync_on_compute=False)  # the whole sets, on this rank (frechet_distance)
     metric.update(real.double().cpu(), real=True)
     metric.update(fake.double().cpu(), real=False)
     with torch.random.fork_rng(devices=[]):
@@ -164,10 +167,11 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return u8.permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def export_npz(path: str | Path, images: torch.Tensor) -> Path:
+def export_npz(path: str | Path, images: torch.Tensor | np.ndarray) -> Path:
     """Write samples for the ADM evaluator (`evaluator.py ref_batch.npz sample_batch.npz`): a single
-    uint8 array [N, H, W, 3] under `arr_0`. Atomic."""
-    arr = to_uint8_nhwc(images)
+    uint8 array [N, H, W, 3] under `arr_0`. Atomic. `images`: float [N, C, H, W] in [-1, 1], or
+    already `to_uint8_nhwc`'s array (what evaluate's ranks gather: 4x smaller than the floats)."""
+    arr = images if isinstance(images, np.ndarray) else to_uint8_nhwc(images)
     path = Path(path)
 
     atomic_write(path, lambda f: np.savez(f, arr_0=arr))

@@ -24,6 +24,10 @@ Generation cost: policies whose order is fixed before the episode (fixed orders,
 replayed orders) are decoded in one KV-cached pass per batch; planners step the env, whose per-token
 query runs only where beliefs are read (agents/evaluation/rollouts.py).
 
+Under torchrun: every rank generates its whole sampler batches of each sample set and rank 0 gathers
+the features in sample order (agents/evaluation/sharding.py); rank 0 runs everything else and writes
+every file. The results equal one process's exactly, whatever the number of ranks.
+
 Imports backbone/, envs/, agents.planner and agents.evaluation; never agents.training.
 
 Outputs in run_dir: results.json, results.md, PNGs (samples_side_by_side.png, fid_vs_n.png,
@@ -43,18 +47,20 @@ import numpy as np
 import torch
 
 from agents.evaluation import plots as eval_plots
-from agents.evaluation.rollouts import Samples, balanced_images, generate_samples, order_of, teacher_forced_metrics
+from agents.evaluation.rollouts import balanced_images, order_of, teacher_forced_metrics
 from agents.evaluation.report import oracle_comparison
 from agents.evaluation.fid import export_npz, extract_features, kernel_distance, load_npz_images, noise_floor
 from agents.evaluation.sample_metrics import (class_logprob, fid_curve, fid_with_interval, frechet_from_features,
                                               mean_interval, paired_fid_delta, precision_recall)
+from agents.evaluation.sharding import SampleSet, figure_indices, generate_sharded
 from agents.planner.orderhead import load_orderhead
 from agents.planner.policies import BELIEF_POLICIES, FIXED_ORDERS, BlockPolicy, FixedOrderPolicy, make_policy
 from backbone.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_torch_checkpoint, sha256_file
 from backbone.config import BackboneConfig, RunConfig, check_backbone_config, check_run_config, resolve_path
 from backbone.data import ImageFolderDataset, images_to_model, load_embedded_mnist
-from backbone.loading import Backbone, build_backbone, load_token_data
-from backbone.run_utils import Logger, console_log, progress, setup_device
+from backbone.distributed import DistContext, broadcast_object, close_distributed, init_distributed
+from backbone.loading import Backbone, backbone_identity, build_backbone, load_token_data
+from backbone.run_utils import Logger, console_log, progress
 from backbone.sampling import SamplingConfig, check_sampling
 from backbone.seeding import isolated_rng
 from backbone.validation import check_choice, check_gamma, check_int, check_int_list, check_path_exists, check_range
@@ -65,7 +71,7 @@ ORACLES = {"oracle": "future_loss", "oracle_extrapolative": "extrapolative"}
 
 @dataclass
 class EvalOptions:
-    num_samples: int = 5000  # generated images per policy (FID's N) under the first sampler seed
+    num_samples: int = 5000  # generated images per policy (FID's N) under the first sampler seed; 0 = none
     num_images: int = 200  # held-out images for the teacher-forced metrics (0 = generation only)
     batch_size: int = 100  # env rows per teacher-forced rollout batch
     gen_batch_size: int = 500  # rows per generation batch (batch j of sampler seed s is seeded s * 100003 + j)
@@ -168,7 +174,8 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
         raise FileNotFoundError(f"policy {entry!r}: no OrderHead checkpoint at {path_str} ({hint}, "
                                 f"or set checkpoints.{entry}=PATH)")
     _check_same_backbone(entry, path, run.backbone)
-    model = load_orderhead(path, hidden_dim=backbone.gpt.cfg.dim, geometry=backbone.geometry, device=backbone.device)
+    model = load_orderhead(path, hidden_dim=backbone.gpt.cfg.dim, geometry=backbone.geometry, device=backbone.device,
+                           backbone=run.backbone)
     name = entry if entry in run.checkpoints else (path.parent.name if path.stem == "orderhead" else path.stem)
     budgets = list(model.cfg.budgets) if model.has_router else None
 
@@ -263,7 +270,7 @@ def policy_identity(spec: PolicySpec, run: EvaluateRun) -> str:
     return json.dumps({"policy": spec.name, "source": spec.source,
                        "sha256": sha256_file(src) if spec.source.endswith(".safetensors") and src.is_file() else None,
                        "gpt_sha256": sha256_file(gpt) if gpt is not None and gpt.is_file() else None,
-                       "backbone": asdict(run.backbone),
+                       "backbone": backbone_identity(run.backbone, run.device),
                        # oracle_chunk bounds memory and leaves every number unchanged
                        "env": {**asdict(run.env), "oracle_chunk": None}, "eval": ev,
                        "features": asdict(run.features), "stats": asdict(run.stats),
@@ -316,25 +323,41 @@ def _teacher_forced_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes:
 
 
 def _generate(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels: torch.Tensor, blocks: torch.Tensor,
-              seed: int, n: int, snapshots: int) -> Samples:
+              seed: int, n: int, extractor, ctx: DistContext, snapshots: int = 0,
+              shown: torch.Tensor | None = None, npz: bool = False) -> SampleSet | None:
+    """Samples 0..n-1 of sampler seed `seed`, this rank's batches of them (agents/evaluation/sharding.py),
+    gathered on rank 0 (None on the others)."""
     ev = run.eval
-    make_gen = (lambda core, b=blocks: FixedOrderPolicy(b)) if spec.ground_truth else spec.make
-    gen_env = generation_env(spec, run)
-    return generate_samples(make_gen, bb, gen_labels[:n], gen_env, ev.gen_batch_size, seed, num_snapshots=snapshots,
+
+    def make_at(lo: int):
+        if spec.ground_truth:  # sample i replays blocks[i mod M]; the shard's core numbers its rows from lo
+            return lambda core, b=blocks.roll(-lo, 0): FixedOrderPolicy(b)
+        return spec.make
+
+    return generate_sharded(make_at, bb, gen_labels[:n], generation_env(spec, run), ev.gen_batch_size, seed, ctx,
+                            extractor, run.features.batch_size, shown=shown, num_snapshots=snapshots, npz=npz,
                             progress_bar=lambda it, name=spec.name: progress(it, desc=f"{name}: generating"))
 
 
 def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels: torch.Tensor, blocks: torch.Tensor,
-                    refs: dict[str, torch.Tensor], extractor, device: torch.device, run_dir: Path) -> tuple[dict, Generated]:
+                    refs: dict[str, torch.Tensor], extractor, run_dir: Path,
+                    ctx: DistContext) -> tuple[dict, Generated] | tuple[None, None]:
     """Generation-mode metrics of one policy: its main set of N samples against the reference
-    features refs[primary] (and a second reference), and one FID per sampler seed (module doc)."""
+    features refs[primary] (and a second reference), and one FID per sampler seed (module doc).
+    Every rank generates its batches of each set; rank 0 computes the row, draws the figures and
+    returns it ((None, None) on the others, whose `refs` may be empty)."""
     ev, st, fs = run.eval, run.stats, run.features
     n = int(ev.policy_samples.get(spec.name, ev.num_samples))
     n_seed = min(n, ev.seed_samples or n)
+    shown = figure_indices(gen_labels[:n], run.plots.per_class, run.plots.column_rows)
+    samples = _generate(spec, run, bb, gen_labels, blocks, _sampler_seed(run, ev.sampler_seeds[0]), n, extractor, ctx,
+                        run.plots.snapshot_samples, shown, ev.npz)
+    extra = [_generate(spec, run, bb, gen_labels, blocks, _sampler_seed(run, s), n_seed, extractor, ctx)
+             for s in ev.sampler_seeds[1:]]
+    if samples is None:
+        return None, None
     primary, real = next(iter(refs.items()))
-    samples = _generate(spec, run, bb, gen_labels, blocks, _sampler_seed(run, ev.sampler_seeds[0]), n,
-                        run.plots.snapshot_samples)
-    fake = extract_features(extractor, samples.images, fs.batch_size, device).double()
+    fake = samples.features
     fid, lo, hi = fid_with_interval(real, fake, st.bootstrap, st.level, run.seed)
     kid_mean, kid_std, kid_size = kernel_distance(real, fake, st.kid_subsets, st.kid_subset_size, run.seed)
     row: dict = {"num_samples": n, "fid": fid, "fid_ci": [lo, hi], "fid_reference": primary,
@@ -357,23 +380,19 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
         row.update(class_acc=None, class_logprob=None, class_logprob_ci=None)
     row["fid_curve"] = fid_curve(real, fake, [m for m in ev.fid_curve if m <= n] or [n], st.bootstrap, st.level,
                                  run.seed)
-    seeds = [frechet_from_features(real, fake[:n_seed])]
-    for s in ev.sampler_seeds[1:]:
-        extra = _generate(spec, run, bb, gen_labels, blocks, _sampler_seed(run, s), n_seed, 0)
-        seeds.append(frechet_from_features(real, extract_features(extractor, extra.images, fs.batch_size,
-                                                                  device).double()))
+    seeds = [frechet_from_features(real, fake[:n_seed])] + [frechet_from_features(real, e.features) for e in extra]
     row.update(fid_seeds=seeds, fid_seeds_n=n_seed, fid_seeds_mean=float(np.mean(seeds)),
                fid_seeds_std=float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None)
     if samples.entropy_return is not None:
         row["entropy_return"] = float(samples.entropy_return.mean())
-    eval_plots.sample_grid(run_dir / f"samples_{spec.name}.png", samples.images, samples.labels,
+    eval_plots.sample_grid(run_dir / f"samples_{spec.name}.png", samples.images, samples.labels[samples.shown],
                            f"{spec.name}: generated samples (N={n})", run.plots.per_class, run.plots.max_classes)
     eval_plots.progressive_snapshots(run_dir / f"progressive_{spec.name}.png", samples.snapshots,
                                      samples.snapshot_masks, bb.geometry, samples.fractions,
                                      f"{spec.name}: generation in progress")
     if ev.npz:
-        export_npz(run_dir / f"samples_{spec.name}.npz", samples.images)
-    return row, Generated(fake, samples.images[:run.plots.column_rows], samples.blocks)
+        export_npz(run_dir / f"samples_{spec.name}.npz", samples.uint8)
+    return row, Generated(fake, samples.image_rows(run.plots.column_rows), samples.blocks)
 
 
 def sample_logits(extractor, features: torch.Tensor) -> torch.Tensor | None:
@@ -427,7 +446,10 @@ def _check_options(run: EvaluateRun, check_paths: bool = True) -> None:
     if bad:
         raise ValueError(f"eval.rewards: {bad} are not teacher-forced rewards; choose from "
                          f"{[r for r in REWARDS if r != 'entropy']}")
-    check_int("eval.num_samples", ev.num_samples, 2)
+    if ev.num_samples != 0:  # 0: teacher-forced rows only (no VQ decoder, feature network or reference set)
+        check_int("eval.num_samples", ev.num_samples, 2, note=" (or 0 = teacher-forced metrics only)")
+    elif ev.num_images == 0:
+        raise ValueError("eval.num_samples=0 (teacher-forced only) needs eval.num_images >= 1")
     check_int("eval.num_images", ev.num_images, 0, note=" (0 = generation only)")
     check_int("eval.batch_size", ev.batch_size, 1)
     check_int("eval.gen_batch_size", ev.gen_batch_size, 1)
@@ -442,7 +464,7 @@ def _check_options(run: EvaluateRun, check_paths: bool = True) -> None:
     check_sampling(ev.sampling, "eval.sampling")
     check_int("eval.R", ev.R, 0, allow_none=True, note=" (null = the checkpoint's)")
     check_choice("features.kind", fs.kind, ("classifier", "inception"))
-    if check_paths:
+    if check_paths and ev.num_samples:  # the feature files are read for generation only
         if fs.kind == "classifier":
             check_path_exists("features.classifier_path", fs.classifier_path, allow_none=True)
         else:
@@ -474,14 +496,72 @@ def check_evaluate_run(run: EvaluateRun, check_paths: bool = True) -> None:
 
 @console_log("evaluate")
 def run_evaluation(run: EvaluateRun) -> dict:
-    """Evaluate every policy of `run.policies`; write results.json / results.md / PNGs in run_dir."""
+    """Evaluate every policy of `run.policies`; write results.json / results.md / PNGs in run_dir.
+
+    Under torchrun every rank generates its whole sampler batches of each sample set and rank 0
+    gathers their features (agents/evaluation/sharding.py); rank 0 alone runs the teacher-forced
+    rows (broadcasting the oracles' orders that generation replays), the reference features and
+    every statistic, and writes every file. Every rank returns rank 0's results, which do not
+    depend on the number of ranks."""
+    check_evaluate_run(run)
+    ctx = init_distributed(run.device)
+    results = _evaluate(run, ctx) if run.eval.num_samples else _evaluate_teacher_forced(run, ctx)
+    close_distributed(ctx)  # on success only: after an exception the other ranks may never reach the barrier
+    return results
+
+
+def _evaluate_teacher_forced(run: EvaluateRun, ctx: DistContext) -> dict:
+    """eval.num_samples=0: the teacher-forced rows of every policy on rank 0 (no generation, so no
+    VQ decoder, feature network or reference set: a backbone without them, e.g. random weights at
+    GPT-B geometry, is evaluated this way). Writes results.json, results.md, remaining_loss.png."""
+    t_start, ev, run_dir = time.time(), run.eval, Path(run.run_dir)
+    if not ctx.main:
+        return broadcast_object(None, ctx)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logger = Logger(run, run_dir, enabled=ctx.main, job="evaluate")
+    torch.manual_seed(run.seed)
+    bb = build_backbone(run.backbone, device=ctx.device)
+    codes, labels = load_token_data(run.backbone, "heldout")
+    images = balanced_images(labels)  # [M] class-interleaved: any prefix covers every class
+    specs = [resolve_policy(p, run, bb) for p in run.policies]
+    if len({s.name for s in specs}) != len(specs):
+        raise ValueError(f"policy names must be unique, got {[s.name for s in specs]}")
+    n_tf = min(ev.num_images, len(images))
+    n_agree = min(ev.agreement_images, n_tf)
+    results: dict = {"num_samples": 0, "generation": "off (eval.num_samples=0)", "num_images_teacher_forced": n_tf,
+                     "num_images_agreement": n_agree, "gamma": ev.gamma, "reward": ev.reward,
+                     "backbone": run.backbone.name, "seed": run.seed, "policies": {}}
+    curves = {}
+    for spec in specs:
+        t0 = time.time()
+        print(f"[evaluate] {spec.name}: teacher-forced rollouts on {n_tf} held-out images", flush=True)
+        with isolated_rng(run.seed, "evaluate", "policy", spec.name):  # as in _generate_policy
+            row, _, curves[spec.name] = _teacher_forced_row(spec, run, bb, codes, labels, images, n_tf, n_agree, n_tf)
+        row.update(source=spec.source, seconds=round(time.time() - t0, 1))
+        results["policies"][spec.name] = row
+        logger.log({f"{spec.name}/{k}": v for k, v in row.items() if isinstance(v, float)}, step=0)
+    eval_plots.remaining_loss_curves(run_dir / "remaining_loss.png", curves, "remaining loss L_rest / L (nats/token)")
+    results["remaining_curves"] = curves
+    results["seconds"] = round(time.time() - t_start, 1)
+    text = "\n".join([f"# Evaluation: {results['backbone']} (teacher-forced only: eval.num_samples=0)",
+                      *teacher_forced_table(results), ""])
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_bytes(run_dir / "results.md", text.encode())
+    logger.close()
+    print(text)
+    return broadcast_object(results, ctx)
+
+
+def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
+    """`run_evaluation`'s body on one rank of `ctx` (the order of collectives is the same on every rank:
+    per policy, the skip flag, the oracles' orders, then one gather per sample set; last the results)."""
     from agents.evaluation.feature_net import make_feature_extractor  # torchmetrics' inception import is heavy
 
     t_start = time.time()
-    check_evaluate_run(run)
-    ev, device, run_dir = run.eval, setup_device(run.device), Path(run.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logger = Logger(run, run_dir, job="evaluate")
+    ev, device, run_dir = run.eval, ctx.device, Path(run.run_dir)
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    logger = Logger(run, run_dir, enabled=ctx.main, job="evaluate")
     torch.manual_seed(run.seed)
 
     bb = build_backbone(run.backbone, device=device)
@@ -498,6 +578,13 @@ def run_evaluation(run: EvaluateRun) -> dict:
 
     extractor = make_feature_extractor(run.features.kind, run.features.classifier_path, run.features.inception_weights)
     extractor = extractor.to(device).eval()
+    orders_for_heatmap, curves, generated = {}, {}, {}
+    if not ctx.main:  # the other ranks only generate their batches of every policy rank 0 has not cached
+        for spec in specs:
+            if broadcast_object(None, ctx):  # rank 0 has no finished row of it
+                _generate_policy(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders, gen_labels, {},
+                                 extractor, ctx)
+        return broadcast_object(None, ctx)
     side = bb.gpt.cfg.grid_h * (bb.vq.config.downsample_factor if bb.vq is not None else 1)
     refs = {reference_name(r): extract_features(extractor, reference_images(run, side, r), run.features.batch_size,
                                                 device).double()
@@ -514,11 +601,11 @@ def run_evaluation(run: EvaluateRun) -> dict:
                      "num_images_teacher_forced": n_tf, "num_images_agreement": n_agree, "gamma": ev.gamma,
                      "reward": ev.reward, "features": run.features.kind, "sampling": vars(ev.sampling),
                      "backbone": run.backbone.name, "seed": run.seed, "policies": {}}
-    orders_for_heatmap, curves, generated = {}, {}, {}
     for spec in specs:
         cache = run_dir / "policies" / f"{spec.name}.pt"
         identity = policy_identity(spec, run)
         done = _load_policy(cache, identity)
+        broadcast_object(done is None, ctx)  # to do (True) or finished: the other ranks skip it too
         if done is not None:
             print(f"[evaluate] {spec.name}: finished in an earlier run with the same setup ({cache})", flush=True)
             row, generated[spec.name] = done["row"], Generated(**done["generated"])
@@ -528,13 +615,8 @@ def run_evaluation(run: EvaluateRun) -> dict:
             results["policies"][spec.name] = row
             continue
         t0 = time.time()
-        print(f"[evaluate] {spec.name}: teacher-forced rollouts on {n_tf} held-out images", flush=True)
-        # the policy's own RNG stream: its row must not depend on which policies ran before it in this
-        # process (a rerun skips the finished ones)
-        with isolated_rng(run.seed, "evaluate", "policy", spec.name):
-            row, blocks, curve = _teacher_forced_row(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders)
-            gen_row, generated[spec.name] = _generation_row(spec, run, bb, gen_labels, blocks, refs, extractor,
-                                                            device, run_dir)
+        row, blocks, curve, gen_row, generated[spec.name] = _generate_policy(
+            spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders, gen_labels, refs, extractor, ctx)
         row["source"] = spec.source
         orders_for_heatmap[spec.name] = blocks[:run.plots.heatmap_images]
         if curve:
@@ -559,7 +641,25 @@ def run_evaluation(run: EvaluateRun) -> dict:
     atomic_write_bytes(run_dir / "results.md", results_markdown(results).encode())
     logger.close()
     print(results_markdown(results))
-    return results
+    return broadcast_object(results, ctx)
+
+
+def _generate_policy(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes: torch.Tensor, labels: torch.Tensor,
+                     images: torch.Tensor, n_tf: int, n_agree: int, n_orders: int, gen_labels: torch.Tensor,
+                     refs: dict[str, torch.Tensor], extractor, ctx: DistContext) -> tuple | None:
+    """One policy's teacher-forced row (rank 0) and generation row (every rank generates, rank 0
+    computes): (row, blocks, curve, gen_row, Generated) on rank 0, None on the others."""
+    if ctx.main:
+        print(f"[evaluate] {spec.name}: teacher-forced rollouts on {n_tf} held-out images", flush=True)
+    # the policy's own RNG stream: its row must not depend on which policies ran before it in this
+    # process (a rerun skips the finished ones)
+    with isolated_rng(run.seed, "evaluate", "policy", spec.name):
+        row, blocks, curve = (_teacher_forced_row(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders)
+                              if ctx.main else ({}, None, []))
+        if spec.ground_truth:  # generation replays the teacher-forced orders
+            blocks = broadcast_object(blocks, ctx)
+        gen_row, generated = _generation_row(spec, run, bb, gen_labels, blocks, refs, extractor, Path(run.run_dir), ctx)
+    return (row, blocks, curve, gen_row, generated) if ctx.main else None
 
 
 def _figures(run: EvaluateRun, run_dir: Path, bb: Backbone, codes: torch.Tensor, images: torch.Tensor,
@@ -669,13 +769,19 @@ def results_markdown(results: dict) -> str:
                   + "; ".join(f"{w['says']} {b}'s (dFID {w['dfid']:+.2f}, 95% CI {_ci(w['ci'])}, N = {w['n']})"
                               for b, w in v["vs"].items()) + "."]
     if results["num_images_teacher_forced"]:
-        lines += ["", f"Teacher-forced, {results['num_images_teacher_forced']} held-out images: return = discounted "
-                  f"{results['reward']} return (gamma {results['gamma']} per block, nats); oracle agreement on the "
-                  f"first {results['num_images_agreement']}.", "",
-                  "| policy | return | order NLL (bits/token) | AUC L_rest (nats/token) | oracle agreement | "
-                  "decisions |", "|---|---|---|---|---|---|"]
-        for name, r in results["policies"].items():
-            lines.append(f"| {name} | {r['return']:.2f} | {r['order_nll_bits']:.4f} | {r['auc_remaining_loss']:.4f} "
-                         f"| {_fmt(r.get('oracle_agreement'), 3)} | {r['decisions_per_episode']:.1f} |")
+        lines += teacher_forced_table(results)
     lines.append("")
     return "\n".join(lines)
+
+
+def teacher_forced_table(results: dict) -> list[str]:
+    """The teacher-forced table of `results` (markdown lines, a blank line first)."""
+    lines = ["", f"Teacher-forced, {results['num_images_teacher_forced']} held-out images: return = discounted "
+             f"{results['reward']} return (gamma {results['gamma']} per block, nats); oracle agreement on the "
+             f"first {results['num_images_agreement']}.", "",
+             "| policy | return | order NLL (bits/token) | AUC L_rest (nats/token) | oracle agreement | "
+             "decisions |", "|---|---|---|---|---|---|"]
+    for name, r in results["policies"].items():
+        lines.append(f"| {name} | {r['return']:.2f} | {r['order_nll_bits']:.4f} | {r['auc_remaining_loss']:.4f} "
+                     f"| {_fmt(r.get('oracle_agreement'), 3)} | {r['decisions_per_episode']:.1f} |")
+    return lines

@@ -50,6 +50,14 @@ joint tuning are teacher-forced ideas and are refused.
 architecture must match the run's (agent sizes, beliefs, class conditioning, backbone width and
 geometry); dropout and R are the run's. Its sha256 joins the checkpoint identity.
 
+Under torchrun (issue 13; `backbone.distributed`): DistributedDataParallel over the OrderHead. Rank r
+replays the episodes r::W for the features (gathered back on every rank) and computes the rows r::W
+of each step's global minibatch, its loss weighted W * sum / batch so that DDP's gradient average is
+the one-process gradient; a missing oracle set is built sharded. DAgger rounds are collected on rank
+0 and broadcast, a generated-state set is built by rank 0 alone; rank 0 writes every file and runs
+the report. Checkpoints leave W out of their identity (the step's math does not depend on it); each
+rank draws its own dropout masks (rank 0 the one-process stream). Joint tuning runs in one process only.
+
 Imports backbone/, envs/, agents.planner, agents.evaluation (the held-out report) and the rest of
 agents.training.
 """
@@ -61,7 +69,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from agents.evaluation.report import EvalSpec, check_eval_spec, heldout_report, print_report
 from agents.planner.orderhead import OrderHead, OrderHeadConfig, load_orderhead, orderhead_config_for, save_orderhead
@@ -91,8 +101,19 @@ from backbone.checkpoint import (
     sha256_file,
 )
 from backbone.config import BackboneConfig, RunConfig, check_backbone_config, check_run_config, resolve_path
-from backbone.loading import backbone_gpt_config, save_gpt
-from backbone.run_utils import Logger, console_log, progress, setup_device
+from backbone.distributed import (
+    DistContext,
+    all_gather_objects,
+    barrier,
+    broadcast_object,
+    close_distributed,
+    gather_rows,
+    gather_strided,
+    init_distributed,
+    shard_indices,
+)
+from backbone.loading import backbone_gpt_config, random_weights_tag, save_gpt
+from backbone.run_utils import Logger, console_log, progress
 from backbone.seeding import isolated_rng, seed_global
 from backbone.validation import check_choice, check_int, check_int_list, check_positive, check_range
 from envs.core import EnvConfig, OrderPlanningCore
@@ -155,7 +176,7 @@ def targets_from_utilities(util: torch.Tensor, kind: str, tau: float) -> torch.T
     if kind == "argmax":
         return F.one_hot(util.argmax(-1), util.shape[-1]).float()
     if kind == "soft":
-        return torch.softmax(util / tau, -1)
+        return torch.softmax(util.float() / tau, -1)
     raise ValueError(f"bc.targets must be argmax or soft, got {kind!r}")
 
 
@@ -166,10 +187,25 @@ def bc_loss(model: OrderHead, hidden: torch.Tensor, mask: torch.Tensor, util: to
     hidden [B, N, D] (or [B, L, D]), mask [B, N] revealed blocks, util [B, N] (-inf on revealed),
     label [B] (class-conditioned planners), beliefs: entropy [B, L] and query_hidden [B, N, D]
     (belief planners). Returns (loss, OrderHeadOutput)."""
-    out = model.plan(hidden, mask, R=R, label=label, **(beliefs or {}))
+    rows, out = bc_state_losses(model, hidden, mask, util, targets, tau, R, label, beliefs)
+    return rows.mean(), out
+
+
+def bc_state_losses(model: OrderHead | DistributedDataParallel, hidden: torch.Tensor, mask: torch.Tensor,
+                    util: torch.Tensor, targets: str = "argmax", tau: float = 1.0, R: int | None = None,
+                    label: torch.Tensor | None = None, beliefs: dict[str, torch.Tensor] | None = None):
+    """`bc_loss` per state: (cross-entropy [B] in nats, OrderHeadOutput). `model` may be a
+    DistributedDataParallel around the OrderHead: it is then called through its forward, which
+    DDP must see to reduce the step's gradients."""
+    if isinstance(model, DistributedDataParallel):
+        obs = {"hidden": hidden, "block_mask": mask, **({"label": label} if label is not None else {}),
+               **(beliefs or {})}
+        out = model(obs, R=R)
+    else:
+        out = model.plan(hidden, mask, R=R, label=label, **(beliefs or {}))
     target = targets_from_utilities(util, targets, tau)
-    logp = torch.log_softmax(out.logits, -1).masked_fill(mask, 0.0)  # revealed: -inf * 0 -> 0
-    return -(target * logp).sum(-1).mean(), out
+    logp = torch.log_softmax(out.logits.float(), -1).masked_fill(mask, 0.0)  # revealed: -inf * 0 -> 0; float32 always
+    return -(target * logp).sum(-1), out
 
 
 def r_at(step: int, steps: int, schedule: list[int]) -> int:
@@ -192,7 +228,7 @@ def oracle_build_run(run: BCRun) -> BuildOracleRun:
                           device=run.device, seed=seed, split="train")
 
 
-def load_or_build_oracle(run: BCRun, num_total: int) -> OracleDataset:
+def load_or_build_oracle(run: BCRun, num_total: int, ctx: DistContext | None = None) -> OracleDataset:
     """The records of exactly the images `run.oracle` asks for, select_images(num_total,
     oracle.num_images, seed) of the train split's `num_total` images.
 
@@ -201,7 +237,11 @@ def load_or_build_oracle(run: BCRun, num_total: int) -> OracleDataset:
     ValueError names the differing fields. When it lacks some of the images (or is missing), it is
     built, resumed or extended first (a larger num_images with the same seed selects a superset);
     a larger set is read down to the requested subset. The build leaves the global RNG as it was,
-    so a run that builds its data equals one that finds it."""
+    so a run that builds its data equals one that finds it.
+
+    Under torchrun (`ctx` of W > 1) every rank reads the directory, and when the set must be built
+    all of them enter `build_oracle` together, which shards the images (rank r builds images[r::W])
+    and has rank 0 alone write the manifest: the set is never built twice at once."""
     build = oracle_build_run(run)
     root = Path(build.out_dir)
     images = select_images(num_total, build.num_images, build.seed)
@@ -218,11 +258,33 @@ def load_or_build_oracle(run: BCRun, num_total: int) -> OracleDataset:
             ds = None
     else:
         print(f"oracle data not found in {root}: building it (scripts/build_oracle.py)")
+    if ctx is not None and ctx.distributed:
+        # build_oracle is collective (a gather and barriers): every rank enters it or none. The files
+        # were read before any rank could write, so the ranks agree unless the directory changed under them.
+        votes = all_gather_objects(ds is None, ctx)
+        if len(set(votes)) > 1:
+            raise RuntimeError(f"ranks disagree on whether {root} must be built ({votes}): was it changed during "
+                               "the start of the run?")
     if ds is None:
         with torch.random.fork_rng(devices=[]):  # building a GPT draws its random init from the global RNG
             build_oracle(build)
         ds = OracleDataset(root)
     return ds.subset(images)
+
+
+def sharded_episode_observations(core: OrderPlanningCore, rec: dict[str, torch.Tensor],
+                                 ctx: DistContext | None = None) -> dict[str, torch.Tensor]:
+    """`episode_observations` of records (image_index [S], prefix [S, N], length [S]), the replay
+    split by episode under torchrun: rank r replays the sorted distinct images r::W (an episode is
+    replayed whole on one rank, so no replay work is repeated), then every rank gathers all S rows.
+    Shapes and dtypes as `episode_observations`; one process replays everything."""
+    image_index = rec["image_index"].cpu().long()
+    if ctx is None or not ctx.distributed:
+        return episode_observations(core, image_index, rec["prefix"], rec["length"])
+    images = image_index.unique()
+    rows = torch.nonzero(torch.isin(image_index, images[shard_indices(len(images), ctx.rank, ctx.world)])).flatten()
+    obs = episode_observations(core, image_index[rows], rec["prefix"].cpu()[rows], rec["length"].cpu()[rows])
+    return {k: gather_rows(v, rows, len(image_index), ctx) for k, v in sorted(obs.items())}
 
 
 @dataclass
@@ -244,9 +306,12 @@ class BCData:
     query_hidden: torch.Tensor | None = None
 
     @classmethod
-    def from_records(cls, core: OrderPlanningCore, rec: dict[str, torch.Tensor]) -> BCData:
-        """Features of oracle records (keys of `oracle_data.RECORD_KEYS`) replayed on `core`."""
-        obs = episode_observations(core, rec["image_index"], rec["prefix"], rec["length"])
+    def from_records(cls, core: OrderPlanningCore, rec: dict[str, torch.Tensor],
+                     ctx: DistContext | None = None) -> BCData:
+        """Features of oracle records (keys of `oracle_data.RECORD_KEYS`) replayed on `core`. Under
+        torchrun (`ctx` of W > 1) rank r replays the episodes (images) r::W only and every rank
+        gets all S states' features back (`gather_rows`: moved, never reduced)."""
+        obs = sharded_episode_observations(core, rec, ctx)
         image_index = rec["image_index"].cpu()
         return cls(obs["hidden"], obs["block_mask"], rec["utilities"].clone(), core.labels.cpu()[image_index],
                    image_index.clone(), rec["prefix"].cpu().clone(), rec["length"].cpu().clone(),
@@ -325,7 +390,8 @@ def head_config(run: BCRun, core: OrderPlanningCore) -> OrderHeadConfig:
     """The run's OrderHead config: agent sizes, R = max(R_schedule), the backbone's width, geometry
     and classes, belief inputs when env.beliefs."""
     return orderhead_config_for(core.D, core.geom, **asdict(run.agent), R=max(run.bc.R_schedule),
-                                num_classes=core.gpt.cfg.num_classes, beliefs=run.env.beliefs)
+                                num_classes=core.gpt.cfg.num_classes, beliefs=run.env.beliefs,
+                                backbone_weights=random_weights_tag(run.backbone))
 
 
 @dataclass
@@ -373,31 +439,33 @@ class TrainingStates:
     summary: dict = field(default_factory=dict)
 
 
-def oracle_states(run: BCRun, core: OrderPlanningCore) -> TrainingStates:
-    """states=teacher_forced: the oracle set's records (built when missing), features replayed on
-    the real train images."""
-    ds = load_or_build_oracle(run, core.num_images)
+def oracle_states(run: BCRun, core: OrderPlanningCore, ctx: DistContext | None = None) -> TrainingStates:
+    """states=teacher_forced: the oracle set's records (built when missing, sharded under torchrun),
+    features replayed on the real train images (sharded by episode under torchrun)."""
+    ds = load_or_build_oracle(run, core.num_images, ctx)
     print(f"oracle data: {len(ds)} states from {len(ds.images)} images ({ds.kind}); "
           f"recomputing hidden states with the frozen backbone")
     data = BCData.from_records(core, {"image_index": ds.image_index, "prefix": ds.prefix, "length": ds.length,
-                                      "utilities": ds.utilities})
+                                      "utilities": ds.utilities}, ctx)
     identity = {"oracle_dir": str(Path(run.oracle.out_dir).resolve()), "oracle": ds.manifest["identity"],
                 "states": len(ds)}
     return TrainingStates(data, ds.kind, identity, ds.image_index)
 
 
-def generated_states(run: BCRun, core: OrderPlanningCore, init: InitHead | None) -> TrainingStates:
+def generated_states(run: BCRun, core: OrderPlanningCore, init: InitHead | None,
+                     ctx: DistContext | None = None) -> TrainingStates:
     """states=generated: the generated-state set (built when missing, rolled in by the init head),
     its features replayed teacher-forced on the generated grids, which reproduces the visited states
-    without ground truth. Labels: the expected oracle û (nats)."""
+    without ground truth. Labels: the expected oracle û (nats). Under torchrun rank 0 alone builds a
+    missing set (the build is not sharded) while the others wait, then every rank reads it."""
     gen = run.generated
     seed = run.seed if gen.seed is None else gen.seed
-    gs = load_or_build_generated(gen, core.bb, run.env, seed, init.model if init else None,
-                                 init.sha256 if init else None)
+    gs = _main_first(ctx, lambda: load_or_build_generated(gen, core.bb, run.env, seed, init.model if init else None,
+                                                          init.sha256 if init else None))
     print(f"generated states: {len(gs)} states of {len(gs.codes)} generated images (expected_oracle, "
           f"K={gen.belief_samples}, roll_in={gen.roll_in}); recomputing hidden states on the generated grids")
     replay_core = OrderPlanningCore(core.bb, gs.codes, gs.labels, core.cfg, core.B, seed=run.seed)
-    data = BCData.from_records(replay_core, gs.records())
+    data = BCData.from_records(replay_core, gs.records(), ctx)
     identity = {"state_source": "generated", "generated_dir": str(Path(gen.out_dir).resolve()),
                 "generated": gs.manifest["identity"], "states": len(gs)}
     summary = {"generated": {"out_dir": gen.out_dir, "images": len(gs.codes), "states": len(gs),
@@ -406,14 +474,26 @@ def generated_states(run: BCRun, core: OrderPlanningCore, init: InitHead | None)
     return TrainingStates(data, "expected_oracle", identity, torch.zeros(0, dtype=torch.long), summary)
 
 
+def _main_first(ctx: DistContext | None, load):
+    """`load()` on rank 0 first (it may build files), then, after a barrier, on the other ranks
+    (which find them); just `load()` in one process."""
+    if ctx is None or not ctx.distributed:
+        return load()
+    out = load() if ctx.main else None
+    barrier(ctx)
+    return out if ctx.main else load()
+
+
 class DaggerRounds:
     """DAgger: at fixed steps, states visited by the current (greedy) learner on train images not
     used yet, labelled by the oracle. Round r draws its images and behaviour from seeds of
-    (seed, r) only."""
+    (seed, r) only. Under torchrun rank 0 alone collects a round (every rank holds the same
+    learner) and broadcasts its record; the features of its states are replayed sharded."""
 
-    def __init__(self, run: BCRun, core: OrderPlanningCore, kind: str, used: torch.Tensor):
+    def __init__(self, run: BCRun, core: OrderPlanningCore, kind: str, used: torch.Tensor,
+                 ctx: DistContext | None = None):
         bc = run.bc
-        self.run, self.core, self.kind = run, core, kind
+        self.run, self.core, self.kind, self.ctx = run, core, kind, ctx
         self.steps = [bc.steps * (r + 1) // (bc.dagger_rounds + 1) for r in range(bc.dagger_rounds)]
         self.used = set(used.tolist())
 
@@ -426,6 +506,15 @@ class DaggerRounds:
         record: its images [M] and the oracle records of the states (`collect_states` keys), what a
         checkpoint keeps so that a resume replays the round instead of collecting it again (the
         learner that visited the states is gone by then)."""
+        main = self.ctx is None or self.ctx.main
+        round_rec = self._collect(r, model) if main else None
+        if self.ctx is not None:
+            round_rec = broadcast_object(round_rec, self.ctx)
+        self.replay(data, r, round_rec)
+        return round_rec
+
+    def _collect(self, r: int, model: OrderHead) -> dict[str, torch.Tensor]:
+        """Round r's record (`add`), collected by the greedy learner `model` (left in train mode)."""
         run, core = self.run, self.core
         pool = torch.tensor([i for i in select_images(core.num_images, None, run.seed).tolist() if i not in self.used])
         perm = torch.randperm(len(pool), generator=torch.Generator().manual_seed(run.seed + 100 + r))
@@ -434,15 +523,13 @@ class DaggerRounds:
         rec = collect_states(core, lambda obs: learner.act(obs), imgs, self.kind, run.oracle.weight,
                              generator=torch.Generator().manual_seed(run.seed + 200 + r))
         model.train()
-        round_rec = {"images": imgs.clone(), **rec}
-        self.replay(data, r, round_rec)
-        return round_rec
+        return {"images": imgs.clone(), **rec}
 
     def replay(self, data: BCData, r: int, round_rec: dict[str, torch.Tensor]) -> None:
         """Append the states of round r's record (`add`) to `data`: their features are recomputed by
         the frozen backbone, exactly as when the round was collected."""
         self.used.update(round_rec["images"].tolist())
-        data.extend(BCData.from_records(self.core, {k: round_rec[k] for k in RECORD_KEYS}))
+        data.extend(BCData.from_records(self.core, {k: round_rec[k] for k in RECORD_KEYS}, self.ctx))
         print(f"DAgger round {r + 1}: +{len(round_rec['image_index'])} learner-visited states ({len(data)} in all)")
 
 
@@ -475,10 +562,12 @@ def _make_tuner(run: BCRun, device: torch.device, core: OrderPlanningCore) -> tu
 
 
 def _restore(ckpts: CheckpointManager, identity: dict, model: OrderHead, opt: torch.optim.Optimizer,
-             tuner: JointTuner | None) -> tuple[int, list[dict], int, list[dict] | None]:
+             tuner: JointTuner | None, ctx: DistContext | None = None) -> tuple[int, list[dict], int, list[dict] | None]:
     """Load the latest checkpoint, if any, into model / optimizer / tuner / RNG after checking its
     identity. Returns (step, history, DAgger rounds done, their records (None in checkpoints written
-    before they were kept)); (0, [], 0, []) for a fresh run."""
+    before they were kept)); (0, [], 0, []) for a fresh run. Every rank reads the checkpoint; rank r
+    takes back its own RNG state (`rng_by_rank`) when the checkpoint was written by as many ranks,
+    else rank 0 takes `rng` and the other ranks keep their fresh dropout streams."""
     ckpt = ckpts.load_latest()
     if ckpt is None:
         return 0, [], 0, []
@@ -488,7 +577,16 @@ def _restore(ckpts: CheckpointManager, identity: dict, model: OrderHead, opt: to
     opt.load_state_dict(ckpt["optimizer"])
     if tuner:
         tuner.load_state_dict(ckpt["joint"])
-    set_rng_state(ckpt["rng"])
+    rank, world = (0, 1) if ctx is None else (ctx.rank, ctx.world)
+    by_rank = ckpt.get("rng_by_rank")  # only in checkpoints of W > 1 processes
+    if by_rank is not None and len(by_rank) == world:
+        set_rng_state(by_rank[rank])
+    else:
+        if rank == 0:
+            set_rng_state(ckpt["rng"])
+        if world > 1 or by_rank is not None:
+            print(f"note: the checkpoint was written by {len(by_rank or [0])} process(es), this run has {world}: "
+                  "the weights, optimizer and minibatches continue exactly, the dropout masks of ranks > 0 do not")
     print(f"resumed from {ckpts.latest()} at step {int(ckpt['step'])}")
     done = int(ckpt["dagger_done"])
     records = ckpt.get("dagger_records", None if done else [])
@@ -498,7 +596,8 @@ def _restore(ckpts: CheckpointManager, identity: dict, model: OrderHead, opt: to
 @dataclass
 class StepOut:
     """One optimisation step: the minibatch, its depth R, the BC loss (nats/state) and, in joint
-    steps, L_AR (nats/token)."""
+    steps, L_AR (nats/token). Under torchrun `loss` and `logits` are this rank's share: the sum
+    of its states' losses / batch size and the logits of its minibatch rows r::W (`_log` joins them)."""
 
     idx: torch.Tensor
     R: int
@@ -507,14 +606,18 @@ class StepOut:
     loss_ar: torch.Tensor | None
 
 
-def _train_step(run: BCRun, step: int, data: BCData, model: OrderHead, opt: torch.optim.Optimizer,
-                tuner: JointTuner | None, device: torch.device) -> StepOut:
+def _train_step(run: BCRun, step: int, data: BCData, model: OrderHead | DistributedDataParallel,
+                opt: torch.optim.Optimizer, tuner: JointTuner | None, device: torch.device,
+                ctx: DistContext | None = None) -> StepOut:
     """Step `step`: the minibatch drawn from (seed, step) only (exact resume), one update of the
-    head (and, from bc.joint.start_step on, of the tuned backbone)."""
+    head (and, from bc.joint.start_step on, of the tuned backbone). Under torchrun (`model` the
+    DDP-wrapped head) every rank draws the same global minibatch and computes its rows r::W."""
     bc, jc = run.bc, run.bc.joint
     gen = torch.Generator().manual_seed(run.seed * 1_000_003 + step)
     idx = torch.randint(len(data), (bc.batch_size,), generator=gen)
     R = r_at(step, bc.steps, bc.R_schedule)
+    if ctx is not None and ctx.distributed:
+        return _sharded_step(run, idx, R, data, model, opt, device, ctx)
     joint = tuner is not None and step >= jc.start_step
     if joint:
         h, m = tuner.features(data.image_index[idx], data.labels[idx], data.prefix[idx], data.length[idx])
@@ -539,8 +642,32 @@ def _train_step(run: BCRun, step: int, data: BCData, model: OrderHead, opt: torc
     return StepOut(idx, R, loss.detach(), out.logits.detach(), None if loss_ar is None else loss_ar.detach())
 
 
-def _log(s: StepOut, data: BCData, done: int, history: list[dict], logger: Logger, bar) -> None:
-    """Append step `done`'s loss, agreement with the oracle argmax and R to the history and the logger."""
+def _sharded_step(run: BCRun, idx: torch.Tensor, R: int, data: BCData, model: DistributedDataParallel,
+                  opt: torch.optim.Optimizer, device: torch.device, ctx: DistContext) -> StepOut:
+    """`_train_step` on rank r of W: the minibatch rows r::W of `idx` [B] (the global minibatch)."""
+    bc = run.bc
+    mine = idx[shard_indices(len(idx), ctx.rank, ctx.world)]
+    rows, out = bc_state_losses(model, data.hidden[mine].to(device), data.mask[mine].to(device),
+                                data.util[mine].to(device), bc.targets, bc.soft_tau, R, data.labels[mine].to(device),
+                                data.beliefs(mine, device))
+    share = rows.sum() / bc.batch_size  # this rank's part of the minibatch mean (nats/state)
+    opt.zero_grad(set_to_none=True)
+    # DDP averages the ranks' gradients (sum / W): W * share makes that average the gradient of the
+    # whole minibatch's mean, the one-process gradient up to float summation order
+    (share * ctx.world).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), bc.grad_clip)
+    opt.step()
+    return StepOut(idx, R, share.detach(), out.logits.detach(), None)
+
+
+def _log(s: StepOut, data: BCData, done: int, history: list[dict], logger: Logger, bar,
+         ctx: DistContext | None = None) -> None:
+    """Append step `done`'s loss, agreement with the oracle argmax and R to the history and the logger.
+    Under torchrun every rank calls it (it joins the ranks' shares: the loss summed, the logits gathered)."""
+    if ctx is not None and ctx.distributed:
+        total = s.loss.clone()
+        dist.all_reduce(total)
+        s = replace(s, loss=total, logits=gather_strided(s.logits, len(s.idx), ctx))
     acc = float((s.logits.argmax(-1).cpu() == data.util[s.idx].argmax(-1)).float().mean())
     bar.set_postfix(loss=f"{float(s.loss):.3f}", acc=f"{acc:.2f}", R=s.R)
     history.append({"step": done, "loss": float(s.loss), "train_agreement": acc, "R": s.R})
@@ -598,20 +725,56 @@ def _finish(run: BCRun, model: OrderHead, tuner: JointTuner | None, bits_before:
     return summary
 
 
+DIST_TIMEOUT_MIN = 12 * 60  # ranks > 0 wait while rank 0 alone builds generated states or runs the report
+
+
+def check_bc_world(run: BCRun, world: int) -> None:
+    """Refuse what W > 1 processes cannot run (ValueError naming the key): joint tuning (the tuned
+    GPT blocks and their L_AR batch are not sharded), a minibatch smaller than the world."""
+    if world <= 1:
+        return
+    if run.bc.joint.top_n:
+        raise ValueError(f"bc.joint.top_n > 0 (joint tuning) runs in one process only, this run has {world} "
+                         "(torchrun): run it with python, or set bc.joint.top_n=0")
+    if run.bc.batch_size < world:
+        raise ValueError(f"bc.batch_size ({run.bc.batch_size}) must be >= the number of processes ({world}): "
+                         "each rank computes its rows r::W of the minibatch")
+
+
+def _ddp(model: OrderHead, ctx: DistContext) -> OrderHead | DistributedDataParallel:
+    """The head DDP-wrapped when W > 1 (its parameters broadcast from rank 0), else itself."""
+    if not ctx.distributed:
+        return model
+    # find_unused_parameters: the value / router heads never get a BC gradient and the reasoning core
+    # none at R = 0; their grads stay None, as in one process (AdamW skips them). The head's buffers
+    # are constants (block rows / columns): synced once at init, not every forward.
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                   find_unused_parameters=True, forward_sync_buffers=False)
+
+
 @console_log("bc")
 def train_bc(run: BCRun) -> dict:
     """Behaviour cloning + the held-out report. Writes run_dir/{orderhead.safetensors, summary.json}
-    (and what it prints to run_dir/bc.log)."""
+    (and what it prints to run_dir/bc.log). Returns the summary.
+
+    Under torchrun (W processes, `backbone.distributed`): the oracle set is built sharded when
+    missing, each rank replays the episodes r::W for the features, and each step every rank draws
+    the same global minibatch, computes its rows r::W and DDP averages the head's gradients, so a
+    step equals the one-process step up to float summation order (dropout masks aside: each rank
+    draws its own). Rank 0 alone writes checkpoints, weights, the summary and metrics and runs the
+    held-out report; the other ranks return {"rank", "world"}."""
     t0 = time.time()
     check_bc_run(run)
+    ctx = init_distributed(run.device, timeout_minutes=DIST_TIMEOUT_MIN)
+    check_bc_world(run, ctx.world)
     bc = run.bc
-    device = setup_device(run.device)
+    device = ctx.device
     seed_global(run.seed, "bc", "setup")  # what setup draws (a GPT's init, overwritten by its weights)
     train_env = replace(run.env, split="train", budget=None)
     core = make_core(run.backbone, env=train_env, batch_size=bc.replay_batch, device=device, seed=run.seed)
     cfg = head_config(run, core)
     init = load_init_head(run, cfg, device)  # before the data: the generated set is rolled in with it
-    states = generated_states(run, core, init) if run.states == "generated" else oracle_states(run, core)
+    states = generated_states(run, core, init, ctx) if run.states == "generated" else oracle_states(run, core, ctx)
     data = states.data
     bc.joint.validate(core.gpt.cfg.n_layer, bc.steps)
     # its own stream: the init must not depend on what was drawn before (an in-process data build)
@@ -624,9 +787,10 @@ def train_bc(run: BCRun) -> dict:
     tuner, bits_before = _make_tuner(run, device, core)
     ckpts = CheckpointManager(Path(run.run_dir) / "checkpoints", keep_last=bc.keep_checkpoints)
     identity = _checkpoint_identity(run, states, tuner, init)
-    seed_global(run.seed, "bc", "train")  # dropout; a checkpoint's RNG states replace it on resume
-    start, history, dagger_done, dagger_records = _restore(ckpts, identity, model, opt, tuner)
-    dagger = DaggerRounds(run, core, states.kind, states.used)
+    # dropout; a checkpoint's RNG states replace it on resume. Rank 0's stream is the one-process one
+    seed_global(run.seed, "bc", "train", *(("rank", ctx.rank) if ctx.rank else ()))
+    start, history, dagger_done, dagger_records = _restore(ckpts, identity, model, opt, tuner, ctx)
+    dagger = DaggerRounds(run, core, states.kind, states.used, ctx)
     if dagger_records is None:  # a checkpoint written before rounds were kept: collect them again
         print("note: this checkpoint does not keep its DAgger states; collecting them again with the resumed "
               "learner, so the run will not equal an uninterrupted one")
@@ -635,25 +799,35 @@ def train_bc(run: BCRun) -> dict:
     else:  # replay the stored rounds: the learner that visited their states is the one of back then
         for r, round_rec in enumerate(dagger_records):
             dagger.replay(data, r, round_rec)
-    logger = Logger(run, Path(run.run_dir), job="bc")
+    logger = Logger(run, Path(run.run_dir), enabled=ctx.main, job="bc")
     model.train()
-    bar = progress(range(start, bc.steps), initial=start, total=bc.steps, desc="bc")
+    net = _ddp(model, ctx)
+    bar = progress(range(start, bc.steps), initial=start, total=bc.steps, desc="bc", disable=not ctx.main)
     for step in bar:
         if dagger.due(dagger_done, step):
             dagger_records.append(dagger.add(data, dagger_done, model))
             dagger_done += 1
-        out = _train_step(run, step, data, model, opt, tuner, device)
+        out = _train_step(run, step, data, net, opt, tuner, device, ctx)
         done = step + 1
         if done % bc.log_every == 0 or done == bc.steps:
-            _log(out, data, done, history, logger, bar)
+            _log(out, data, done, history, logger, bar, ctx)
         if done % bc.ckpt_every == 0 or done == bc.steps:
-            ckpts.save(done, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                              "rng": rng_state(), "history": history, "dagger_done": dagger_done,
-                              "dagger_records": dagger_records, "identity": identity,
-                              **({"joint": tuner.state_dict()} if tuner else {})})
+            rngs = all_gather_objects(rng_state(), ctx) if ctx.distributed else None
+            if ctx.main:
+                ckpts.save(done, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                                  "rng": rng_state(), **({"rng_by_rank": rngs} if rngs else {}), "history": history,
+                                  "dagger_done": dagger_done, "dagger_records": dagger_records, "identity": identity,
+                                  **({"joint": tuner.state_dict()} if tuner else {})})
     bar.close()
+    if not ctx.main:
+        close_distributed(ctx)  # waits at a barrier for rank 0's report
+        return {"rank": ctx.rank, "world": ctx.world}
     extra = {"train_states": len(data), "steps": bc.steps, "resumed_from": start, "history": history,
              "states": run.states, **states.summary}
     if init:
         extra["init_from"] = {"path": str(init.path), "sha256": init.sha256}
-    return _finish(run, model, tuner, bits_before, states.kind, device, logger, t0, extra)
+    if ctx.distributed:
+        extra["world_size"] = ctx.world
+    summary = _finish(run, model, tuner, bits_before, states.kind, device, logger, t0, extra)
+    close_distributed(ctx)
+    return summary

@@ -43,6 +43,7 @@ from agents.training.bc import BCRun, check_bc_run, train_bc
 from agents.training.ppo_run import PPORun, check_ppo_run, run_ppo
 from backbone.checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
 from backbone.config import BackboneConfig, RunConfig, check_backbone_config, check_run_config, compose, to_typed
+from backbone.loading import backbone_identity
 from backbone.run_utils import console_log, setup_device
 from backbone.validation import check_choice, check_gamma, check_int, check_int_list, check_range
 from envs.core import EnvConfig
@@ -197,7 +198,7 @@ def score_all(run: CompareRun) -> list[PolicyScores]:
     scores: list[PolicyScores] = []
 
     base_identity = {"images": images.tolist(), "gamma": ev.gamma, "oracle_kind": ev.oracle_kind, "seed": run.seed,
-                     "belief_samples": env.belief_samples, "backbone": asdict(run.backbone)}
+                     "belief_samples": env.belief_samples, "backbone": backbone_identity(run.backbone, device)}
 
     def score(name, make, group, c=core, agree=n_agree, source=None):
         identity = {**base_identity, "row": name, "source": source or name, "agreement_images": agree,

@@ -40,6 +40,19 @@ So a run stopped after iteration i and restarted reproduces the uninterrupted ru
 the CPU (tested: identical weights). On a GPU the same holds up to the non-determinism of CUDA
 kernels (same iterations, frames and images; weights equal up to float rounding).
 
+Under torchrun (`train_ppo(..., ctx=init_distributed(...))`, `agents.training.ppo_dist`) each rank
+runs its own env batch and collector, the env seeded per iteration from (rank_seed(seed, r),
+iteration), its actions and minibatch permutations from its own stream (seed, "ppo", "train",
+"rank", r). frames_per_batch and minibatch_size stay global: rank r collects F / W frames and
+takes minibatch_size / W of them per update; gradients are averaged over the ranks before
+clipping (one all-reduce per update), advantages normalised over the global minibatch, the auto
+reward scale and the metrics computed over the global batch, so an update is that of one batch of
+F frames (tested: 2 ranks x B rows give the weights of 1 process x 2B rows on the same rows, up to
+float summation order, when a minibatch is the whole batch; with several minibatches the global
+minibatch is a union of per-rank draws, not one permutation of all F frames). Rank 0 writes the
+checkpoints, which record world_size (a resume needs the same W) and every rank's RNG state;
+every rank resumes from them. W = 1 is the plain run, bit for bit.
+
 Imports backbone/, envs/ and agents.planner only; never agents.evaluation.
 """
 
@@ -49,7 +62,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +80,10 @@ from torchrl.objectives.value import GAE
 
 from agents.planner.distributions import RouterDistribution
 from agents.planner.orderhead import OrderHead, save_orderhead
+from agents.training.ppo_dist import (all_reduce_sum, average_gradients, broadcast_module, global_means, global_rms,
+                                      rank_seed, rank_stream, single_process, standardize)
 from backbone.checkpoint import CheckpointManager, check_identity, rng_state, set_rng_state
+from backbone.distributed import DistContext, all_gather_objects, barrier, gather_strided
 from backbone.run_utils import progress as progress_bar
 from backbone.seeding import seed_global
 from backbone.validation import check_choice, check_gamma, check_int, check_positive, check_probability, check_range
@@ -123,8 +139,16 @@ class PPOConfig:
     resume: bool = True  # continue from run_dir/checkpoints when a checkpoint is there
     stop_at: int | None = None  # stop after this iteration as if interrupted (checkpoint kept)
 
-    def validate(self, batch: int) -> None:
-        """Check the derived sizes against an env with `batch` rows; raises ValueError."""
+    def validate(self, batch: int, world: int = 1) -> None:
+        """Check the derived sizes against an env with `batch` rows on each of `world` ranks
+        (torchrun: frames_per_batch and minibatch_size are global, split evenly over the ranks);
+        raises ValueError."""
+        if world > 1 and (self.frames_per_batch <= 0 or self.frames_per_batch % (batch * world)):
+            raise ValueError(f"frames_per_batch={self.frames_per_batch} must be a positive multiple of the env's "
+                             f"batch size {batch} times the {world} ranks (each rank collects 1/{world} of it)")
+        if world > 1 and (self.minibatch_size <= 0 or self.minibatch_size % world):
+            raise ValueError(f"minibatch_size={self.minibatch_size} must be a multiple of the {world} ranks "
+                             f"(each rank takes 1/{world} of every minibatch)")
         if self.frames_per_batch <= 0 or self.frames_per_batch % batch:
             raise ValueError(f"frames_per_batch={self.frames_per_batch} must be a positive multiple of the env's "
                              f"batch size {batch}")
@@ -324,13 +348,19 @@ def _smdp_of(env: EnvBase, gamma: float) -> bool:
 class _RunPlan:
     """The derived sizes and modes of a run, checked once against the env and the model."""
 
-    B: int  # env rows
-    F: int  # frames (decisions over all rows) per iteration
+    B: int  # env rows (of this rank's env under torchrun)
+    F: int  # frames (decisions over all rows of all ranks) per iteration
     num_iterations: int
     last_iteration: int  # num_iterations, or cfg.stop_at when that comes first
     router: bool  # actions are (budget index, K blocks)
     budgets: list[int] | None  # the router's block counts
     smdp: bool  # semi-MDP router env: GAE discounts a decision by gamma^k
+    world: int = 1  # torchrun ranks, each with its own env of B rows
+
+    @property
+    def F_rank(self) -> int:
+        """Frames this rank collects per iteration."""
+        return self.F // self.world
 
 
 @dataclass
@@ -342,7 +372,9 @@ class _Learner:
     loss_module: ClipPPOLoss
     gae: GAE
     optim: torch.optim.Adam
-    storage: LazyTensorStorage  # one batch of frames, reused every iteration
+    storage: LazyTensorStorage  # one batch of this rank's frames, reused every iteration
+    ctx: DistContext  # torchrun rank and world (world 1: a plain run)
+    minibatch_size: int  # frames of this rank per update (cfg.minibatch_size / world)
 
 
 @dataclass
@@ -371,7 +403,7 @@ class _SeedEnvPerIteration:
 
 
 def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Path, logger: Any = None,
-              eval_fn: EvalFn | None = None) -> dict[str, Any]:
+              eval_fn: EvalFn | None = None, ctx: DistContext | None = None) -> dict[str, Any]:
     """Train `model` in place with PPO on the batched TorchRL `env` (an `OrderPlanningEnv`, plain or
     router actions, on the model's device).
 
@@ -385,33 +417,44 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
     Returns {"iterations", "frames", "num_iterations", "finished", "metrics" (the last
     iteration's train/ and time/ metrics), "eval" (the last eval metrics), "checkpoint",
     "orderhead" (paths)}.
+
+    ctx: torchrun's rank and world (`backbone.distributed.init_distributed`; None = one process).
+    Every rank passes its own `env` (B rows) and the same model, config and run_dir; rank r
+    collects frames_per_batch / W frames per iteration from its env, seeded from (cfg.seed, r), and
+    takes minibatch_size / W frames of every minibatch; gradients and batch statistics are
+    reduced over the ranks (`agents.training.ppo_dist`), so the weights stay identical on every
+    rank and an update is that of the global batch. Frames and metrics are global. Rank 0 alone
+    writes checkpoints and orderhead.safetensors and calls `logger`; eval_fn runs on every rank
+    (it may shard its own work). W = 1 is a plain run, bit for bit.
     """
     # -- setup: sizes and checks, agent and loss, resume, collector, RNG ---------------------------
     run_dir = Path(run_dir)
-    plan = _plan_run(env, model, cfg)
     device = next(model.parameters()).device
+    ctx = single_process(device) if ctx is None else ctx
+    plan = _plan_run(env, model, cfg, ctx.world)
     model.eval()  # the behaviour policy and the policy inside the loss must be the same function: no dropout
-    learner = _build_learner(env, model, cfg, plan, device)
+    learner = _build_learner(env, model, cfg, plan, device, ctx)
     manager = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.keep_checkpoints)
-    progress, saved_rng = _restore(manager, cfg, model, learner.optim)
+    progress, saved_rng = _restore(manager, cfg, model, learner.optim, ctx)
+    broadcast_module(model, ctx)  # every rank starts from rank 0's weights, whatever the caller loaded
     collector = _make_collector(learner, cfg, plan, progress.iteration)
     # Building the collector ran the policy once; the RNG streams start (or resume) here.
     if saved_rng is not None:
         set_rng_state(saved_rng)
     else:  # a named stream: whatever setup drew (the collector's policy call, a GPT's init) changes nothing
-        seed_global(cfg.seed, "ppo", "train")
+        seed_global(cfg.seed, *rank_stream(ctx, "ppo", "train"))
 
     # -- the loop: rollout, learning from it, evaluation, logging, checkpoint ----------------------
     metrics: dict[str, float] = dict(progress.metrics)
     eval_metrics: dict[str, float] = dict(progress.eval_metrics)
     ckpt_path = manager.latest()
-    bar = progress_bar(total=plan.num_iterations, initial=progress.iteration, desc="ppo")
+    bar = progress_bar(total=plan.num_iterations, initial=progress.iteration, desc="ppo", disable=not ctx.main)
     t_start = time.perf_counter()
     batches = collector if plan.last_iteration > progress.iteration else ()
     try:
-        for data in batches:  # data [B, F / B]
+        for data in batches:  # data [B, F / (W B)], this rank's share
             progress.iteration += 1
-            progress.frames += data.numel()
+            progress.frames += data.numel() * ctx.world
             t_collect = time.perf_counter() - t_start
             metrics = _learn_from_batch(data, learner, model, cfg, plan, progress)
             t_train = time.perf_counter() - t_start - t_collect
@@ -424,11 +467,11 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
             if eval_fn is not None and _eval_due(cfg, progress.iteration, plan.num_iterations):
                 eval_metrics = _run_eval(eval_fn, model, progress.iteration, device)
                 metrics.update(eval_metrics)
-            if logger is not None:
+            if logger is not None and ctx.main:
                 logger.log(metrics, step=progress.frames)
             if progress.iteration % cfg.ckpt_every == 0 or final:
                 progress.metrics, progress.eval_metrics = metrics, eval_metrics
-                ckpt_path = _save_checkpoint(manager, model, learner.optim, cfg, plan, progress)
+                ckpt_path = _save_checkpoint(manager, model, learner.optim, cfg, plan, progress, ctx)
             bar.update(1)
             bar.set_postfix({k.split("/")[1]: f"{metrics[k]:.3g}" for k in
                              ("train/mean_return", "train/approx_kl", "train/entropy") if k in metrics})
@@ -439,8 +482,11 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
         bar.close()
         collector.shutdown(close_env=False)  # the env is the caller's
 
-    orderhead_path = save_orderhead(model, run_dir / "orderhead.safetensors",
-                                    {"iteration": progress.iteration, "frames": progress.frames, "algorithm": "ppo"})
+    orderhead_path = run_dir / "orderhead.safetensors"
+    if ctx.main:
+        save_orderhead(model, orderhead_path, {"iteration": progress.iteration, "frames": progress.frames,
+                                               "algorithm": "ppo"})
+    barrier(ctx)  # the weights are on disk when any rank returns
     return {"iterations": progress.iteration, "frames": progress.frames, "num_iterations": plan.num_iterations,
             "finished": progress.iteration >= plan.num_iterations, "metrics": metrics, "eval": eval_metrics,
             "checkpoint": None if ckpt_path is None else str(ckpt_path), "orderhead": str(orderhead_path)}
@@ -449,11 +495,11 @@ def train_ppo(env: EnvBase, model: OrderHead, cfg: PPOConfig, run_dir: str | Pat
 # -- setup and resume -----------------------------------------------------------------------------
 
 
-def _plan_run(env: EnvBase, model: OrderHead, cfg: PPOConfig) -> _RunPlan:
+def _plan_run(env: EnvBase, model: OrderHead, cfg: PPOConfig, world: int = 1) -> _RunPlan:
     """Derived sizes and modes, with every check against the env and the model (ValueError);
     warns when an iteration is too short to hold an episode of one block per decision."""
     B = int(env.batch_size.numel())
-    cfg.validate(B)
+    cfg.validate(B, world)
     F = cfg.frames_per_batch
     router = _router_of(env)
     if router and not model.has_router:
@@ -464,61 +510,83 @@ def _plan_run(env: EnvBase, model: OrderHead, cfg: PPOConfig) -> _RunPlan:
     if router and env_cfg is not None and list(env_cfg.budget or []) != budgets:
         raise ValueError(f"the env's budgets {env_cfg.budget} differ from the OrderHead router's {budgets}")
     N = int(env.observation_spec["action_mask"].shape[-1])
-    if F // B < N:
-        warnings.warn(f"frames_per_batch={F} gives {F // B} decisions per env row and iteration, fewer than the "
-                      f"N={N} of a one-block-per-decision episode: the env is reset at every iteration, so the "
-                      f"later decisions of longer episodes are never collected; use frames_per_batch >= {B * N}",
-                      stacklevel=3)
+    if F // (B * world) < N:
+        warnings.warn(f"frames_per_batch={F} gives {F // (B * world)} decisions per env row and iteration, fewer "
+                      f"than the N={N} of a one-block-per-decision episode: the env is reset at every iteration, so "
+                      f"the later decisions of longer episodes are never collected; use frames_per_batch >= "
+                      f"{B * world * N}", stacklevel=3)
     last_iteration = cfg.num_iterations if cfg.stop_at is None else min(cfg.stop_at, cfg.num_iterations)
-    return _RunPlan(B, F, cfg.num_iterations, last_iteration, router, budgets, smdp)
+    return _RunPlan(B, F, cfg.num_iterations, last_iteration, router, budgets, smdp, world)
 
 
-def _build_learner(env: EnvBase, model: OrderHead, cfg: PPOConfig, plan: _RunPlan, device: torch.device) -> _Learner:
+def _build_learner(env: EnvBase, model: OrderHead, cfg: PPOConfig, plan: _RunPlan, device: torch.device,
+                   ctx: DistContext) -> _Learner:
     train_env = TransformedEnv(env, RewardSum())  # episode_reward: the undiscounted return, in nats
     train_env.append_transform(StepCounter())  # step_count: decisions so far
     actor, critic = make_actor_critic(model, plan.router, plan.budgets, cfg.R)
-    loss_module, gae = make_loss(actor, critic, cfg, plan.smdp)
+    # torchrun: the loss sees this rank's share of a minibatch only, so `_update` normalises the
+    # advantages over the global minibatch itself
+    loss_cfg = cfg if not ctx.distributed else replace(cfg, normalize_advantage=False)
+    loss_module, gae = make_loss(actor, critic, loss_cfg, plan.smdp)
     optim = torch.optim.Adam(model.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
-    storage = LazyTensorStorage(plan.F, device=env.device or device)
-    return _Learner(train_env, actor, loss_module, gae, optim, storage)
+    storage = LazyTensorStorage(plan.F_rank, device=env.device or device)
+    return _Learner(train_env, actor, loss_module, gae, optim, storage, ctx, cfg.minibatch_size // ctx.world)
 
 
 def _restore(manager: CheckpointManager, cfg: PPOConfig, model: OrderHead,
-             optim: torch.optim.Optimizer) -> tuple[_Progress, dict | None]:
+             optim: torch.optim.Optimizer, ctx: DistContext) -> tuple[_Progress, dict | None]:
     """Load the latest checkpoint into `model` and `optim` (cfg.resume): returns the counters and
-    the saved RNG states (None on a fresh start, which begins from cfg.reward_scale)."""
+    this rank's saved RNG states (None on a fresh start, which begins from cfg.reward_scale).
+    Under torchrun every rank reads the checkpoint rank 0 wrote (a shared run_dir), and the world
+    size must be the one it was made with (each rank's env seed and RNG stream depend on it)."""
     state = manager.load_latest() if cfg.resume else None
+    found = all_gather_objects(None if state is None else int(state["iteration"]), ctx)
+    if len(set(found)) > 1:
+        raise RuntimeError(f"the ranks found different checkpoints in {manager.ckpt_dir} (iterations {found}): "
+                           "under torchrun run_dir must be one directory every rank reads")
     if state is None:
         return _Progress(reward_scale=cfg.reward_scale), None
-    check_identity({"frames_per_batch": int(state["frames_per_batch"])}, {"frames_per_batch": cfg.frames_per_batch},
-                   manager.ckpt_dir, "Exact resume needs the same batches: set ppo.frames_per_batch back, or use "
-                   "another run_dir.", what="cannot resume, the checkpoint was made with another batch size")
+    check_identity({"frames_per_batch": int(state["frames_per_batch"]), "world_size": int(state.get("world_size", 1))},
+                   {"frames_per_batch": cfg.frames_per_batch, "world_size": ctx.world},
+                   manager.ckpt_dir, "Exact resume needs the same batches: set ppo.frames_per_batch and the number of "
+                   "torchrun processes back, or use another run_dir.",
+                   what="cannot resume, the checkpoint was made with another batch size")
     model.load_state_dict(state["model"])
     optim.load_state_dict(state["optimizer"])
+    rng = state["rank_rng"][ctx.rank] if ctx.distributed else state["rng"]
     return _Progress(int(state["iteration"]), int(state["frames"]), state["reward_scale"],
-                     dict(state.get("metrics", {})), dict(state.get("eval_metrics", {}))), state["rng"]
+                     dict(state.get("metrics", {})), dict(state.get("eval_metrics", {}))), rng
 
 
 def _make_collector(learner: _Learner, cfg: PPOConfig, plan: _RunPlan, iteration: int) -> Collector:
     """A collector for the iterations after `iteration` (at least one batch long, so that it can be
     built when nothing is left): the env is seeded per iteration and reset at every iteration (see
-    the module doc)."""
+    the module doc). Under torchrun this rank's share of the batch, from its own env seed."""
     remaining = max(plan.last_iteration - iteration, 0)
-    return Collector(learner.train_env, learner.actor, frames_per_batch=plan.F,
-                     total_frames=max(remaining, 1) * plan.F, reset_at_each_iter=True,
-                     pre_collect_hook=_SeedEnvPerIteration(learner.train_env, cfg.seed, iteration),
+    return Collector(learner.train_env, learner.actor, frames_per_batch=plan.F_rank,
+                     total_frames=max(remaining, 1) * plan.F_rank, reset_at_each_iter=True,
+                     pre_collect_hook=_SeedEnvPerIteration(learner.train_env, rank_seed(cfg.seed, learner.ctx),
+                                                           iteration),
                      auto_register_policy_transforms=False)
 
 
 def _save_checkpoint(manager: CheckpointManager, model: OrderHead, optim: torch.optim.Optimizer, cfg: PPOConfig,
-                     plan: _RunPlan, progress: _Progress) -> Path:
-    return manager.save(progress.iteration, {
+                     plan: _RunPlan, progress: _Progress, ctx: DistContext) -> Path:
+    """Rank 0 writes; under torchrun every rank calls it (its RNG state is gathered into the file,
+    `rank_rng`, and world_size is recorded). Returns the checkpoint's path on every rank."""
+    state = {
         "model": model.state_dict(), "optimizer": optim.state_dict(), "iteration": progress.iteration,
         "frames": progress.frames, "frames_per_batch": plan.F, "reward_scale": float(progress.reward_scale),
         "rng": rng_state(), "config": asdict(cfg), "orderhead_config": model.cfg.to_dict(),
         "metrics": {k: float(v) for k, v in progress.metrics.items()},
         "eval_metrics": {k: float(v) for k, v in progress.eval_metrics.items()},
-    })
+    }
+    if ctx.distributed:
+        state["world_size"] = ctx.world
+        state["rank_rng"] = all_gather_objects(state["rng"], ctx)
+    path = manager.save(progress.iteration, state) if ctx.main else manager.path_for(progress.iteration)
+    barrier(ctx)  # no rank runs ahead of a checkpoint that is not on disk yet
+    return path
 
 
 # -- one iteration --------------------------------------------------------------------------------
@@ -526,24 +594,31 @@ def _save_checkpoint(manager: CheckpointManager, model: OrderHead, optim: torch.
 
 def _learn_from_batch(data: TensorDictBase, learner: _Learner, model: OrderHead, cfg: PPOConfig, plan: _RunPlan,
                       progress: _Progress) -> dict[str, float]:
-    """Everything an iteration does with its batch data [B, F / B]: learning-rate schedule, reward
-    scaling (sets progress.reward_scale on the first batch), advantages, the minibatch epochs.
-    Returns the iteration's train/ metrics."""
+    """Everything an iteration does with its batch data [B, F / B] (torchrun: this rank's share,
+    [B, F / (W B)]): learning-rate schedule, reward scaling (sets progress.reward_scale on the first
+    batch, from every rank's rewards), advantages, the minibatch epochs. Returns the iteration's
+    train/ metrics (over the global batch)."""
+    ctx = learner.ctx
     if cfg.anneal_lr:
         for group in learner.optim.param_groups:
             group["lr"] = cfg.lr * (1.0 - (progress.iteration - 1) / plan.num_iterations)
     next_td = data.get("next")
     raw_reward = next_td.get("reward")  # [B, T, 1] nats, kept for the logged returns
     if progress.reward_scale is None:  # auto: per-decision rewards of order 1
-        rms = float(raw_reward.float().pow(2).mean().sqrt())
+        rms = float(raw_reward.float().pow(2).mean().sqrt()) if not ctx.distributed else global_rms(raw_reward, ctx)
         progress.reward_scale = 1.0 / rms if rms > 0 and math.isfinite(rms) else 1.0
-    next_td.set("reward", raw_reward * progress.reward_scale)
+    # GAE runs in float32 whatever the backbone dtype: the critic's values are float32 (OrderHead.plan
+    # casts) and so are the rewards (cast here too, for an env that pays bf16 ones), so advantages,
+    # value targets and the losses built from them are float32
+    next_td.set("reward", raw_reward.float() * progress.reward_scale)
 
     if plan.smdp and SMDP_STEPS_KEY not in data.keys(True):  # GAE would silently fall back to gamma
         raise KeyError(f"a semi-MDP env must write {SMDP_STEPS_KEY} (k per decision)")
     with torch.no_grad():
         data = learner.gae(data)
-    explained_var = _explained_variance(data.get("state_value"), data.get("value_target"))
+    n = data.numel() * ctx.world  # the global batch's frames: explained variance is not a mean of per-rank terms
+    explained_var = _explained_variance(gather_strided(data.get("state_value").reshape(-1, 1), n, ctx),
+                                        gather_strided(data.get("value_target").reshape(-1, 1), n, ctx))
     sums, n_updates, epochs = _update_epochs(data, learner, model, cfg)
 
     metrics = {f"train/{k}": float(v) / n_updates for k, v in sums.items()}
@@ -551,20 +626,24 @@ def _learn_from_batch(data: TensorDictBase, learner: _Learner, model: OrderHead,
     metrics["train/epochs"] = float(epochs)
     metrics["train/lr"] = float(learner.optim.param_groups[0]["lr"])
     metrics["train/reward_scale"] = float(progress.reward_scale)
-    metrics.update(_episode_metrics(data, raw_reward, cfg.gamma, plan))
+    metrics.update(_episode_metrics(data, raw_reward, cfg.gamma, plan, ctx))
     return metrics
 
 
 def _update_epochs(data: TensorDictBase, learner: _Learner, model: OrderHead,
                    cfg: PPOConfig) -> tuple[dict[str, torch.Tensor], int, int]:
     """cfg.epochs passes of minibatch updates over the batch (fewer when cfg.target_kl stops them).
-    Returns the summed diagnostics of every update (device tensors: no sync per update), the
-    number of updates and of epochs run."""
+    Returns the summed diagnostics of every update (device tensors: no sync per update; torchrun:
+    averaged over the ranks, i.e. those of the global minibatches), the number of updates and of
+    epochs run. Under torchrun each rank draws cfg.num_minibatches minibatches of
+    minibatch_size / W frames per epoch from its own permutation: the same count and size on
+    every rank, so every update's collectives line up."""
+    ctx = learner.ctx
     # A fresh sampler per iteration: SamplerWithoutReplacement draws the next permutation as soon as
     # one runs out, so a sampler kept across iterations would carry a draw made before the
     # checkpoint into the next iteration (a resume could not reproduce it).
     buffer = ReplayBuffer(storage=learner.storage, sampler=SamplerWithoutReplacement(),
-                          batch_size=cfg.minibatch_size)
+                          batch_size=learner.minibatch_size)
     sums: dict[str, torch.Tensor] = {}
     n_updates = 0
     for epoch in range(cfg.epochs):
@@ -574,32 +653,49 @@ def _update_epochs(data: TensorDictBase, learner: _Learner, model: OrderHead,
         buffer.extend(data.exclude("next").reshape(-1))  # the loss needs no next obs
         kl_before = sums.get("approx_kl", 0.0)
         for _ in range(cfg.num_minibatches):
-            for k, v in _update(buffer.sample(), learner, model, cfg.max_grad_norm).items():
+            for k, v in _update(buffer.sample(), learner, model, cfg.max_grad_norm,
+                                cfg.normalize_advantage).items():
                 sums[k] = sums.get(k, 0.0) + v
             n_updates += 1
         if cfg.target_kl is not None:
-            epoch_kl = float(sums["approx_kl"] - kl_before) / cfg.num_minibatches
-            if epoch_kl > cfg.target_kl:
+            epoch_kl = float(all_reduce_sum(sums["approx_kl"] - kl_before, ctx)) / (cfg.num_minibatches * ctx.world)
+            if epoch_kl > cfg.target_kl:  # the global value: every rank stops at the same epoch
                 break
+    if ctx.distributed:
+        keys = list(sums)
+        avg = all_reduce_sum(torch.stack([sums[k] for k in keys]), ctx) / ctx.world
+        sums = dict(zip(keys, avg.unbind()))
     return sums, n_updates, epoch + 1
 
 
-def _update(batch: TensorDictBase, learner: _Learner, model: OrderHead, max_grad_norm: float) -> dict[str, torch.Tensor]:
-    """One gradient step on a minibatch [minibatch_size]; returns its diagnostics (`_minibatch_stats`)."""
+def _update(batch: TensorDictBase, learner: _Learner, model: OrderHead, max_grad_norm: float,
+            normalize_advantage: bool = True) -> dict[str, torch.Tensor]:
+    """One gradient step on a minibatch [minibatch_size] (torchrun: this rank's [minibatch_size / W]
+    share; advantages normalised over the global minibatch, gradients averaged over the ranks
+    before clipping, so every rank takes the same step); returns its diagnostics (`_minibatch_stats`)."""
+    ctx = learner.ctx
+    if ctx.distributed and normalize_advantage:  # the loss module's own normalisation is off (`_build_learner`)
+        key = learner.loss_module.tensor_keys.advantage
+        batch.set(key, standardize(batch.get(key), ctx))
     loss = learner.loss_module(batch)
     total = loss["loss_objective"] + loss["loss_critic"]
     if "loss_entropy" in loss.keys():
         total = total + loss["loss_entropy"]
     learner.optim.zero_grad(set_to_none=True)
     total.backward()
+    average_gradients(model.parameters(), ctx)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
     learner.optim.step()
     return _minibatch_stats(loss, grad_norm)
 
 
-def _episode_metrics(data: TensorDictBase, raw_reward: torch.Tensor, gamma: float, plan: _RunPlan) -> dict[str, float]:
+def _episode_metrics(data: TensorDictBase, raw_reward: torch.Tensor, gamma: float, plan: _RunPlan,
+                     ctx: DistContext | None = None) -> dict[str, float]:
     """train/ metrics of the episodes that ended in the batch (returns in nats, unscaled) and, with
-    the router, the mean budget asked (blocks per decision, before the end-of-episode clip)."""
+    the router, the mean budget asked (blocks per decision, before the end-of-episode clip).
+    Under torchrun: over the episodes and decisions of every rank (`_global_episode_metrics`)."""
+    if ctx is not None and ctx.distributed:
+        return _global_episode_metrics(data, raw_reward, gamma, plan, ctx)
     metrics: dict[str, float] = {}
     next_td = data.get("next")
     done = next_td.get("done")[..., 0]
@@ -616,6 +712,31 @@ def _episode_metrics(data: TensorDictBase, raw_reward: torch.Tensor, gamma: floa
     if plan.router:
         budget_sizes = torch.as_tensor(plan.budgets, device=data.device)[data.get("action")[..., 0]]
         metrics["train/mean_budget"] = float(budget_sizes.float().mean())
+    return metrics
+
+
+def _global_episode_metrics(data: TensorDictBase, raw_reward: torch.Tensor, gamma: float, plan: _RunPlan,
+                            ctx: DistContext) -> dict[str, float]:
+    """`_episode_metrics` over every rank's batch: the same keys, each a global sum / global count
+    (one all-reduce); the episode keys are left out when no rank finished an episode."""
+    next_td = data.get("next")
+    done = next_td.get("done")[..., 0]
+    clock = data.get("step") if plan.smdp else data.get("step_count")[..., 0]
+    n_done = float(done.sum())
+    pairs = {  # (sum, count) of this rank
+        "mean_return": (next_td.get("episode_reward")[..., 0][done].double().sum(), n_done),
+        "mean_discounted_return": (discounted_episode_returns(raw_reward[..., 0], clock, done, gamma).double().sum(),
+                                   n_done),
+        "mean_decisions": (next_td.get("step_count")[..., 0][done].double().sum(), n_done),
+        "episodes": (n_done, 1.0),  # summed over ranks below
+    }
+    if plan.router:
+        budget_sizes = torch.as_tensor(plan.budgets, device=data.device)[data.get("action")[..., 0]]
+        pairs["mean_budget"] = (budget_sizes.double().sum(), float(budget_sizes.numel()))
+    means = global_means(pairs, ctx)  # the episode means are left out when no rank finished one
+    metrics = {f"train/{k}": v for k, v in means.items() if k != "episodes"}
+    if means["episodes"] > 0:
+        metrics["train/episodes"] = means["episodes"] * ctx.world  # a mean over ranks of 1 each: back to the sum
     return metrics
 
 

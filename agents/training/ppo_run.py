@@ -44,7 +44,8 @@ from agents.training.ppo import PPOConfig, check_ppo_config, smdp_env_gamma, tra
 from backbone.checkpoint import atomic_write_json
 from backbone.config import BackboneConfig, RunConfig, check_backbone_config, check_run_config, resolve_path
 from backbone.future_loss import UtilityKind
-from backbone.run_utils import Logger, console_log, setup_device
+from backbone.distributed import close_distributed, init_distributed
+from backbone.run_utils import Logger, console_log, dist_info
 from backbone.seeding import isolated_rng
 from backbone.validation import check_budgets, check_choice, check_int, check_path_exists
 from envs.core import EnvConfig, OrderPlanningCore
@@ -74,11 +75,12 @@ class PPORun(RunConfig):
     run_dir: str = "runs/ppo/tiny_mnist"
 
 
-def check_ppo_run(run: PPORun, check_paths: bool = True) -> None:
+def check_ppo_run(run: PPORun, check_paths: bool = True, world: int | None = None) -> None:
     """Validate configs/ppo.yaml's schema before anything loads: ValueError naming the key and its
     range (batch_size >= 1, agent.budgets in [1, N blocks], every ppo.* and eval.* field, the env
-    against the backbone's geometry); with `check_paths`, FileNotFoundError for a missing
-    agent.init_from or backbone weights."""
+    against the backbone's geometry; ppo.frames_per_batch and ppo.minibatch_size split evenly over
+    `world` torchrun ranks, None = torchrun's WORLD_SIZE); with `check_paths`, FileNotFoundError
+    for a missing agent.init_from or backbone weights."""
     check_run_config(run)
     num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
     run.env.validate(num_blocks=num_blocks)
@@ -88,7 +90,7 @@ def check_ppo_run(run: PPORun, check_paths: bool = True) -> None:
         check_path_exists("agent.init_from", run.agent.init_from, hint="run `python scripts/bc.py` first (or set "
                           "agent.init_from=/path/to/orderhead.safetensors)")
     check_ppo_config(run.ppo)
-    run.ppo.validate(run.batch_size)
+    run.ppo.validate(run.batch_size, dist_info()[1] if world is None else world)
     check_eval_spec(run.eval)
     check_choice("oracle_kind", run.oracle_kind, get_args(UtilityKind))
 
@@ -172,11 +174,18 @@ def heldout_budgets(core: OrderPlanningCore, ev: EvalSpec, model: OrderHead, rou
 @console_log("ppo")
 def run_ppo(run: PPORun) -> dict:
     """Fine-tune, evaluate on held-out images, write run_dir/{orderhead.safetensors, summary.json}
-    (and what it prints to run_dir/ppo.log)."""
+    (and what it prints to run_dir/ppo.log).
+
+    Under torchrun (`torchrun --nproc_per_node W scripts/ppo.py`) every rank runs its own training
+    env of batch_size rows (its own images and actions) and the ranks train one model together
+    (`train_ppo`'s ctx: ppo.frames_per_batch and ppo.minibatch_size are global, split over the
+    ranks); every rank then computes the held-out report on the same images (identical numbers),
+    and rank 0 alone writes the weights, checkpoints, summary.json and the wandb log."""
     check_ppo_run(run)
     t0 = time.time()
     train_env_config(run)  # fail on a bad env (mode, reward, gamma) before loading anything
-    device = setup_device(run.device)
+    ctx = init_distributed(run.device)  # one process: no group, rank 0 of 1
+    device = ctx.device
     init = resolve_path(run.agent.init_from, must_exist=False)
     if init is None or not init.is_file():
         raise FileNotFoundError(f"no BC planner at {run.agent.init_from}: run `python scripts/bc.py` first "
@@ -185,7 +194,7 @@ def run_ppo(run: PPORun) -> dict:
     if tuned.is_file():
         print(f"note: {init.parent} holds a jointly tuned backbone; using backbone.gpt_weights={tuned}")
         run = replace(run, backbone=replace(run.backbone, gpt_weights=str(tuned.resolve())))
-    model = load_orderhead(init, device=device)
+    model = load_orderhead(init, device=device, backbone=run.backbone)
     if model.cfg.beliefs != run.env.beliefs:  # the observation is the planner's, not a separate choice
         print(f"note: the planner at {init} was trained with env.beliefs={model.cfg.beliefs}; using it")
         run = replace(run, env=replace(run.env, beliefs=model.cfg.beliefs))
@@ -202,8 +211,8 @@ def run_ppo(run: PPORun) -> dict:
             if env_cfg.mode == "generate" else f"teacher-forced, reward {env_cfg.reward}")
     print(f"PPO from {init} ({actions}; {mode}); {run.ppo.num_iterations} iterations of "
           f"{run.ppo.frames_per_batch} decisions, gamma {run.ppo.gamma}")
-    logger = Logger(run, Path(run.run_dir), job="ppo")
-    result = train_ppo(OrderPlanningEnv(core), model, run.ppo, run.run_dir, logger=logger)
+    logger = Logger(run, Path(run.run_dir), enabled=ctx.main, job="ppo")
+    result = train_ppo(OrderPlanningEnv(core), model, run.ppo, run.run_dir, logger=logger, ctx=ctx)
 
     eval_env = report_env_config(run)  # teacher-forced whatever the training mode
     core = heldout_core(run.backbone, eval_env, run.eval, device, run.seed, budgets)  # one core for both reports
@@ -213,7 +222,7 @@ def run_ppo(run: PPORun) -> dict:
     summary = {**report, "stage": "ppo", "init_from": str(init), "weights": str(Path(run.run_dir) / "orderhead.safetensors"),
                "iterations": result["iterations"], "frames": result["frames"], "finished": result["finished"],
                **training_description(env_cfg), "train_metrics": result["metrics"],
-               "wall_time_s": time.time() - t0, "config": asdict(run)}
+               "wall_time_s": time.time() - t0, "world_size": ctx.world, "config": asdict(run)}
     summary["bc_tuned_backbone"] = run.backbone.gpt_weights if tuned.is_file() else None
     if budgets is not None:
         summary["router"] = {"budgets": budgets, "decision_cost": env_cfg.decision_cost, "smdp_gamma": env_cfg.gamma,
@@ -233,10 +242,12 @@ def run_ppo(run: PPORun) -> dict:
             print(f"note: no bc_return: BC reported {bc.get('reward')} with gamma={bc.get('gamma')} on "
                   f"{bc.get('num_images')} images, this report {report['reward']} with eval.gamma={report['gamma']} "
                   f"on {report['num_images']}")
-    atomic_write_json(Path(run.run_dir) / "summary.json", summary)
-    print_report(summary)
-    if "router" in summary:
-        r = summary["router"]
-        print(f"router: {r['decisions_per_episode']:.2f} decisions per episode, mean budget chosen "
-              f"{r['mean_budget']:.2f} blocks, histogram {r['budget_histogram']}")
+    if ctx.main:
+        atomic_write_json(Path(run.run_dir) / "summary.json", summary)
+        print_report(summary)
+        if "router" in summary:
+            r = summary["router"]
+            print(f"router: {r['decisions_per_episode']:.2f} decisions per episode, mean budget chosen "
+                  f"{r['mean_budget']:.2f} blocks, histogram {r['budget_histogram']}")
+    close_distributed(ctx)
     return summary
