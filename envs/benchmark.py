@@ -33,7 +33,7 @@ from backbone.blocks import BlockGeometry
 from backbone.config import REPO_ROOT, BackboneConfig
 from backbone.future_loss import naive_oracle_utilities
 from backbone.gpt import GPT, gpt_config
-from backbone.loading import Backbone, freeze
+from backbone.loading import Backbone, freeze, randomize_gpt
 from envs.core import EnvConfig, OrderPlanningCore
 from envs.torchrl_env import OrderPlanningEnv
 
@@ -59,14 +59,9 @@ class Stack:
 
 
 def _randomize(gpt: GPT, seed: int) -> GPT:
-    """Non-degenerate random weights (LlamaGen zero-initialises the output layer and ta table)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in gpt.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
-            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return freeze(gpt)
+    """Non-degenerate random weights (LlamaGen zero-initialises the output layer and ta table), frozen:
+    the weights of `backbone.random_weights=seed` (`randomize_gpt`)."""
+    return freeze(randomize_gpt(gpt, seed))
 
 
 def random_stack(preset: str, block: int, device: str, n_images: int = 512, seed: int = 0,
@@ -224,8 +219,8 @@ def env_overhead(stack: Stack, batch: int = 16, repeats: int = 3, seed: int = 0)
         sync(dev)
         t0 = time.perf_counter()
         for tok, pos, targets in inputs:
-            gpt.append(state, tok, pos)
-            gpt.query(state, targets)
+            gpt.append(state, tok, pos, validate=False)  # the env checks nothing inside a step either
+            gpt.query(state, targets, validate=False)
         sync(dev)
         return time.perf_counter() - t0
 
@@ -327,7 +322,9 @@ def oracle_speedup(core: OrderPlanningCore, kind: str = "future_loss", repeats: 
 # ----------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of the tiny section and of the GPT-B oracle timing (`--gpt-b-*`); the script
+    adds the agents' GPT-B options to it."""
     ap = argparse.ArgumentParser(description="Env throughput, env overhead over the bare backbone, oracle speedup.")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batches", default="1,4,16,64", help="batch sizes of the throughput table")
@@ -343,7 +340,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="candidate blocks timed (the naive cost grows with them)")
     ap.add_argument("--gpt-b-revealed", type=int, default=14,
                     help="blocks revealed at the timed state (of 16); earlier states take the naive reference minutes")
-    args = ap.parse_args(argv)
+    ap.add_argument("--gpt-b-only", action="store_true", help="skip the tiny section")
+    return ap
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    """The tiny section (throughput, overhead, oracle); returns its ratio lines' values."""
     torch.manual_seed(0)
 
     t_start = time.perf_counter()
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{r.episodes_per_s:>11.2f} {r.episodes_per_s:>9.2f}")
 
     N = geom.num_blocks
-    print(f"\n[overhead] per step, same images and block orders: TorchRL env (env.step + step_mdp), core "
+    print("\n[overhead] per step, same images and block orders: TorchRL env (env.step + step_mdp), core "
           f"(core.step + observation), bare backbone (gpt.append of the block + gpt.query of the unseen tokens)")
     ov = None
     for b in sorted({*(int(x) for x in args.overhead_batches.split(",")), args.batch}):
@@ -384,15 +386,5 @@ def main(argv: list[str] | None = None) -> None:
           f"batched {orc.batched_s:.3f} s, naive {orc.naive_s:.3f} s, speedup {orc.speedup:.1f}x "
           f"(target >= 5), max |batched - naive| = {orc.max_abs_diff:.2e} nats")
 
-    if args.gpt_b:
-        gb = random_stack("GPT-B", 4, args.device, n_images=8, n_layer=args.gpt_b_layers)
-        t0 = time.perf_counter()
-        res = oracle_speedup(gb.core(1), repeats=1, naive_repeats=1, states=[args.gpt_b_revealed],
-                             candidates=args.gpt_b_candidates)
-        print(f"\n[oracle GPT-B] {gb.note}, batch 1, state with {args.gpt_b_revealed} blocks revealed, "
-              f"{args.gpt_b_candidates} candidate blocks: batched {res.batched_s:.3f} s, naive {res.naive_s:.3f} s, "
-              f"speedup {res.speedup:.1f}x, max diff {res.max_abs_diff:.2e} ({time.perf_counter() - t0:.0f} s)")
-
-    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
-    print(f"env_overhead={ov.env_ratio:.3f}")
-    print(f"oracle_speedup={orc.speedup:.2f}")
+    print(f"\n(tiny section {time.perf_counter() - t_start:.0f} s)")
+    return {"env_overhead": ov.env_ratio, "oracle_speedup": orc.speedup}
