@@ -36,9 +36,11 @@ for B in 16 64 256; do
   step 100 $PY scripts/bench_backbone.py --device cuda --dtype bfloat16 --batch "$B"
 done
 
-# Env throughput/overhead (tiny default) and oracle speedup (tiny, then GPT-B geometry); float32.
+# Env throughput/overhead and oracle speedup on the tiny default (float32), then the GPT-B section.
 if $PY -c "$ENV_DEPS" 2>&1 | tee -a "$LOG"; then
-  step 120 $PY scripts/bench_env.py --device cuda --gpt-b
+  step 120 $PY scripts/bench_env.py --device cuda
+  # every ratio at GPT-B geometry in bf16: env/bare, batched/naive oracle, head/step, PPO frames/s, memory per row
+  step 240 $PY scripts/bench_env.py --device cuda --gpt-b-only --dtype bfloat16 --gpt-b-batch 16
 else
   log "=== SKIPPED scripts/bench_env.py: torchrl/tensordict/gymnasium/omegaconf not importable"
 fi
