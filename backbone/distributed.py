@@ -84,26 +84,13 @@ def shard_indices(n: int, rank: int, world: int) -> torch.Tensor:
 def gather_strided(local: torch.Tensor, n: int, ctx: DistContext) -> torch.Tensor:
     """Inverse of `shard_indices`: each rank holds rows `shard_indices(n, rank, W)` of a [n, ...]
     tensor (`local` [n_r, ...]); every rank gets the whole tensor in global row order. Rows are
-    moved, never reduced, so the result is bit-identical to computing all n rows in one process."""
+    moved, never reduced, so the result is bit-identical to computing all n rows in one process.
+    (`gather_rows` with the strided partition.)"""
     if not ctx.distributed:
         if len(local) != n:
             raise ValueError(f"one process must hold all {n} rows, got {len(local)}")
         return local
-    want = len(shard_indices(n, ctx.rank, ctx.world))
-    if len(local) != want:
-        raise ValueError(f"rank {ctx.rank} of {ctx.world} holds {len(local)} rows, its shard of {n} has {want}")
-    m = -(-n // ctx.world)
-    # Gloo and NCCL gather equal shapes only: pad every shard to ceil(n / W) rows.
-    comm_dev = ctx.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    pad = torch.zeros((m, *local.shape[1:]), dtype=local.dtype, device=comm_dev)
-    pad[:want] = local.to(comm_dev)
-    parts = [torch.empty_like(pad) for _ in range(ctx.world)]
-    dist.all_gather(parts, pad)
-    out = torch.empty((n, *local.shape[1:]), dtype=local.dtype, device=comm_dev)
-    for r, part in enumerate(parts):
-        idx = shard_indices(n, r, ctx.world)
-        out[idx.to(comm_dev)] = part[:len(idx)]
-    return out.to(local.device)
+    return gather_rows(local, shard_indices(n, ctx.rank, ctx.world), n, ctx)
 
 
 def all_gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
