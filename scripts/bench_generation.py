@@ -10,10 +10,17 @@ The last lines are the ratios (target for the first: >= 0.8):
     fixed_vs_decode=<evaluate_fixed samples/s / raster_decode samples/s>
     beliefs_vs_decode=<evaluate_beliefs samples/s / raster_decode samples/s>
 
-    python scripts/bench_generation.py [--samples 1000] [--batch 500] [--device cpu]
+--heap keep runs with freed memory kept in the heap (backbone/cpu_heap.py, what evaluate and power do
+on CPU); --heap compare runs the whole benchmark once per setting, each in a fresh process (glibc's
+thresholds cannot be put back for a fair second run), and prints heap_keep_speedup_<row>= (samples/s
+with kept heap over default glibc) per row.
+
+    python scripts/bench_generation.py [--samples 1000] [--batch 500] [--device cpu] [--heap default|keep|compare]
 """
 
 import argparse
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +32,7 @@ import torch  # noqa: E402
 from agents.evaluation.rollouts import balanced_images, generate_samples  # noqa: E402
 from agents.planner.policies import make_policy  # noqa: E402
 from backbone.config import BackboneConfig  # noqa: E402
+from backbone.cpu_heap import keep_freed_heap_memory  # noqa: E402
 from backbone.loading import build_backbone, load_token_data  # noqa: E402
 from backbone.sampling import SamplingConfig, generate  # noqa: E402
 from envs.core import EnvConfig  # noqa: E402
@@ -36,7 +44,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cfg-scale", type=float, default=2.0)
+    ap.add_argument("--heap", choices=("default", "keep", "compare"), default="default")
     args = ap.parse_args()
+    if args.heap == "compare":
+        compare_heap(sys.argv[1:])
+        return
+    if args.heap == "keep" and not keep_freed_heap_memory():
+        raise SystemExit("--heap keep: this C library has no glibc mallopt")
     cfg = BackboneConfig()
     bb = build_backbone(cfg, device=args.device)
     labels = load_token_data(cfg, "heldout")[1]
@@ -66,6 +80,20 @@ def main() -> None:
         print(f"{name:18s} {rates[name]:8.1f} samples/s", flush=True)
     print(f"fixed_vs_decode={rates['evaluate_fixed'] / rates['raster_decode']:.2f}")
     print(f"beliefs_vs_decode={rates['evaluate_beliefs'] / rates['raster_decode']:.2f}")
+
+
+def compare_heap(argv: list[str]) -> None:
+    """The benchmark once per --heap setting, each in its own process; ratios of samples/s per row."""
+    base = [a for i, a in enumerate(argv) if a != "--heap" and (i == 0 or argv[i - 1] != "--heap")
+            and not a.startswith("--heap=")]
+    rates: dict[str, dict[str, float]] = {}
+    for heap in ("default", "keep"):
+        out = subprocess.run([sys.executable, __file__, *base, "--heap", heap], check=True, capture_output=True,
+                             text=True).stdout
+        print(f"--heap {heap}\n{out}", end="", flush=True)
+        rates[heap] = {m[1]: float(m[2]) for m in re.finditer(r"^(\w+)\s+([\d.]+) samples/s", out, re.M)}
+    for name, keep in rates["keep"].items():
+        print(f"heap_keep_speedup_{name}={keep / rates['default'][name]:.2f}")
 
 
 if __name__ == "__main__":
