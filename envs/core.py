@@ -593,15 +593,29 @@ class OrderPlanningCore:
         return torch.where(live[:, None], out, util)
 
     @torch.no_grad()
-    def expected_utilities(self, K: int | None = None, candidates: torch.Tensor | None = None) -> BeliefUtilities:
+    def expected_utilities(self, K: int | None = None, candidates: torch.Tensor | None = None,
+                           rows: int | None = None) -> BeliefUtilities:
         """The ground-truth-free oracle: û(a|S) [B, N] (nats; -inf on revealed blocks and finished rows)
         of revealing each block next, with the unknown tokens replaced by K completions sampled from
         the model (`backbone.belief_utility.expected_utilities`; K defaults to env.belief_samples).
         Works in both modes (it never reads `x` beyond the revealed blocks); draws from the core's
-        `belief_generator`. The returned `forwards` [B] is its cost in backbone forwards."""
+        `belief_generator`. The returned `forwards` [B] is its cost in backbone forwards.
+        rows: compute only rows 0..rows-1 (the others, padding of a partial batch, get -inf, no
+        candidates and 0 forwards); the computed rows are what a core of `rows` rows would give."""
         K = self.cfg.belief_samples if K is None else int(K)
-        return expected_utilities(self.gpt, self.state, self.revealed, self.geom, K, self.belief_generator,
-                                  candidates=candidates, chunk=self.cfg.oracle_chunk)
+        if rows is None or rows >= self.B:
+            return expected_utilities(self.gpt, self.state, self.revealed, self.geom, K, self.belief_generator,
+                                      candidates=candidates, chunk=self.cfg.oracle_chunk)
+        keep = torch.arange(rows, device=self.device)
+        out = expected_utilities(self.gpt, self.state.select(keep), self.revealed[:rows], self.geom, K,
+                                 self.belief_generator, candidates=None if candidates is None else candidates[:rows],
+                                 chunk=self.cfg.oracle_chunk)
+
+        def pad(x: torch.Tensor, fill: float) -> torch.Tensor:  # [rows, ...] -> [B, ...]
+            return torch.cat([x, x.new_full((self.B - rows, *x.shape[1:]), fill)])
+
+        return BeliefUtilities(pad(out.util, float("-inf")), pad(out.entropy, 0.0), pad(out.candidates, -1),
+                               pad(out.samples, 0), pad(out.sample_logp, 0.0), pad(out.forwards, 0))
 
     def block_entropy(self) -> torch.Tensor:
         """[B, N] mean predictive entropy H_j(S) (nats/token) of each block's tokens given the current

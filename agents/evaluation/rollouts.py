@@ -216,6 +216,7 @@ def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tens
         batch_seed = seed + first_index // batch_size + j
         core.seed(batch_seed)
         policy.reseed(batch_seed + POLICY_SEED_OFFSET)
+        policy.set_real_rows(real)  # the padding rows of a last, partial batch are never read
         orders = policy.planned_orders(idx.to(core.device)) if fast and not rewards else None
         if orders is not None:
             path = "decode"

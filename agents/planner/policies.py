@@ -102,6 +102,7 @@ class BlockPolicy(TensorDictModuleBase):
         self._forwards: torch.Tensor | int = 0
         self._decisions: torch.Tensor | int = 0
         self.cost: torch.Tensor | None = None  # [B] forwards of the current decision, set by a state-dependent decide
+        self.real_rows: int | None = None  # rows >= real_rows are padding (`set_real_rows`)
 
     forwards_per_row = 0  # forwards per decision of a policy whose cost does not depend on the state
     # reads the per-token query of every step (token entropies): generation must keep env.query=full
@@ -112,6 +113,12 @@ class BlockPolicy(TensorDictModuleBase):
         when it is fixed before the episode starts (nothing the episode reveals can change it); else
         None. Generation then decodes the token order in one KV-cached pass instead of stepping the env."""
         return None
+
+    def set_real_rows(self, n: int | None) -> None:
+        """Rows n.. of the batch about to be played are padding (a last, partial batch) whose
+        decisions nobody reads; None = every row is real. A costly policy may answer padding rows with
+        any legal block (the expected oracle: the lowest unrevealed one) instead of computing them."""
+        self.real_rows = None if n is None else int(n)
 
     def reseed(self, seed: int) -> None:
         """Restart the policy's own random stream (`generator`: random draws, sampled OrderHead
@@ -310,9 +317,13 @@ class ExpectedOraclePolicy(BlockPolicy):
 
     def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
         _check_current(self, obs)
-        out = self.core.expected_utilities(self.K_samples)
+        out = self.core.expected_utilities(self.K_samples, rows=self.real_rows)
         self.cost = out.forwards
-        return out.util, None
+        if self.real_rows is None or self.real_rows >= self.core.B:
+            return out.util, None
+        # padding rows were not computed: score every block 0, so act() takes the lowest legal one
+        pad = torch.arange(self.core.B, device=out.util.device) >= self.real_rows
+        return out.util.masked_fill(pad[:, None], 0.0), None
 
 
 class OrderHeadPolicy(BlockPolicy):

@@ -78,6 +78,37 @@ def test_expected_oracle_picks_the_argmax_of_a_naive_reference():
     assert policy.forwards == int((1 + 3 * C).sum()) and policy.decisions == 2
 
 
+def test_expected_oracle_skips_padding_rows():
+    """A batch whose last row is padding (`set_real_rows`): the real rows get what a core of only those
+    rows gives (same completions, same utilities, same choice), the padding row a legal block at no cost."""
+    full, real = toy_core(3, belief_samples=2), toy_core(2, belief_samples=2)
+    full.reset(None, IMAGES)
+    real.reset(None, IMAGES[:2])
+    walk = RandomPolicy(seed=1)
+    for _ in range(4):  # the same walk on both: rows 0-1 of `full` are `real`'s rows
+        a = walk.act(full.observation())
+        full.step(a)
+        real.step(a[:2])
+    padded, alone = make_policy("expected_oracle", full), make_policy("expected_oracle", real)
+    padded.set_real_rows(2)
+    full.belief_generator.manual_seed(3)
+    real.belief_generator.manual_seed(3)
+    out_full = full.expected_utilities(rows=2)
+    out_real = real.expected_utilities()
+    torch.testing.assert_close(out_full.util[:2], out_real.util, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out_full.samples[:2], out_real.samples) and bool(out_full.util[2].isinf().all())
+    assert int(out_full.forwards[2]) == 0 and bool((out_full.forwards[:2] > 0).all())
+    full.belief_generator.manual_seed(3)
+    real.belief_generator.manual_seed(3)
+    act_full, act_real = padded.act(full.observation()), alone.act(real.observation())
+    assert torch.equal(act_full[:2], act_real)
+    assert int(act_full[2]) == int(torch.nonzero(~full.revealed[2])[0])  # the lowest unrevealed block
+    assert padded.forwards == alone.forwards  # the padding row cost nothing
+    padded.set_real_rows(None)  # every row real again
+    full.belief_generator.manual_seed(3)
+    assert bool((full.expected_utilities().forwards > 0).all())
+
+
 def test_belief_policies_never_read_hidden_ground_truth():
     """Scrambling the tokens of the unrevealed blocks changes no decision of a belief policy (the
     ground-truth oracle's changes)."""
