@@ -14,19 +14,24 @@ Per policy (DESIGN.md section 7):
   convention; features.second_reference adds a second FID column, default the held-out split):
   FID with a bootstrap interval, KID, precision and recall (k-NN manifolds, Kynkaanniemi et al.
   2019) with intervals, the classifier's accuracy and mean log p(conditioning class | sample) with an
-  interval, FID against N (prefixes), and `fid_seeds`: one FID per sampler seed in
-  `eval.sampler_seeds` at N = eval.seed_samples (the first seed's set is reused), the spread that
-  matters when two FIDs are compared. After all policies: dFID against each of `eval.dfid_baselines`
-  with a paired bootstrap interval (agents/evaluation/sample_metrics.py), and the verdict: is the best
-  learned planner's FID below, above or not separated from each baseline's.
+  interval, FID against N (prefixes), and `fid_seeds`: S = len(eval.sampler_seeds) FIDs of
+  independent sample sets of the same labels at N = eval.seed_samples, the spread that matters when
+  two FIDs are compared. eval.seed_sets=chunks (default) takes the S disjoint chunks of the main set:
+  batch j of a set has its own sampler seed (and the policy its own reseed), so chunk s is an
+  independent draw, and it costs nothing; eval.seed_sets=extra generates a set per further seed in
+  eval.sampler_seeds (seed s: batch j seeded seed + 100003 s + j; the first seed's set is reused).
+  After all policies: dFID against each of `eval.dfid_baselines` with a paired bootstrap interval
+  (agents/evaluation/sample_metrics.py), and the verdict: is the best learned planner's FID below,
+  above or not separated from each baseline's.
 
 Generation cost: policies whose order is fixed before the episode (fixed orders, random, the oracles'
 replayed orders) are decoded in one KV-cached pass per batch; planners step the env, whose per-token
 query runs only where beliefs are read (agents/evaluation/rollouts.py).
 
 Under torchrun: every rank generates its whole sampler batches of each sample set and rank 0 gathers
-the features in sample order (agents/evaluation/sharding.py); rank 0 runs everything else and writes
-every file. The results equal one process's exactly, whatever the number of ranks.
+the features in sample order (agents/evaluation/sharding.py); the oracles' teacher-forced orders,
+which generation replays, are played the same way, by whole batches on every rank; rank 0 runs
+everything else and writes every file. The results equal one process's exactly, whatever the number of ranks.
 
 Imports backbone/, envs/, agents.planner and agents.evaluation; never agents.training.
 
@@ -52,12 +57,13 @@ from agents.evaluation.report import oracle_comparison
 from agents.evaluation.fid import export_npz, extract_features, kernel_distance, load_npz_images, noise_floor
 from agents.evaluation.sample_metrics import (class_logprob, fid_curve, fid_with_interval, frechet_from_features,
                                               mean_interval, paired_fid_delta, precision_recall)
-from agents.evaluation.sharding import SampleSet, figure_indices, generate_sharded
+from agents.evaluation.sharding import SampleSet, figure_indices, generate_sharded, orders_sharded
 from agents.planner.orderhead import load_orderhead
 from agents.planner.policies import BELIEF_POLICIES, FIXED_ORDERS, BlockPolicy, FixedOrderPolicy, make_policy
 from backbone.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_torch_checkpoint, sha256_file
 from backbone.config import BackboneConfig, RunConfig, check_backbone_config, check_run_config, resolve_path
 from backbone.data import ImageFolderDataset, images_to_model, load_embedded_mnist
+from backbone.cpu_heap import keep_freed_heap_memory
 from backbone.distributed import DistContext, broadcast_object, close_distributed, init_distributed
 from backbone.loading import Backbone, backbone_identity, build_backbone, load_token_data
 from backbone.run_utils import Logger, console_log, progress
@@ -76,7 +82,11 @@ class EvalOptions:
     batch_size: int = 100  # env rows per teacher-forced rollout batch
     gen_batch_size: int = 500  # rows per generation batch (batch j of sampler seed s is seeded s * 100003 + j)
     sampler_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fid_seeds: one FID per seed
-    seed_samples: int | None = None  # N of fid_seeds (None = num_samples); the first seed's set is reused
+    seed_samples: int | None = None  # N of fid_seeds (None = num_samples, or num_samples / seeds for chunks)
+    # where fid_seeds' sets come from: chunks = disjoint chunks of the main set (free: every generation
+    # batch has its own sampler seed, so the chunks are independent draws); extra = one more sample set
+    # per further sampler seed (the first seed's set is reused)
+    seed_sets: str = "chunks"
     policy_samples: dict[str, int] = field(default_factory=dict)  # per-policy N (e.g. {expected_oracle: 500})
     fid_curve: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000, 5000])  # N of the FID-vs-N curve
     dfid_baselines: list[str] = field(default_factory=lambda: ["raster", "random", "confident_first"])
@@ -293,23 +303,49 @@ def _load_policy(path: Path, identity: str) -> dict | None:
     return done
 
 
+def seed_set_size(ev: EvalOptions, n: int) -> int:
+    """N of each fid_seeds set of a policy with n samples: eval.seed_samples (None = as large as
+    possible), at most n, and for seed_sets=chunks at most n // S (S chunks of the main set)."""
+    most = n // len(ev.sampler_seeds) if ev.seed_sets == "chunks" else n
+    return min(most, ev.seed_samples or most)
+
+
 def _sampler_seed(run: EvaluateRun, s: int) -> int:
     # batch j of a set is seeded base + j: distinct streams per sampler seed while batches < 100003
     return run.seed + 100003 * int(s)
 
 
+def _teacher_forced_envs(spec: PolicySpec, run: EvaluateRun) -> tuple[EnvConfig, EnvConfig]:
+    """(the env the orders are replayed in under each reward, the env the policy plays in)."""
+    env_tf = replace(run.env, mode="teacher_forced", split="heldout", reward=run.eval.reward, decision_cost=0.0)
+    return env_tf, replace(env_tf, budget=spec.budgets, beliefs=env_tf.beliefs or spec.beliefs)
+
+
+def _oracle_orders(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes: torch.Tensor, labels: torch.Tensor,
+                   images: torch.Tensor, n_orders: int, ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ground-truth policy's teacher-forced orders [n_orders, N] and decisions [n_orders] of the first
+    n_orders held-out images, which generation replays: every rank plays its whole batches (the
+    oracle's cost) and all ranks get them all, equal to one process's."""
+    tf_env = _teacher_forced_envs(spec, run)[1]
+    return orders_sharded(spec.make, lambda: OrderPlanningCore(bb, codes, labels, tf_env, run.eval.batch_size,
+                                                               seed=run.seed), images[:n_orders], run.eval.batch_size, ctx)
+
+
 def _teacher_forced_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes: torch.Tensor, labels: torch.Tensor,
-                        images: torch.Tensor, n_tf: int, n_agree: int, n_orders: int) -> tuple[dict, torch.Tensor, list]:
+                        images: torch.Tensor, n_tf: int, n_agree: int, n_orders: int,
+                        played: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, torch.Tensor, list]:
     """Teacher-forced metrics on the first n_tf held-out images (module doc); returns (row, the block
-    orders [n_orders or n_tf, N] the policy played, the remaining-loss curve)."""
+    orders [n_orders or n_tf, N] the policy played, the remaining-loss curve). `played`: the
+    (orders, decisions) of a ground-truth policy on the first n_orders images, already played."""
     ev = run.eval
-    env_tf = replace(run.env, mode="teacher_forced", split="heldout", reward=ev.reward, decision_cost=0.0)
-    tf_env = replace(env_tf, budget=spec.budgets, beliefs=env_tf.beliefs or spec.beliefs)
+    env_tf, tf_env = _teacher_forced_envs(spec, run)
     n_play = n_orders if spec.ground_truth else n_tf
     if n_play == 0:
         return {}, torch.zeros(0, bb.geometry.num_blocks, dtype=torch.long), []
+    if played is not None and n_tf == 0:
+        return {}, played[0], []
     tf_core = OrderPlanningCore(bb, codes, labels, tf_env, ev.batch_size, seed=run.seed)
-    blocks, decisions = order_of(spec.make, tf_core, images[:n_play])
+    blocks, decisions = order_of(spec.make, tf_core, images[:n_play]) if played is None else played
     if n_tf == 0:
         return {}, blocks, []
     tf = teacher_forced_metrics(blocks[:n_tf], bb, codes, labels, env_tf, ev.rewards, ev.gamma, ev.batch_size,
@@ -348,12 +384,13 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
     returns it ((None, None) on the others, whose `refs` may be empty)."""
     ev, st, fs = run.eval, run.stats, run.features
     n = int(ev.policy_samples.get(spec.name, ev.num_samples))
-    n_seed = min(n, ev.seed_samples or n)
+    n_seed = seed_set_size(ev, n)
     shown = figure_indices(gen_labels[:n], run.plots.per_class, run.plots.column_rows)
     samples = _generate(spec, run, bb, gen_labels, blocks, _sampler_seed(run, ev.sampler_seeds[0]), n, extractor, ctx,
                         run.plots.snapshot_samples, shown, ev.npz)
-    extra = [_generate(spec, run, bb, gen_labels, blocks, _sampler_seed(run, s), n_seed, extractor, ctx)
-             for s in ev.sampler_seeds[1:]]
+    extra = [] if ev.seed_sets == "chunks" else [
+        _generate(spec, run, bb, gen_labels, blocks, _sampler_seed(run, s), n_seed, extractor, ctx)
+        for s in ev.sampler_seeds[1:]]
     if samples is None:
         return None, None
     primary, real = next(iter(refs.items()))
@@ -380,8 +417,11 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
         row.update(class_acc=None, class_logprob=None, class_logprob_ci=None)
     row["fid_curve"] = fid_curve(real, fake, [m for m in ev.fid_curve if m <= n] or [n], st.bootstrap, st.level,
                                  run.seed)
-    seeds = [frechet_from_features(real, fake[:n_seed])] + [frechet_from_features(real, e.features) for e in extra]
-    row.update(fid_seeds=seeds, fid_seeds_n=n_seed, fid_seeds_mean=float(np.mean(seeds)),
+    if ev.seed_sets == "chunks":
+        seeds = [frechet_from_features(real, fake[s * n_seed:(s + 1) * n_seed]) for s in range(len(ev.sampler_seeds))]
+    else:
+        seeds = [frechet_from_features(real, fake[:n_seed])] + [frechet_from_features(real, e.features) for e in extra]
+    row.update(fid_seeds=seeds, fid_seeds_n=n_seed, fid_seeds_sets=ev.seed_sets, fid_seeds_mean=float(np.mean(seeds)),
                fid_seeds_std=float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None)
     if samples.entropy_return is not None:
         row["entropy_return"] = float(samples.entropy_return.mean())
@@ -455,8 +495,15 @@ def _check_options(run: EvaluateRun, check_paths: bool = True) -> None:
     check_int("eval.gen_batch_size", ev.gen_batch_size, 1)
     check_int_list("eval.sampler_seeds", ev.sampler_seeds, distinct=True)
     check_int("eval.seed_samples", ev.seed_samples, 2, allow_none=True, note=" (null = eval.num_samples)")
+    check_choice("eval.seed_sets", ev.seed_sets, ("chunks", "extra"))
     for name, n in ev.policy_samples.items():
         check_int(f"eval.policy_samples.{name}", n, 2)
+    if ev.seed_sets == "chunks":  # each of the S chunks needs 2 samples for a FID
+        for key, n in [("eval.num_samples", ev.num_samples)] + [(f"eval.policy_samples.{k}", v)
+                                                                for k, v in ev.policy_samples.items()]:
+            if n and n < 2 * len(ev.sampler_seeds):
+                raise ValueError(f"{key}={n} is too small for eval.seed_sets=chunks: fid_seeds needs "
+                                 f"{len(ev.sampler_seeds)} chunks (len(eval.sampler_seeds)) of >= 2 samples")
     check_int_list("eval.fid_curve", ev.fid_curve, 2, nonempty=False)
     check_gamma("eval.gamma", ev.gamma)
     check_choice("eval.oracle_kind", ev.oracle_kind, ORACLES.values())
@@ -504,6 +551,8 @@ def run_evaluation(run: EvaluateRun) -> dict:
     every statistic, and writes every file. Every rank returns rank 0's results, which do not
     depend on the number of ranks."""
     check_evaluate_run(run)
+    if str(run.device) == "cpu":  # ~14% faster CPU generation, the same numbers (backbone/cpu_heap.py)
+        keep_freed_heap_memory()
     ctx = init_distributed(run.device)
     results = _evaluate(run, ctx) if run.eval.num_samples else _evaluate_teacher_forced(run, ctx)
     close_distributed(ctx)  # on success only: after an exception the other ranks may never reach the barrier
@@ -594,7 +643,7 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
     floor = noise_floor(real, second, run.seed)
 
     results: dict = {"num_samples": ev.num_samples, "policy_samples": dict(ev.policy_samples),
-                     "sampler_seeds": list(ev.sampler_seeds), "references": {k: len(v) for k, v in refs.items()},
+                     "sampler_seeds": list(ev.sampler_seeds), "seed_sets": ev.seed_sets, "references": {k: len(v) for k, v in refs.items()},
                      "fid_reference": next(iter(refs)), "num_reference": len(real),
                      "fid_noise_floor": floor.fid, "fid_noise_floor_n": floor.n,
                      "fid_noise_floor_method": floor.method, "fid_noise_floor_description": floor.description,
@@ -654,10 +703,12 @@ def _generate_policy(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes: to
     # the policy's own RNG stream: its row must not depend on which policies ran before it in this
     # process (a rerun skips the finished ones)
     with isolated_rng(run.seed, "evaluate", "policy", spec.name):
-        row, blocks, curve = (_teacher_forced_row(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders)
-                              if ctx.main else ({}, None, []))
-        if spec.ground_truth:  # generation replays the teacher-forced orders
-            blocks = broadcast_object(blocks, ctx)
+        # a ground-truth policy's orders (replayed by generation) cost an oracle pass per decision:
+        # every rank plays its share of the images
+        played = (_oracle_orders(spec, run, bb, codes, labels, images, n_orders, ctx)
+                  if spec.ground_truth and n_orders else None)
+        row, blocks, curve = (_teacher_forced_row(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders, played)
+                              if ctx.main else ({}, None if played is None else played[0], []))
         gen_row, generated = _generation_row(spec, run, bb, gen_labels, blocks, refs, extractor, Path(run.run_dir), ctx)
     return (row, blocks, curve, gen_row, generated) if ctx.main else None
 
@@ -716,6 +767,14 @@ def _ci(x: list | None, digits: int = 2) -> str:
     return "n/a" if x is None else f"[{x[0]:.{digits}f}, {x[1]:.{digits}f}]"
 
 
+def _seeds_line(results: dict) -> str:
+    S = len(results["sampler_seeds"])
+    if results.get("seed_sets", "extra") == "chunks":
+        return (f"- fid_seeds: FID of {S} independent sample sets of the same labels at N = fid_seeds_n, mean ± std: "
+                f"the {S} disjoint chunks of the main set (every generation batch has its own sampler seed)")
+    return f"- fid_seeds: FID of {S} independent sampler seeds ({results['sampler_seeds']}) at N = fid_seeds_n, mean ± std"
+
+
 def results_markdown(results: dict) -> str:
     """The generation table (every FID at its stated N, reference first), the verdict and, when
     measured, the teacher-forced table."""
@@ -731,8 +790,7 @@ def results_markdown(results: dict) -> str:
         f"({results['num_reference']} images){'; second column: ' + ', '.join(others) if others else ''}",
         "- paired design: sample i of every policy has the same label and the same sampler stream; dFID = "
         "FID(policy) - FID(baseline) on the common first N samples, 95% paired bootstrap interval (negative = better)",
-        f"- fid_seeds: FID of {len(results['sampler_seeds'])} independent sampler seeds "
-        f"({results['sampler_seeds']}) at N = fid_seeds_n, mean ± std",
+        _seeds_line(results),
         f"- real vs real: FID(reference, {others[0] if others else 'reference halves'}) = "
         f"{results['fid_noise_floor']:.3f} at N = {results['fid_noise_floor_n']}",
         f"- sampling: {json.dumps(results['sampling'])}; seed {results['seed']}; oracles replay their teacher-forced "

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from agents.evaluation.fid import extract_features, to_uint8_nhwc
-from agents.evaluation.rollouts import PolicyFactory, generate_samples
-from backbone.distributed import DistContext, gather_objects
+from agents.evaluation.rollouts import PolicyFactory, generate_samples, order_of
+from backbone.distributed import DistContext, all_gather_objects, gather_objects
 from backbone.loading import Backbone
-from envs.core import EnvConfig
+from envs.core import EnvConfig, OrderPlanningCore
 
 
 def batch_range(n: int, batch_size: int, rank: int, world: int) -> tuple[int, int]:
@@ -38,6 +38,18 @@ def batch_range(n: int, batch_size: int, rank: int, world: int) -> tuple[int, in
         raise ValueError(f"rank {rank} is not in a world of {world}")
     nb = -(-n // batch_size)
     return min(rank * nb // world * batch_size, n), min((rank + 1) * nb // world * batch_size, n)
+
+
+def orders_sharded(make: PolicyFactory, core: Callable[[], OrderPlanningCore], image_index: torch.Tensor,
+                   batch_size: int, ctx: DistContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rollouts.order_of` on images image_index [M], each rank playing its whole batches of
+    `batch_size` on a core from `core()` (built only where there is work), gathered on every rank in
+    image order: blocks [M, N] and decisions [M]. Equal to one process's for a policy whose order of an
+    image does not depend on the batches played before it (the oracles: deterministic, row by row)."""
+    lo, hi = batch_range(len(image_index), batch_size, ctx.rank, ctx.world)
+    part = order_of(make, core(), image_index[lo:hi]) if hi > lo else None
+    parts = [p for p in all_gather_objects(part, ctx) if p is not None]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def batch_features(extractor: torch.nn.Module, images: torch.Tensor, batch_size: int, feature_batch: int,

@@ -50,10 +50,11 @@ def _files(written: list[str]) -> set[str]:
 @pytest.mark.slow  # three launches of a tiny evaluate (~3 min on 2 shared cores)
 def test_two_processes_give_the_one_process_results(tmp_path):
     # 3 batches of 4 split 1 + 2, confident_first's single batch leaves rank 0 without any, the oracle
-    # replays per-sample orders across the shard boundary, snapshots span both ranks' batches
+    # plays its 12 teacher-forced orders sharded (1 + 2 batches) and replays them across the shard
+    # boundary, snapshots span both ranks' batches, fid_seeds' extra sets are sharded too
     common = ["policies=[raster,random,oracle,confident_first]", "eval.num_samples=12", "eval.gen_batch_size=4",
               "eval.num_images=4", "eval.batch_size=4", "eval.seed_samples=8", "eval.sampler_seeds=[0,1]",
-              "eval.fid_curve=[8,12]", "+eval.policy_samples.confident_first=4", "stats.bootstrap=5",
+              "eval.seed_sets=extra", "eval.fid_curve=[8,12]", "+eval.policy_samples.confident_first=4", "stats.bootstrap=5",
               "stats.kid_subsets=2", "plots.snapshot_samples=6", "plots.heatmap_images=2", "plots.column_rows=6",
               "eval.npz=true"]
     one, two = tmp_path / "one", tmp_path / "two"

@@ -203,7 +203,8 @@ def test_tiny_evaluation_writes_results(tmp_path):
         assert 0.0 <= lo < hi  # 3 resamples of 12 samples: a spread, not a point
         assert 0.0 <= row["class_acc"] <= 1.0 and 0.0 <= row["precision"] <= 1.0 and 0.0 <= row["recall"] <= 1.0
         assert row["class_logprob"] <= 0.0 and row["class_logprob_ci"][0] <= row["class_logprob"]
-        assert len(row["fid_seeds"]) == 2 and row["fid_seeds_n"] == 6
+        # fid_seeds: the 2 disjoint chunks of the main set (confident_first: 6 samples, chunks of 3)
+        assert len(row["fid_seeds"]) == 2 and row["fid_seeds_n"] == (3 if name == "confident_first" else 6)
         assert [p["n"] for p in row["fid_curve"]] == ([6] if name == "confident_first" else [6, 12])
     assert res["policies"]["raster"]["generation_path"] == "decode"  # a fixed order: one KV pass per batch
     assert res["policies"]["confident_first"]["generation_path"] == "env"
@@ -225,6 +226,15 @@ def test_tiny_evaluation_writes_results(tmp_path):
     floor = frechet_distance(extract_features(ext, images_to_model(load_embedded_mnist("train")[0])),
                              extract_features(ext, images_to_model(load_embedded_mnist("heldout")[0])))
     assert res["fid_noise_floor"] == pytest.approx(floor, rel=1e-6)
+    # chunk s of the main set is sample set s of fid_seeds; the chunks are different draws
+    from agents.evaluation.sample_metrics import frechet_from_features
+
+    gen = torch.load(tmp_path / "policies" / "random.pt", weights_only=False)["generated"]["features"]
+    ref = extract_features(ext, images_to_model(load_embedded_mnist("train")[0])).double()
+    row = res["policies"]["random"]
+    for s in range(2):
+        assert row["fid_seeds"][s] == pytest.approx(frechet_from_features(ref, gen[6 * s:6 * (s + 1)]), rel=1e-6)
+    assert not torch.equal(gen[:6], gen[6:]) and row["fid_seeds"][0] != row["fid_seeds"][1]
     # agreement is measured, not assumed: the oracle policy picks the oracle's argmax at every state
     # it visits; raster does not
     assert res["policies"]["oracle"]["oracle_agreement"] == 1.0

@@ -128,6 +128,8 @@ BAD = [  # (config, override, the key its error must name, a piece of the allowe
     ("ppo", "batch_size=0", "batch_size", ">= 1"),
     ("evaluate", "eval.batch_size=0", "eval.batch_size", ">= 1"),
     ("evaluate", "stats.level=1.0", "stats.level", "(0, 1)"),
+    ("evaluate", "eval.seed_sets=more", "eval.seed_sets", "chunks"),
+    ("evaluate", "eval.num_samples=5", "eval.num_samples", "3 chunks"),
     ("evaluate", "eval.sampling.temperature=-1", "eval.sampling.temperature", ">= 0"),
     ("power", "power.target_ratio=2", "power.target_ratio", "(0, 1]"),
     ("build_oracle", "batch_size=0", "batch_size", ">= 1"),
