@@ -603,6 +603,8 @@ class OrderPlanningCore:
         rows: compute only rows 0..rows-1 (the others, padding of a partial batch, get -inf, no
         candidates and 0 forwards); the computed rows are what a core of `rows` rows would give."""
         K = self.cfg.belief_samples if K is None else int(K)
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ValueError(f"rows must be a number of leading rows >= 1 (or None = all), got {rows!r}")
         if rows is None or rows >= self.B:
             return expected_utilities(self.gpt, self.state, self.revealed, self.geom, K, self.belief_generator,
                                       candidates=candidates, chunk=self.cfg.oracle_chunk)

@@ -104,6 +104,9 @@ def test_expected_oracle_skips_padding_rows():
     assert torch.equal(act_full[:2], act_real)
     assert int(act_full[2]) == int(torch.nonzero(~full.revealed[2])[0])  # the lowest unrevealed block
     assert padded.forwards == alone.forwards  # the padding row cost nothing
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="rows must be"):
+            full.expected_utilities(rows=bad)
     padded.set_real_rows(None)  # every row real again
     full.belief_generator.manual_seed(3)
     assert bool((full.expected_utilities().forwards > 0).all())
