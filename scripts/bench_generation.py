@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--heap", choices=("default", "keep", "compare"), default="default")
     args = ap.parse_args()
     if args.heap == "compare":
-        compare_heap(sys.argv[1:])
+        compare_heap(["--samples", str(args.samples), "--batch", str(args.batch), "--device", args.device,
+                      "--cfg-scale", str(args.cfg_scale)])
         return
     if args.heap == "keep" and not keep_freed_heap_memory():
         raise SystemExit("--heap keep: this C library has no glibc mallopt")
@@ -83,12 +84,11 @@ def main() -> None:
 
 
 def compare_heap(argv: list[str]) -> None:
-    """The benchmark once per --heap setting, each in its own process; ratios of samples/s per row."""
-    base = [a for i, a in enumerate(argv) if a != "--heap" and (i == 0 or argv[i - 1] != "--heap")
-            and not a.startswith("--heap=")]
+    """The benchmark with arguments `argv` once per --heap setting, each in its own process; ratios of
+    samples/s per row."""
     rates: dict[str, dict[str, float]] = {}
     for heap in ("default", "keep"):
-        out = subprocess.run([sys.executable, __file__, *base, "--heap", heap], check=True, capture_output=True,
+        out = subprocess.run([sys.executable, __file__, *argv, "--heap", heap], check=True, capture_output=True,
                              text=True).stdout
         print(f"--heap {heap}\n{out}", end="", flush=True)
         rates[heap] = {m[1]: float(m[2]) for m in re.finditer(r"^(\w+)\s+([\d.]+) samples/s", out, re.M)}

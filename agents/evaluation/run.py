@@ -342,9 +342,8 @@ def _teacher_forced_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes:
     n_play = n_orders if spec.ground_truth else n_tf
     if n_play == 0:
         return {}, torch.zeros(0, bb.geometry.num_blocks, dtype=torch.long), []
-    if played is not None and n_tf == 0:
-        return {}, played[0], []
-    tf_core = OrderPlanningCore(bb, codes, labels, tf_env, ev.batch_size, seed=run.seed)
+    tf_core = None if played is not None and n_tf == 0 else OrderPlanningCore(bb, codes, labels, tf_env,
+                                                                              ev.batch_size, seed=run.seed)
     blocks, decisions = order_of(spec.make, tf_core, images[:n_play]) if played is None else played
     if n_tf == 0:
         return {}, blocks, []
@@ -417,10 +416,9 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
         row.update(class_acc=None, class_logprob=None, class_logprob_ci=None)
     row["fid_curve"] = fid_curve(real, fake, [m for m in ev.fid_curve if m <= n] or [n], st.bootstrap, st.level,
                                  run.seed)
-    if ev.seed_sets == "chunks":
-        seeds = [frechet_from_features(real, fake[s * n_seed:(s + 1) * n_seed]) for s in range(len(ev.sampler_seeds))]
-    else:
-        seeds = [frechet_from_features(real, fake[:n_seed])] + [frechet_from_features(real, e.features) for e in extra]
+    sets = ([fake[s * n_seed:(s + 1) * n_seed] for s in range(len(ev.sampler_seeds))] if ev.seed_sets == "chunks"
+            else [fake[:n_seed]] + [e.features for e in extra])
+    seeds = [frechet_from_features(real, f) for f in sets]
     row.update(fid_seeds=seeds, fid_seeds_n=n_seed, fid_seeds_sets=ev.seed_sets, fid_seeds_mean=float(np.mean(seeds)),
                fid_seeds_std=float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None)
     if samples.entropy_return is not None:
