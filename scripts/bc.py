@@ -8,22 +8,7 @@ Writes run_dir/orderhead.safetensors and run_dir/summary.json (held-out returns 
 oracle and the learned policy, oracle agreement, regret). Rerunning resumes from the last checkpoint.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import hydra
-from omegaconf import DictConfig
-
-from agents.training.bc import BCRun, train_bc
-from backbone.config import to_typed
-
-
-@hydra.main(config_path="../configs", config_name="bc", version_base=None)
-def main(cfg: DictConfig) -> None:
-    train_bc(to_typed(cfg, BCRun))
-
+from orderplan.cli import bc
 
 if __name__ == "__main__":
-    main()
+    bc()

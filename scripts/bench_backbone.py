@@ -15,16 +15,13 @@ measured in the same run (large = bound by launches, Python and host-device sync
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from backbone.benchmark import decode_overhead, time_samplers
-from backbone.blocks import BlockGeometry
-from backbone.gpt import GPT, gpt_config
+from orderplan.model.benchmark import decode_overhead, time_samplers
+from orderplan.model.blocks import BlockGeometry
+from orderplan.model.gpt import GPT, gpt_config
 
 
 def main() -> None:

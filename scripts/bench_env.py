@@ -1,10 +1,10 @@
-"""Benchmark of the order-planning env on the tiny default (logic in `envs/benchmark.py`):
+"""Benchmark of the order-planning env on the tiny default (logic in `orderplan.env/benchmark.py`):
 
 * TorchRL env throughput (env steps/s, transitions/s, episodes/s = images/s) at batch 1, 4, 16, 64
   under a random valid policy, full episodes;
 * env time per step over the bare backbone work of the same step (gpt.append + gpt.query);
 * batched oracle utilities over the naive reference, summed over all states of an episode;
-* with --gpt-b, every ratio at GPT-B geometry (random weights; `agents/training/benchmark.py`): env
+* with --gpt-b, every ratio at GPT-B geometry (random weights; `src/orderplan/train/bench_gpt_b.py`): env
   step over the bare backbone, batched over naive oracle, OrderHead decision over env step, PPO
   frames/s and the env's memory per row, in --dtype (float32 or bfloat16) on --device.
 
@@ -19,13 +19,10 @@ The last lines are the ratios, one per line (tiny at --batch, GPT-B at --gpt-b-b
     python scripts/bench_env.py --gpt-b [--gpt-b-only] [--device cuda --dtype bfloat16] [--gpt-b-batch 2]
 """
 
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.training.benchmark import add_arguments, report  # noqa: E402
-from envs.benchmark import build_parser, run  # noqa: E402
+from orderplan.train.bench_gpt_b import add_arguments, report  # noqa: E402
+from orderplan.env.benchmark import build_parser, run  # noqa: E402
 
 if __name__ == "__main__":
     ap = build_parser()

@@ -1,7 +1,7 @@
 """Benchmark: generation for evaluation against bare KV-cached decoding, in one run, same batch.
 
-    raster_decode      backbone.sampling.generate, raster order (the baseline: what decoding costs)
-    evaluate_fixed     agents.evaluation.rollouts.generate_samples of a fixed-order policy (one KV pass
+    raster_decode      orderplan.model.sampling.generate, raster order (the baseline: what decoding costs)
+    evaluate_fixed     orderplan.eval.rollouts.generate_samples of a fixed-order policy (one KV pass
                        per batch, images decoded, snapshots taken): what scripts/evaluate.py pays
     evaluate_beliefs   the same policy stepping the env with the per-token query a belief planner reads
 
@@ -10,7 +10,7 @@ The last lines are the ratios (target for the first: >= 0.8):
     fixed_vs_decode=<evaluate_fixed samples/s / raster_decode samples/s>
     beliefs_vs_decode=<evaluate_beliefs samples/s / raster_decode samples/s>
 
---heap keep runs with freed memory kept in the heap (backbone/cpu_heap.py, what evaluate and power do
+--heap keep runs with freed memory kept in the heap (src/orderplan/infra/cpu_heap.py, what evaluate and power do
 on CPU); --heap compare runs the whole benchmark once per setting, each in a fresh process (glibc's
 thresholds cannot be put back for a fair second run), and prints heap_keep_speedup_<row>= (samples/s
 with kept heap over default glibc) per row.
@@ -23,19 +23,18 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from agents.evaluation.rollouts import balanced_images, generate_samples  # noqa: E402
-from agents.planner.policies import make_policy  # noqa: E402
-from backbone.config import BackboneConfig  # noqa: E402
-from backbone.cpu_heap import keep_freed_heap_memory  # noqa: E402
-from backbone.loading import build_backbone, load_token_data  # noqa: E402
-from backbone.sampling import SamplingConfig, generate  # noqa: E402
-from envs.core import EnvConfig  # noqa: E402
+from orderplan.eval.rollouts import balanced_images, generate_samples  # noqa: E402
+from orderplan.planner.policies import make_policy  # noqa: E402
+from orderplan.config.common import BackboneConfig  # noqa: E402
+from orderplan.infra.cpu_heap import keep_freed_heap_memory  # noqa: E402
+from orderplan.model.loading import build_backbone  # noqa: E402
+from orderplan.data.tokens import load_token_data
+from orderplan.model.sampling import SamplingConfig, generate  # noqa: E402
+from orderplan.env.core import EnvConfig  # noqa: E402
 
 
 def main() -> None:

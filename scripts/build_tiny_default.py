@@ -7,13 +7,11 @@ codes; both are resumable, so an interrupted build continues when rerun. CPU, ab
 """
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backbone.run_utils import tee_console
-from backbone.tiny_default import ARTIFACT_DIR, build_tiny_default
+from orderplan.infra.run_utils import tee_console
+from orderplan.train.tiny_default import ARTIFACT_DIR, build_tiny_default
 
 
 def main() -> None:

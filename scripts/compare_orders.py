@@ -8,25 +8,10 @@ expected_oracle) and the oracle, all on the same held-out images.
 Writes run_dir/results.json and run_dir/results.md (the table); every training run lives in its own
 run_dir below and is resumed or skipped on a rerun.
 
-Imports agents.training.compare_orders and backbone.config only: the run lives there.
+Imports orderplan.train.compare_orders and orderplan.config.common only: the run lives there.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import hydra
-from omegaconf import DictConfig
-
-from agents.training.compare_orders import CompareRun, compare_orders
-from backbone.config import to_typed
-
-
-@hydra.main(config_path="../configs", config_name="compare_orders", version_base=None)
-def main(cfg: DictConfig) -> None:
-    compare_orders(to_typed(cfg, CompareRun))
-
+from orderplan.cli import compare_orders
 
 if __name__ == "__main__":
-    main()
+    compare_orders()

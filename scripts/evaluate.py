@@ -7,25 +7,10 @@ one results table.
         features.inception_weights=/path/pt_inception-2015-12-05-6726825d.pth \
         features.reference=/path/VIRTUAL_imagenet256_labeled.npz eval.npz=true
 
-Writes run_dir/results.json, results.md and PNGs (see agents/evaluation/run.py).
+Writes run_dir/results.json, results.md and PNGs (see src/orderplan/eval/evaluate.py).
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import hydra
-from omegaconf import DictConfig
-
-from agents.evaluation.run import EvaluateRun, run_evaluation
-from backbone.config import to_typed
-
-
-@hydra.main(config_path="../configs", config_name="evaluate", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run_evaluation(to_typed(cfg, EvaluateRun))
-
+from orderplan.cli import evaluate
 
 if __name__ == "__main__":
-    main()
+    evaluate()

@@ -8,25 +8,10 @@ Writes run_dir/orderhead.safetensors and run_dir/summary.json (held-out returns 
 oracle and the learned policy, oracle agreement, regret; with the router its decisions per episode
 and the mean and histogram of the budgets it chose). Rerunning resumes from the last checkpoint.
 
-Imports agents.training.ppo_run and backbone.config only: the run lives there.
+Imports orderplan.train.ppo_run and orderplan.config.common only: the run lives there.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import hydra
-from omegaconf import DictConfig
-
-from agents.training.ppo_run import PPORun, run_ppo
-from backbone.config import to_typed
-
-
-@hydra.main(config_path="../configs", config_name="ppo", version_base=None)
-def main(cfg: DictConfig) -> None:
-    run_ppo(to_typed(cfg, PPORun))
-
+from orderplan.cli import ppo
 
 if __name__ == "__main__":
-    main()
+    ppo()

@@ -1,5 +1,5 @@
 """GPT-B smoke chain on CPU: extract_codes (synthetic) -> build_oracle -> bc -> ppo -> evaluate, the real
-scripts with tiny budgets at GPT-B geometry (random weights, no files; agents/training/smoke.py).
+scripts with tiny budgets at GPT-B geometry (random weights, no files; src/orderplan/train/smoke.py).
 
     python scripts/smoke_gpt_b.py                                  # -> runs/smoke_gpt_b/, a few minutes
     python scripts/smoke_gpt_b.py --root /tmp/smoke --n-layer 12   # the full 12-layer GPT-B stack (slower)
@@ -8,12 +8,9 @@ Prints each stage's wall time and writes root/smoke_summary.json.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from agents.training.smoke import SmokeConfig, run_smoke
+from orderplan.train.smoke import SmokeConfig, run_smoke
 
 
 def main() -> None:

@@ -6,22 +6,7 @@
 Rerunning with the same run_dir resumes from its latest checkpoint.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-import hydra
-from omegaconf import DictConfig
-
-from backbone.config import TrainBackboneRun, to_typed
-from backbone.train import train_backbone
-
-
-@hydra.main(config_path="../configs", config_name="train_backbone", version_base=None)
-def main(cfg: DictConfig) -> None:
-    train_backbone(to_typed(cfg, TrainBackboneRun))
-
+from orderplan.cli import train_backbone
 
 if __name__ == "__main__":
-    main()
+    train_backbone()

@@ -1,6 +1,6 @@
 """Train the MNIST digit classifier whose features give FID / KID and class accuracy on the
-embedded default (agents/evaluation/classifier_training.py; the network is in
-agents/evaluation/feature_net.py).
+embedded default (src/orderplan/eval/classifier_training.py; the network is in
+src/orderplan/eval/feature_net.py).
 
     python scripts/train_classifier.py                          # ~1-2 min on one CPU thread
     python scripts/train_classifier.py update_manifest=true     # regenerate the committed artifact
@@ -13,22 +13,7 @@ weights are also written to `out` (artifacts/tiny_mnist/classifier.safetensors) 
 to reproduce the committed weights bit for bit.
 """
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-import hydra
-from omegaconf import DictConfig
-
-from agents.evaluation.classifier_training import ClassifierRun, train_classifier
-from backbone.config import to_typed
-
-
-@hydra.main(config_path="../configs", config_name="train_classifier", version_base=None)
-def main(cfg: DictConfig) -> None:
-    train_classifier(to_typed(cfg, ClassifierRun))
-
+from orderplan.cli import train_classifier
 
 if __name__ == "__main__":
-    main()
+    train_classifier()

@@ -1,15 +1,12 @@
 """Shared fixtures: small random GPTs with non-trivial weights (LlamaGen zero-initialises the output
 layer and the target-aware table, which would make many invariants vacuous)."""
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backbone.gpt import GPT, gpt_config  # noqa: E402
+from orderplan.model.gpt import GPT, gpt_config
 
 
 def randomized_gpt(seed: int = 0, **overrides) -> GPT:
@@ -37,7 +34,7 @@ def write_toy_codes(root: Path, grid: int = 8, vocab: int = 256, n_train: int = 
     class has a template grid and each image perturbs a few of its tokens."""
     import numpy as np
 
-    from backbone.data import write_codes
+    from orderplan.data.datasets import write_codes
 
     rng = np.random.default_rng(seed)
     templates = rng.integers(0, vocab, size=(num_classes, grid, grid))
@@ -57,10 +54,10 @@ def toy_codes(tmp_path) -> Path:
 
 def toy_core(batch_size: int = 3, seed: int = 0, n_images: int = 20, **env_fields):
     """An OrderPlanningCore over a random 2-layer tiny GPT and random codes (no artifacts needed)."""
-    from backbone.blocks import BlockGeometry
-    from backbone.config import BackboneConfig
-    from backbone.loading import Backbone
-    from envs.core import EnvConfig, OrderPlanningCore
+    from orderplan.model.blocks import BlockGeometry
+    from orderplan.config.common import BackboneConfig
+    from orderplan.model.loading import Backbone
+    from orderplan.env.core import EnvConfig, OrderPlanningCore
 
     gpt = randomized_gpt()
     bb = Backbone(cfg=BackboneConfig(), gpt=gpt, geometry=BlockGeometry(8, 8, 2), vq=None)

@@ -20,7 +20,7 @@ Oracle argmax: the bf16 and float32 argmax agreed on 98.3% and 99.2% of 240 stat
 candidates); every disagreement had a float32 top-2 gap <= 0.27 nats, so the bf16 choice lost at
 most 0.27 nats of float32 utility. Tested: agreement >= 90% and that regret <= 0.6 nats.
 OrderHead (float32 weights, random init, beliefs on): logits differ by <= 0.012 nats between the
-bf16 and float32 envs' observations, total variation of the policies <= 0.002 (tolerances 0.05, 0.01).
+bf16 and float32 orderplan.env' observations, total variation of the policies <= 0.002 (tolerances 0.05, 0.01).
 """
 
 import math
@@ -30,13 +30,14 @@ import pytest
 import torch
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from agents.planner.orderhead import OrderHead, orderhead_config_for
-from agents.training.ppo import PPOConfig, make_actor_critic, make_loss, train_ppo
-from backbone.config import BackboneConfig
-from backbone.loading import backbone_dtype, build_backbone, load_token_data
-from envs.core import EnvConfig, OrderPlanningCore
-from envs.rewards import information_reward
-from envs.torchrl_env import OrderPlanningEnv
+from orderplan.planner.orderhead import OrderHead, orderhead_config_for
+from orderplan.train.ppo import PPOConfig, make_actor_critic, make_loss, train_ppo
+from orderplan.config.common import BackboneConfig
+from orderplan.model.loading import backbone_dtype, build_backbone
+from orderplan.data.tokens import load_token_data
+from orderplan.env.core import EnvConfig, OrderPlanningCore
+from orderplan.env.rewards import information_reward
+from orderplan.env.torchrl_env import OrderPlanningEnv
 
 BF16, F32 = torch.bfloat16, torch.float32
 KINDS = ("future_loss", "extrapolative", "anytime", "likelihood")
@@ -224,7 +225,7 @@ def test_train_ppo_on_a_bf16_env_stays_finite(stacks, tmp_path):
 
 
 def test_backbone_dtype_from_config():
-    from envs.factory import make_core
+    from orderplan.env.factory import make_core
 
     assert backbone_dtype(BackboneConfig(), "cpu") == F32  # auto: the CPU default is unchanged
     assert backbone_dtype(BackboneConfig(), "cuda") == BF16  # auto: what GPU users get

@@ -44,13 +44,14 @@ from typing import Any
 
 import pytest
 import torch
+from orderplan.infra.paths import PACKAGE_ROOT
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_IN_WRITE = REPO / "tests" / "support" / "kill_in_write.py"
 POLL_S = 0.02
-TEMP_NAME = re.compile(r"^\.(.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # backbone.checkpoint.atomic_write's temp files
+TEMP_NAME = re.compile(r"^\.(.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # orderplan.infra.checkpoint.atomic_write's temp files
 LAUNCH_TIMEOUT_S = 900
-HAVE_DEFAULT = (REPO / "artifacts/tiny_mnist/gpt.safetensors").exists()
+HAVE_DEFAULT = (PACKAGE_ROOT / "artifacts/tiny_mnist/gpt.safetensors").exists()
 
 # numbers that describe the process rather than its result: wall-clock times, the resume itself
 VOLATILE_KEYS = {"wall_time_s", "seconds", "build_time_s", "images_per_s", "resumed_from",
@@ -297,7 +298,7 @@ def _kill_in_write(case: Case, d: Path, shared: Shared, pattern: str, needle: st
 
 def _load_any(path: Path) -> Any:
     """The content of an output file; raises on a truncated or corrupt one."""
-    from backbone.checkpoint import load_safetensors, load_torch_checkpoint
+    from orderplan.infra.checkpoint import load_safetensors, load_torch_checkpoint
 
     if path.suffix == ".json":
         return json.loads(path.read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from backbone.distributed import close_distributed, gather_rows, init_distributed
+from orderplan.infra.distributed import close_distributed, gather_rows, init_distributed
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
@@ -52,7 +52,7 @@ def bc_rank(run) -> dict:
     """`train_bc(run)` on this rank. Returns its result, its final OrderHead weights and, on ranks
     > 0, every write it made under run_dir other than its own console log (`bc.rank<r>.log`).
     The weights come back as their `state_digest`."""
-    from agents.training import bc as bc_mod
+    from orderplan.train import bc as bc_mod
 
     rank = int(os.environ.get("RANK", 0))
     writes = _watch_writes(Path(run.run_dir), {f"bc.rank{rank}.log"}) if rank else []

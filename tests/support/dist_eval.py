@@ -41,8 +41,8 @@ def evaluate_rank(overrides: list[str]) -> dict:
     """Run scripts/evaluate.py's job with `overrides` on this rank. Returns the paths (relative to
     run_dir) it wrote and whether the returned results equal rank 0's results.json (kept small: the
     launcher's queue is read only after every rank has exited)."""
-    from agents.evaluation.run import EvaluateRun, run_evaluation
-    from backbone.config import compose, to_typed
+    from orderplan.eval.evaluate import EvaluateRun, run_evaluation
+    from orderplan.config.common import compose, to_typed
 
     run = to_typed(compose("evaluate", overrides), EvaluateRun)
     written: set[str] = set()

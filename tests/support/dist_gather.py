@@ -2,7 +2,7 @@
 
 import torch
 
-from backbone.distributed import close_distributed, gather_strided, init_distributed, shard_indices
+from orderplan.infra.distributed import close_distributed, gather_strided, init_distributed, shard_indices
 
 
 def gather_rank(n: int) -> list:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from agents.planner.orderhead import OrderHead, orderhead_config_for
-from agents.training.ppo import (PPOConfig, _build_learner, _learn_from_batch, _make_collector, _plan_run, _Progress,
+from orderplan.planner.orderhead import OrderHead, orderhead_config_for
+from orderplan.train.ppo import (PPOConfig, _build_learner, _learn_from_batch, _make_collector, _plan_run, _Progress,
                                  train_ppo)
-from agents.training.ppo_dist import single_process
-from backbone.distributed import close_distributed, init_distributed
-from envs.torchrl_env import OrderPlanningEnv
+from orderplan.train.ppo_dist import single_process
+from orderplan.infra.distributed import close_distributed, init_distributed
+from orderplan.env.torchrl_env import OrderPlanningEnv
 from tests.conftest import toy_core
 
 BUDGETS = [1, 2, 4]

@@ -21,8 +21,8 @@ Known answers (uniform utilities, L tokens, N blocks of T tokens):
 * the future-loss return telescopes to L_rest(empty) = L log V for every order.
 * optimal policy: reveal k(label) first (the `label` observation is enough to find it).
 
-`make_toy_core` wraps it all in an `envs.core.OrderPlanningCore` (no artifacts, milliseconds per
-step). The core's oracle works on it through `backbone.future_loss`'s generic candidate path
+`make_toy_core` wraps it all in an `orderplan.env.core.OrderPlanningCore` (no artifacts, milliseconds per
+step). The core's oracle works on it through `orderplan.oracle.future_loss`'s generic candidate path
 (branch the state per candidate with `select`, `append`, `query`).
 
 Shapes: B batch rows, L tokens, N blocks, T tokens per block, Q query targets, V vocab, D dim.
@@ -36,18 +36,18 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from backbone.blocks import BlockGeometry
-from backbone.config import BackboneConfig, DataSpec
-from backbone.loading import Backbone, freeze
+from orderplan.model.blocks import BlockGeometry
+from orderplan.config.common import BackboneConfig, DataSpec
+from orderplan.model.loading import Backbone, freeze
 
 __all__ = ["ToyConfig", "ToyState", "KeyBlockModel", "toy_data", "make_toy_backbone", "make_toy_core"]
 
-CLASS_POS = -1  # the class token's "position", as in backbone.gpt
+CLASS_POS = -1  # the class token's "position", as in orderplan.model.gpt
 
 
 @dataclass
 class ToyConfig:
-    """Sizes of the toy. Field names match `backbone.gpt.GPTConfig` where the core reads them."""
+    """Sizes of the toy. Field names match `orderplan.model.gpt.GPTConfig` where the core reads them."""
 
     grid_h: int = 8
     grid_w: int = 8
@@ -77,7 +77,7 @@ class ToyConfig:
 @dataclass
 class ToyState:
     """What the toy model knows about each row: the revealed tokens (the analogue of the GPT's KV
-    cache) plus the same pending-token bookkeeping as `backbone.gpt.DecodeState`.
+    cache) plus the same pending-token bookkeeping as `orderplan.model.gpt.DecodeState`.
 
     tokens [B, L] long (-1 = not revealed); cond [B]; pending_tok / pending_pos [B] (-1/-1: the
     class token); has_pending [B] bool (False between `advance` and `feed`); length [B]: revealed
@@ -308,7 +308,7 @@ def toy_data(model: KeyBlockModel, num_images: int, seed: int = 0) -> tuple[torc
 
 
 def make_toy_backbone(cfg: ToyConfig | None = None, device: str | torch.device = "cpu") -> Backbone:
-    """The toy model as a `backbone.loading.Backbone` (no VQ: images decode to zeros)."""
+    """The toy model as a `orderplan.model.loading.Backbone` (no VQ: images decode to zeros)."""
     model = KeyBlockModel(cfg or ToyConfig()).to(device)
     bcfg = BackboneConfig(name="toy", gpt_weights=None, vq_weights=None, data=DataSpec(kind="toy"),
                           block_size=model.cfg.block)
@@ -317,9 +317,9 @@ def make_toy_backbone(cfg: ToyConfig | None = None, device: str | torch.device =
 
 def make_toy_core(batch_size: int = 4, num_images: int = 32, seed: int = 0, toy: ToyConfig | None = None,
                   device: str | torch.device = "cpu", **env_fields):
-    """An `envs.core.OrderPlanningCore` over the toy: `num_images` images drawn from `seed`,
+    """An `orderplan.env.core.OrderPlanningCore` over the toy: `num_images` images drawn from `seed`,
     env config fields as keyword arguments (`reward="extrapolative"`, `budget=[1, 2, 4]`, ...)."""
-    from envs.core import EnvConfig, OrderPlanningCore  # envs imports backbone only; keep agents light
+    from orderplan.env.core import EnvConfig, OrderPlanningCore  # orderplan.env imports backbone only; keep agents light
 
     bb = make_toy_backbone(toy, device)
     codes, labels = toy_data(bb.gpt, num_images, seed)

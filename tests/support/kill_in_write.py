@@ -2,7 +2,7 @@
 
     python tests/support/kill_in_write.py PATTERN NEEDLE scripts/X.py key=value ...
 
-Every write of the project goes through `backbone.checkpoint.atomic_write` (JSON, torch files,
+Every write of the project goes through `orderplan.infra.checkpoint.atomic_write` (JSON, torch files,
 safetensors, PNGs). It is wrapped here, before the script imports anything else, so that the first
 write whose path matches PATTERN (fnmatch against the path's trailing components, e.g.
 "bc/summary.json" or "step_00000024.pt") and whose bytes contain NEEDLE ("-" = any write) writes
@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-import backbone.checkpoint as checkpoint  # noqa: E402
+import orderplan.infra.checkpoint as checkpoint  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
 
         return real(path, half_then_die)
 
-    # modules that import the function by name (`from backbone.checkpoint import atomic_write`) are
+    # modules that import the function by name (`from orderplan.infra.checkpoint import atomic_write`) are
     # imported after this line, so they get the wrapper too
     checkpoint.atomic_write = atomic_write
     sys.argv = [script, *args]

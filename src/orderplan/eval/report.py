@@ -1,0 +1,181 @@
+"""The held-out report shared by BC and PPO: every policy plays the same held-out images under the
+same reward, and the learned policy is compared with the oracle at the states it visits.
+
+Numbers (nats unless stated):
+* returns[name]: mean discounted return (gamma of the run) per episode; `returns_undiscounted` too.
+  With reward=future_loss the undiscounted return is L_rest(empty) for every order, so only the
+  discounted one ranks orders.
+* Router cores: `returns_per_block` scores each policy's block order replayed one block per step.
+  In semi-MDP mode (env.gamma set, `semi_mdp: true`) `returns` are already discounted in block time
+  (a decision at block-time tau weighs gamma^tau), so `returns_without_decision_cost` (or `returns`
+  when decision_cost = 0) equals `returns_per_block`: the latter is kept as a cross-check. Without it,
+  `returns` discount per decision and only `returns_per_block` is comparable across policies.
+* oracle_agreement: fraction of the learned policy's decisions that pick the oracle's argmax block.
+* regret: mean over those decisions of max_a u(a|S) - u(chosen|S) (u: the oracle utility of
+  `oracle_kind`), in nats.
+
+Episodes are played by `orderplan.env.episodes.play_episodes` (through `run_episodes` or directly), returns
+discounted by `orderplan.env.rewards.discounted_return`, images chosen by `rollouts.balanced_images`.
+
+Imports backbone/, orderplan.env/, orderplan.planner and orderplan.eval.rollouts; never orderplan.train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from orderplan.eval.rollouts import balanced_images, index_batches, replay_order
+from orderplan.planner.orderhead import OrderHead
+from orderplan.planner.policies import POLICY_NAMES, BlockPolicy, OrderHeadPolicy, make_policy, run_episodes
+from orderplan.config.common import BackboneConfig
+from orderplan.infra.validation import check_gamma, check_int
+from orderplan.env.core import EnvConfig, OrderPlanningCore
+from orderplan.env.episodes import Decision, play_episodes
+from orderplan.env.factory import make_core
+from orderplan.env.rewards import discounted_return
+
+
+@dataclass
+class EvalSpec:
+    """The held-out report of a BC or PPO run (`heldout_report`)."""
+
+    num_images: int = 96  # held-out images scored by every policy
+    batch_size: int = 16
+    gamma: float = 0.9  # discount of the reported returns (future_loss telescopes at gamma = 1)
+    baselines: list[str] = field(default_factory=lambda: ["raster", "random", "confident_first", "oracle"])
+
+
+def check_eval_spec(ev: EvalSpec, key: str = "eval") -> None:
+    """Raise ValueError naming `{key}.<field>` and its range: num_images, batch_size >= 1, gamma in
+    (0, 1], baselines registry names (checked here, not after the training the report follows)."""
+    check_int(f"{key}.num_images", ev.num_images, 1)
+    check_int(f"{key}.batch_size", ev.batch_size, 1)
+    check_gamma(f"{key}.gamma", ev.gamma)
+    names = [n for n in POLICY_NAMES if n != "orderhead"]
+    bad = [b for b in ev.baselines if b not in names]
+    if bad:
+        raise ValueError(f"{key}.baselines: {bad} are not policy names; choose from {', '.join(names)}")
+
+
+def order_returns(core: OrderPlanningCore, image_index: torch.Tensor, blocks: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted return [B] (float64, CPU) of fixed block sequences `blocks` [B, N] replayed one block
+    per step (gamma per block, no decision cost) in a plain copy of `core`. This scores the *order* a
+    router policy produced on the same scale as plain policies."""
+    rep = replay_order(core.bb, core.codes, core.labels, core.cfg, blocks.cpu(), core.B, image_index)
+    return discounted_return(rep.rewards, gamma)
+
+
+def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
+                   gamma: float) -> dict[str, float]:
+    """Mean discounted / undiscounted return and decisions per episode of `policy` on `image_index`;
+    `discounted_no_cost` adds the env's decision cost back (the information part of the return)."""
+    disc, undisc, decisions, no_cost, per_block = [], [], [], [], []
+    for chunk, n in index_batches(image_index, core.B):
+        out = run_episodes(policy, core, chunk.to(core.device), gamma=gamma)
+        if core.router:
+            per_block.append(order_returns(core, chunk, out["blocks"], gamma)[:n].cpu())
+        disc.append(out["discounted_return"][:n].double().cpu())
+        undisc.append(out["return"][:n].double().cpu())
+        decisions.append(out["decisions"][:n].double().cpu())
+        # each decision's cost at that decision's discount (block time in semi-MDP mode)
+        refund = (out["live"].double().cpu() * core.cfg.decision_cost * out["discount"].cpu()).sum(1)
+        no_cost.append(disc[-1] + refund[:n])
+    out = {"discounted": float(torch.cat(disc).mean()), "undiscounted": float(torch.cat(undisc).mean()),
+           "decisions": float(torch.cat(decisions).mean()), "discounted_no_cost": float(torch.cat(no_cost).mean())}
+    if per_block:
+        out["per_block"] = float(torch.cat(per_block).mean())
+    return out
+
+
+@torch.no_grad()
+def oracle_comparison(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
+                      kind: str = "future_loss") -> dict[str, float]:
+    """Agreement with the oracle argmax and regret at the states the policy visits (plain actions:
+    the first block of a router decision is compared)."""
+    agree, regret = [], []
+    for chunk, n in index_batches(image_index, core.B):
+        real = torch.arange(core.B, device=core.device) < n  # padding rows of the last chunk are not scored
+        pending: dict[str, torch.Tensor] = {}
+
+        def act(obs: dict[str, torch.Tensor], pending: dict = pending) -> torch.Tensor:
+            util = core.oracle_utilities(kind)  # [B, N], -inf on revealed; the state the policy acts in
+            action = policy.act(obs)
+            first = action if action.dim() == 1 else action[:, 1]
+            pending["best"], pending["best_idx"] = util.max(-1)
+            pending["first"], pending["chosen"] = first, util.gather(1, first[:, None])[:, 0]
+            return action
+
+        def record(d: Decision, pending: dict = pending, real: torch.Tensor = real) -> None:
+            rows = d.active & real
+            agree.append((pending["first"] == pending["best_idx"])[rows].double().cpu())
+            regret.append((pending["best"] - pending["chosen"])[rows].double().cpu())
+
+        play_episodes(core, chunk.to(core.device), act, record)
+    return {"oracle_agreement": float(torch.cat(agree).mean()), "regret": float(torch.cat(regret).mean())}
+
+
+def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_images: int, gamma: float,
+             learned: str | None = "learned", oracle_kind: str = "future_loss") -> dict:
+    """The held-out report: returns of every policy on the same images, and the learned policy's
+    agreement with the oracle and regret. The core must be teacher-forced on the held-out split."""
+    images = balanced_images(core.labels, num_images)
+    stats = {name: policy_returns(p, core, images, gamma) for name, p in policies.items()}
+    report = {
+        "num_images": len(images),
+        "split": core.cfg.split,
+        "reward": core.cfg.reward,
+        "gamma": gamma,
+        "returns": {k: v["discounted"] for k, v in stats.items()},
+        "returns_undiscounted": {k: v["undiscounted"] for k, v in stats.items()},
+        "decisions_per_episode": {k: v["decisions"] for k, v in stats.items()},
+    }
+    if core.router:
+        report["returns_per_block"] = {k: v["per_block"] for k, v in stats.items()}
+        report["semi_mdp"] = core.smdp
+    if core.cfg.decision_cost:
+        report["decision_cost"] = core.cfg.decision_cost
+        report["returns_without_decision_cost"] = {k: v["discounted_no_cost"] for k, v in stats.items()}
+    if learned is not None and learned in policies:
+        report.update(oracle_comparison(policies[learned], core, images, oracle_kind))
+        r = report["returns"]
+        if {"random", "oracle"} <= r.keys():
+            gap = r["oracle"] - r["random"]
+            report["gap_closed"] = (r[learned] - r["random"]) / gap if abs(gap) > 1e-12 else float("nan")
+    return report
+
+
+def heldout_core(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, device: torch.device, seed: int = 0,
+                 router_budgets: list[int] | None = None) -> OrderPlanningCore:
+    """The teacher-forced held-out core every report plays on (with the budget router when
+    `router_budgets` is given)."""
+    env = replace(env_cfg, split="heldout", budget=router_budgets)
+    return make_core(backbone, env=env, batch_size=ev.batch_size, device=device, seed=seed)
+
+
+def heldout_report(backbone: BackboneConfig, env_cfg: EnvConfig, ev: EvalSpec, model: OrderHead, device: torch.device,
+                   seed: int = 0, oracle_kind: str = "future_loss", router_budgets: list[int] | None = None,
+                   core: OrderPlanningCore | None = None) -> dict:
+    """Learned policy next to the baselines on the same held-out images, reward and gamma (with the
+    budget router when `router_budgets` is given; baselines then reveal one block per decision).
+    `core`: a `heldout_core` of the same arguments to reuse (built when None)."""
+    core = core or heldout_core(backbone, env_cfg, ev, device, seed, router_budgets)
+    policies = {name: make_policy(name, core) for name in ev.baselines}
+    policies["learned"] = OrderHeadPolicy(model.eval(), greedy=True, router=router_budgets is not None)
+    return evaluate(policies, core, ev.num_images, ev.gamma, learned="learned", oracle_kind=oracle_kind)
+
+
+def print_report(summary: dict) -> None:
+    r = summary["returns"]
+    cols = "  ".join(f"{k}={v:.3f}" for k, v in r.items())
+    print(f"held-out mean return ({summary['reward']}, gamma={summary['gamma']}, {summary['num_images']} images): {cols}")
+    if "oracle_agreement" in summary:
+        print(f"learned: oracle agreement {summary['oracle_agreement']:.3f}, regret {summary['regret']:.3f} nats, "
+              f"gap closed (random -> oracle) {summary.get('gap_closed', float('nan')):.2f}")
+    if "joint" in summary:
+        j = summary["joint"]
+        b, a = j["heldout_bits_before"], j["heldout_bits_after"]
+        print(f"joint tuning (top {j['top_n']} blocks, lambda {j['lam']}): held-out bits/token raster "
+              f"{b['raster']:.4f} -> {a['raster']:.4f}, random block order {b['random']:.4f} -> {a['random']:.4f}; "
+              f"tuned GPT: {j['gpt_weights']}")
