@@ -11,7 +11,6 @@ Rooms, bottom to top (a room imports only rooms below it; `tests/test_layout.py`
     planner/ OrderHead, action distributions, the policy interface and registry
     eval/    the scorer, rollouts, FID and sample metrics, evaluate, plots
     train/   oracle data, BC, joint tuning, PPO, backbone / VQ training
-The jobs (`orderplan-bc`, `python -m orderplan bc`, ...) are listed in `orderplan.cli`.
-"""
+The jobs (`orderplan-bc`, `python -m orderplan bc`, ...) are listed in `orderplan.cli`."""
 
 __version__ = "0.1.0"

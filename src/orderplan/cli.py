@@ -18,8 +18,7 @@
 | train_classifier | train_classifier.yaml   | orderplan.eval.classifier_training.train_classifier |
 
 `--config-name` picks another preset of the same job (e.g. `evaluate --config-name
-evaluate_generation`), exactly as with `@hydra.main`.
-"""
+evaluate_generation`), exactly as with `@hydra.main`."""
 
 from __future__ import annotations
 
@@ -57,7 +56,10 @@ def _resolve(spec: str):
 
 def run_job(job: str) -> None:
     """Run `job` with Hydra over sys.argv[1:] (overrides, --config-name, --cfg job, ...)."""
-    from orderplan.config.common import to_typed  # after Hydra parsed argv: `--help` stays fast
+    from orderplan.config.common import to_typed
+    from orderplan.config.store import register_schemas
+
+    register_schemas()  # the presets' defaults lists start with their schema (`<preset>_schema`)
 
     preset, fn_spec, schema_spec = JOBS[job]
 

@@ -4,7 +4,6 @@ import gzip
 import hashlib
 import json
 from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pytest

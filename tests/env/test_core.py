@@ -654,7 +654,7 @@ def test_pending_query_keeps_hidden_states_and_samples():
     runs = {}
     for query in ("full", "pending"):
         core = toy_core(3, seed=5, mode="generate", reward="entropy", sampling=SamplingConfig(cfg_scale=2.0),
-                        query=query)
+                        query=query, beliefs=False)
         core.reset()
         gen, rewards, hidden = torch.Generator().manual_seed(1), [], []
         while not bool(core.done.all()):

@@ -287,7 +287,7 @@ ENVS = {
     "smdp": dict(budget=[1, 2], gamma=0.9, reward="anytime"),
     "generate_cfg_beliefs": dict(mode="generate", reward="entropy", beliefs=True,
                                  sampling=SamplingConfig(cfg_scale=2.0, top_k=30)),
-    "generate_pending": dict(mode="generate", reward="entropy", query="pending"),
+    "generate_pending": dict(mode="generate", reward="entropy", query="pending", beliefs=False),
 }
 
 

@@ -165,9 +165,8 @@ def test_auc_of_a_straight_line_is_half():
 def test_evaluate_config_matches_its_schema():
     from orderplan.eval.evaluate import EvaluateRun
 
-    # configs/env/default.yaml turns the belief observation on for the scripts; the schema's default is the old one
     default = EvaluateRun()
-    assert to_typed(compose("evaluate"), EvaluateRun) == replace(default, env=replace(default.env, beliefs=True))
+    assert to_typed(compose("evaluate"), EvaluateRun) == default  # the preset adds no default of its own
 
 
 def test_unknown_or_missing_policies_fail_before_any_work(tmp_path):

@@ -166,7 +166,7 @@ def test_orderhead_reads_belief_features():
         model({k: v for k, v in obs.items() if k != "entropy"})
     # a belief planner refuses an env without belief features; a plain one ignores them
     with pytest.raises(ValueError, match="env.beliefs=true"):
-        make_policy("orderhead", toy_core(2), model=model)
+        make_policy("orderhead", toy_core(2, beliefs=False), model=model)
     plain = OrderHead(orderhead_config_for(core.D, core.geom, d_model=32, n_heads=4)).eval()
     assert make_policy("orderhead", core, model=plain).act(obs).shape == (2,)
     with pytest.raises(ValueError, match="without belief features"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from orderplan.env.core import EnvConfig
 from orderplan.eval.report import EvalSpec
 from orderplan.train.bc import BCConfig, BCRun, train_bc
 from orderplan.train.features import episode_features, state_features
@@ -37,9 +38,7 @@ def test_state_features_match_episode_features():
 
 
 def test_bc_yaml_matches_its_schema():
-    # the YAML turns the belief observation on (the winner of scripts/compare_orders.py); the schema's
-    # default keeps the old observation for library users
-    assert to_typed(compose("bc"), BCRun) == replace(BCRun(), env=replace(BCRun().env, beliefs=True))
+    assert to_typed(compose("bc"), BCRun) == BCRun()  # the preset adds no default of its own
     assert BCRun().bc.joint.top_n == 0  # off by default: `python scripts/bc.py` is plain BC
     run = to_typed(compose("bc", ["bc.joint.top_n=2", "bc.joint.lam=0.5"]), BCRun)
     assert run.bc.joint == JointConfig(top_n=2, lam=0.5)
@@ -68,8 +67,9 @@ def _run(setup, name: str, **joint) -> BCRun:
     root, backbone, oracle = setup
     bc = BCConfig(steps=4, batch_size=16, replay_batch=8, log_every=2, ckpt_every=2, R_schedule=[0, 1],
                   joint=JointConfig(**{"lr": 1e-3, "ar_batch_size": 8, **joint}))
+    # joint tuning recomputes hidden states in one causal pass: the observation without beliefs
     return BCRun(backbone=backbone, oracle=oracle, bc=bc, eval=EvalSpec(num_images=8, batch_size=8),
-                 run_dir=str(root / name))
+                 env=EnvConfig(beliefs=False), run_dir=str(root / name))
 
 
 def _state(path) -> dict[str, torch.Tensor]:

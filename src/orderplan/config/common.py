@@ -2,11 +2,7 @@
 
 The YAML files under `configs/` are read by Hydra; `to_typed` merges them into the dataclasses
 below so that a misspelt key (`train.max_step=...`) or a wrong type fails loudly instead of being
-silently ignored. Paths in configs are resolved by `resolve_path`.
-
-Imports `orderplan.infra.validation` (and, inside `check_backbone_config`, `orderplan.model.loading`); never orderplan.env
-or agents.
-"""
+silently ignored. Paths in configs are resolved by `resolve_path`."""
 
 from __future__ import annotations
 
@@ -131,6 +127,10 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    from orderplan.config.store import register_schemas
+
+    register_schemas()
 
     if GlobalHydra.instance().is_initialized():  # inside a script's @hydra.main (its search path is configs/)
         return hydra_compose(config_name=config_name, overrides=overrides or [])

@@ -2,10 +2,7 @@
 
 Pixel conventions: stored images are uint8 in [0, 255]; model inputs are float in [-1, 1]
 (LlamaGen's Normalize(0.5, 0.5)). Codes are written once by `scripts/extract_codes.py`, so GPT,
-oracle and planner training never run the tokenizer (as LlamaGen's `extract_codes_c2i.py`).
-
-Imports `orderplan.infra.checkpoint` from this package; never orderplan.env or agents.
-"""
+oracle and planner training never run the tokenizer (as LlamaGen's `extract_codes_c2i.py`)."""
 
 from __future__ import annotations
 

@@ -4,12 +4,7 @@ As LlamaGen's `extract_codes_c2i.py`: GPT / oracle / planner training then reads
 from disk and never runs the tokenizer. Layout with `flip=true`: rows [0, N) hold the original
 images, rows [N, 2N) their horizontal mirrors (same labels), recorded in the meta file.
 `source=synthetic` writes seeded synthetic grids in the same format, no VQ and no images
-(`synthetic_codes`): the data of the random-weight smoke backbone (configs/backbone/llamagen_b_random.yaml).
-
-Imports `orderplan.infra.checkpoint`, `orderplan.config.common`, `orderplan.data.datasets`, `orderplan.model.loading` (the GPT's grid and
-vocab, for synthetic codes), `orderplan.infra.run_utils`, `orderplan.infra.validation`, `orderplan.model.vq` from this package;
-never orderplan.env or agents.
-"""
+(`synthetic_codes`): the data of the random-weight smoke backbone (configs/backbone/llamagen_b_random.yaml)."""
 
 from __future__ import annotations
 

@@ -5,10 +5,7 @@ Where things are: the dynamics in `orderplan.env.core`; every reward formula and
 `orderplan.env.rewards`; the one random valid action in `orderplan.env.actions`; the one full-episode loop in
 `orderplan.env.episodes`; the TorchRL / Gymnasium views in `orderplan.env.torchrl_env` / `orderplan.env.gym_api`; building
 from configs in `orderplan.env.factory`; benchmarks in `orderplan.env.benchmark`. The KV-shared loss machinery and the
-oracle utilities live in `orderplan.oracle.future_loss`.
-
-Imports backbone/ and orderplan.env/ only (and torchrl, gymnasium); never agents.
-"""
+oracle utilities live in `orderplan.oracle.future_loss`."""
 
 import gymnasium as _gymnasium
 

@@ -4,10 +4,7 @@ Everything that needs a random legal action draws it here: `RandomPolicy` (order
 `OrderPlanningEnv.rand_action` (TorchRL), the Gymnasium action spaces' `sample()` (orderplan.env.gym_api) and
 the random behaviour of the oracle data set (orderplan.train.oracle_data). The action format is the
 core's (`OrderPlanningCore.parse_action`): a block index per row, or with the budget router
-(budget index, then K = max(budgets) ordered blocks).
-
-Imports torch only: nothing here knows about the backbone, the core or agents.
-"""
+(budget index, then K = max(budgets) ordered blocks)."""
 
 from __future__ import annotations
 

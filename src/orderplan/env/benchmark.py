@@ -14,10 +14,7 @@
 
 The tiny default is `make_core("tiny_mnist")` (needs `artifacts/tiny_mnist/{gpt,vq}.safetensors`);
 without the artifacts a random GPT of the same preset and geometry over random codes stands in
-(timings depend on shapes, not on weights) and the output says so.
-
-Imports backbone/ and orderplan.env/ only; never agents.
-"""
+(timings depend on shapes, not on weights) and the output says so."""
 
 from __future__ import annotations
 

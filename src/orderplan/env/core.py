@@ -28,7 +28,7 @@ decoding costs; rewards are nan there.
 Rewards: the core hands the per-token losses before and after each decision to
 `orderplan.env.rewards.information_reward` and `decision_reward`; every reward formula (`env.reward=`
 future_loss | extrapolative | anytime | likelihood | entropy, and the decision cost) and the one
-discounting rule live in orderplan.env/rewards.py, and only there. The KV-shared loss machinery behind the
+discounting rule live in orderplan.env.rewards, and only there. The KV-shared loss machinery behind the
 oracle (query rows over every candidate block, `oracle_utilities`) lives in src/orderplan/oracle/future_loss.py;
 `OrderPlanningCore.oracle_utilities` only calls it on the current state.
 
@@ -43,10 +43,7 @@ per decision) instead of one per decision. With gamma=None a decision's reward c
 as above (the undiscounted sum over its blocks for future_loss); plain actions (k = 1) are the same
 either way.
 
-Shapes: B batch rows, L tokens, N blocks, T tokens per block, K max blocks per decision, D model dim.
-
-Imports backbone/ and orderplan.env.rewards only; never agents (or the TorchRL / Gymnasium views built on it).
-"""
+Shapes: B batch rows, L tokens, N blocks, T tokens per block, K max blocks per decision, D model dim."""
 
 from __future__ import annotations
 
@@ -100,7 +97,7 @@ class EnvConfig:
     gamma: float | None = None  # router only: semi-MDP discount per block (see module doc); None = per decision
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # generation mode (LlamaGen knobs)
     oracle_chunk: int | None = None  # candidates per batched oracle pass (memory bound); None = all
-    beliefs: bool = False  # observation adds entropy [B, L] and query_hidden [B, N, D] (the model's beliefs)
+    beliefs: bool = True  # observation adds entropy [B, L] and query_hidden [B, N, D] (the model's beliefs); false: hidden states and mask only
     belief_samples: int = 4  # K: sampled completions per candidate block of `expected_utilities`
     # generation mode: the step's query reads the conditional model (false) or the CFG-guided one (true)
     guided_beliefs: bool = False

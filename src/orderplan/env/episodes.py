@@ -1,10 +1,7 @@
 """The one full-episode loop over the batched core: reset rows on images, then let a decision rule
 act on the observation until every row is done (a finished row is left alone while the others go
 on). Everything that plays whole episodes (the policies' `run_episodes`, the held-out report, oracle
-data collection, order replay, generation-mode sampling, benchmarks) goes through `play_episodes`.
-
-Imports orderplan.env.core only (and, through it, the backbone).
-"""
+data collection, order replay, generation-mode sampling, benchmarks) goes through `play_episodes`."""
 
 from __future__ import annotations
 

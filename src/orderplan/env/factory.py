@@ -1,7 +1,4 @@
-"""Building environments from the same Hydra configs the scripts use (`make_core`, `make_env`).
-
-Imports backbone/ and orderplan.env/ only; never agents.
-"""
+"""Building environments from the same Hydra configs the scripts use (`make_core`, `make_env`)."""
 
 from __future__ import annotations
 

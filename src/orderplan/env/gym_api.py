@@ -21,10 +21,7 @@ leaves the state unchanged; stepping a finished episode raises until reset.
 `action_space.sample()` without a mask returns a uniformly random *valid* action of the current
 state (the spaces carry the env's current action mask in `valid`; the draw is
 `orderplan.env.actions.random_valid_action`, seeded from the space's numpy generator); `sample(mask=...)`
-and `contains` are Gymnasium's. A detached copy of a space keeps the mask it had when copied.
-
-Imports orderplan.env.core, orderplan.env.actions, orderplan.env.rewards (and orderplan.env.factory lazily, to build a core); never agents.
-"""
+and `contains` are Gymnasium's. A detached copy of a space keeps the mask it had when copied."""
 
 from __future__ import annotations
 

@@ -16,10 +16,7 @@ Rewards (nats per decision; `env.reward=`):
 * likelihood:    log p(revealed blocks | S_t), teacher-forced (the return is the image
                  log-likelihood under the chosen order).
 * entropy:       H_rest(S_t) - H_rest(S_t+1), the reward of generation mode (no ground truth).
-Every decision also costs `decision_cost` (`decision_reward`).
-
-Imports torch only: nothing here knows about the backbone or the core.
-"""
+Every decision also costs `decision_cost` (`decision_reward`)."""
 
 from __future__ import annotations
 
@@ -52,6 +49,12 @@ def information_reward(kind: str, blocks: torch.Tensor, k: torch.Tensor, unseen_
     if kind == "likelihood":
         return loglik
     raise ValueError(f"unknown reward {kind!r}; use one of {REWARDS}")
+
+
+# The project's one discount, per decision (per block in semi-MDP mode): the default of PPO's
+# ppo.gamma, of every report's eval.gamma and of `run_episodes`. < 1 on purpose: future_loss rewards
+# telescope, so with gamma = 1 every order has the same return (L_rest(empty)) and nothing to rank.
+GAMMA = 0.9
 
 
 def decision_reward(information: torch.Tensor, decision_cost: float) -> torch.Tensor:

@@ -6,7 +6,7 @@ action_mask [B, N] bool, label [B], step [B], image_index [B]; generation mode a
 and image [B, C, H, W]; env.beliefs adds entropy [B, L] (H_j(S), nats) and query_hidden [B, N, D]
 (block means of the unseen tokens' query rows). Action: `action` [B] (a block index, masked to unrevealed blocks), or with
 the budget router [B, 1 + K] (budget index, then K ordered blocks). Reward [B, 1] in nats.
-With the router in semi-MDP mode (env.gamma set, see orderplan.env/core.py) the step output also carries
+With the router in semi-MDP mode (env.gamma set, see orderplan.env.core) the step output also carries
 `decision_blocks` [B, 1] long: k, the blocks revealed by the decision that led to this observation
 (0 after a reset), so the discount from this decision to the next is gamma^k. It is an observation
 key, so after `step_mdp` the root holds the *previous* decision's k: read the transition's k at
@@ -14,10 +14,7 @@ key, so after `step_mdp` the root holds the *previous* decision's k: read the tr
 A reset tensordict may carry `reset_image_index` [B] to choose the images (evaluation on fixed
 images); it is a separate key from the `image_index` observation, so the usual
 `td["_reset"] = td["done"]; env.reset(td)` loop draws new images. `rand_action` draws from
-`orderplan.env.actions.random_valid_action`, the one random valid action.
-
-Imports orderplan.env.core and orderplan.env.actions (and torchrl / tensordict); never agents.
-"""
+`orderplan.env.actions.random_valid_action`, the one random valid action."""
 
 from __future__ import annotations
 

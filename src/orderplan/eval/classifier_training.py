@@ -10,11 +10,7 @@ are also written to `out` (default `artifacts/tiny_mnist/classifier.safetensors`
 they are): that command regenerates the committed artifact and its manifest entry. Same seed and
 thread count give bit-identical weights (a different thread count changes float summation order),
 and the same weights give the same file bytes (`feature_net.save_classifier`), so the manifest's
-sha256 is reproducible.
-
-Imports backbone/ and orderplan.eval.feature_net only; never orderplan.env, orderplan.planner or
-orderplan.train.
-"""
+sha256 is reproducible."""
 
 from __future__ import annotations
 

@@ -22,10 +22,7 @@ one teacher-forced pass over each episode:
   `orderplan.oracle.expected`), and wall time.
 
 Router planners decide several blocks at once; they are scored here on the per-block discounted
-return of the block order they produce (`report.order_returns`), so every row is on one scale.
-
-Imports backbone/, orderplan.env/, orderplan.planner and orderplan.eval; never orderplan.train.
-"""
+return of the block order they produce (`report.order_returns`), so every row is on one scale."""
 
 from __future__ import annotations
 

@@ -33,12 +33,10 @@ the features in sample order (src/orderplan/eval/sharding.py); the oracles' teac
 which generation replays, are played the same way, by whole batches on every rank; rank 0 runs
 everything else and writes every file. The results equal one process's exactly, whatever the number of ranks.
 
-Imports backbone/, orderplan.env/, orderplan.planner and orderplan.eval; never orderplan.train.
 
 Outputs in run_dir: results.json, results.md, PNGs (samples_side_by_side.png, fid_vs_n.png,
 reveal_time_heatmaps.png, samples_<policy>.png, progressive_<policy>.png, order_heatmaps.png,
-remaining_loss.png) and, with eval.npz=true, samples_<policy>.npz for the ADM evaluator.
-"""
+remaining_loss.png) and, with eval.npz=true, samples_<policy>.npz for the ADM evaluator."""
 
 from __future__ import annotations
 
@@ -74,6 +72,7 @@ from orderplan.model.sampling import SamplingConfig, check_sampling
 from orderplan.infra.seeding import isolated_rng
 from orderplan.infra.validation import check_choice, check_gamma, check_int, check_int_list, check_path_exists, check_range
 from orderplan.env.core import REWARDS, EnvConfig, OrderPlanningCore
+from orderplan.env.rewards import GAMMA
 
 ORACLES = {"oracle": "future_loss", "oracle_extrapolative": "extrapolative"}
 
@@ -93,7 +92,7 @@ class EvalOptions:
     policy_samples: dict[str, int] = field(default_factory=dict)  # per-policy N (e.g. {expected_oracle: 500})
     fid_curve: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000, 5000])  # N of the FID-vs-N curve
     dfid_baselines: list[str] = field(default_factory=lambda: ["raster", "random", "confident_first"])
-    gamma: float = 0.9  # discount per block of the reported returns
+    gamma: float = GAMMA  # discount per block of the reported returns (orderplan.env.rewards.GAMMA)
     reward: str = "future_loss"  # the reward behind the table's `return` column
     rewards: list[str] = field(default_factory=lambda: ["future_loss", "extrapolative", "anytime", "likelihood"])
     oracle_kind: str = "future_loss"  # utility behind oracle agreement / regret

@@ -15,10 +15,7 @@ checkpoint I/O and the feature extractors. Training the digit classifier lives i
 - `make_feature_extractor`: picks one from config values.
 
 Pixel convention: every network here takes float images [B, C, H, W] in [-1, 1], the output of
-`orderplan.data.datasets.images_to_model` and of the VQ decoder.
-
-Imports backbone/ only; never orderplan.env, orderplan.planner or orderplan.train.
-"""
+`orderplan.data.datasets.images_to_model` and of the VQ decoder."""
 
 from __future__ import annotations
 

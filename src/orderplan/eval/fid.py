@@ -8,10 +8,7 @@ handing the metrics an identity "feature extractor": one implementation of the F
 the headline FID, the noise floor and every bootstrap replicate.
 
 FID at different N is not comparable (the estimator is biased upward at small N), so every function
-here reports the N it used.
-
-Imports backbone/ only (atomic writes); never orderplan.env, orderplan.planner or orderplan.train.
-"""
+here reports the N it used."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """PNG figures of `scripts/evaluate.py` (matplotlib, Agg backend: no display needed).
 
 Images come in model space, float [*, C, H, W] in [-1, 1]; block orders as reveal sequences [*, N]
-or masks [*, N] over the geometry's block grid (blocks_h x blocks_w, row-major).
-
-Imports backbone/ only (block geometry, atomic writes); never orderplan.env, orderplan.planner or orderplan.train.
-"""
+or masks [*, N] over the geometry's block grid (blocks_h x blocks_w, row-major)."""
 
 from __future__ import annotations
 

@@ -18,8 +18,7 @@ Resumable: each finished chunk's features are written (atomically) to
 run_dir/chunks/<policy>/<c>.pt with the identity of everything that shapes them; a rerun reuses the
 chunks of the same setup and produces the same report.
 
-Outputs in run_dir: power.json, power.md, power.png (half-width and |dFID| / 3 against N).
-"""
+Outputs in run_dir: power.json, power.md, power.png (half-width and |dFID| / 3 against N)."""
 
 from __future__ import annotations
 

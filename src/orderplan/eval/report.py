@@ -15,10 +15,7 @@ Numbers (nats unless stated):
   `oracle_kind`), in nats.
 
 Episodes are played by `orderplan.env.episodes.play_episodes` (through `run_episodes` or directly), returns
-discounted by `orderplan.env.rewards.discounted_return`, images chosen by `rollouts.balanced_images`.
-
-Imports backbone/, orderplan.env/, orderplan.planner and orderplan.eval.rollouts; never orderplan.train.
-"""
+discounted by `orderplan.env.rewards.discounted_return`, images chosen by `rollouts.balanced_images`."""
 
 from __future__ import annotations
 
@@ -34,6 +31,7 @@ from orderplan.infra.validation import check_gamma, check_int
 from orderplan.env.core import EnvConfig, OrderPlanningCore
 from orderplan.env.episodes import Decision, play_episodes
 from orderplan.env.factory import make_core
+from orderplan.env.rewards import GAMMA
 from orderplan.env.rewards import discounted_return
 
 
@@ -43,7 +41,7 @@ class EvalSpec:
 
     num_images: int = 96  # held-out images scored by every policy
     batch_size: int = 16
-    gamma: float = 0.9  # discount of the reported returns (future_loss telescopes at gamma = 1)
+    gamma: float = GAMMA  # discount of the reported returns (orderplan.env.rewards.GAMMA)
     baselines: list[str] = field(default_factory=lambda: ["raster", "random", "confident_first", "oracle"])
 
 

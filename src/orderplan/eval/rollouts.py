@@ -16,10 +16,7 @@ held-out image of the same class (order transfer), which is the closest the orac
 
 Every full episode here goes through `orderplan.env.episodes.play_episodes` (per-step recording in its `act`
 and `after_step` callables), every discount through `orderplan.env.rewards.discounted_return`, and every
-choice of class-balanced images through `balanced_images`.
-
-Imports backbone/, orderplan.env/ and orderplan.planner only; never orderplan.train.
-"""
+choice of class-balanced images through `balanced_images`."""
 
 from __future__ import annotations
 

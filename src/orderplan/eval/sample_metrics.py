@@ -15,10 +15,7 @@ conditioning label and the same sampler seed. Features come from `orderplan.eval
 * `precision_recall`: improved precision and recall (Kynkaanniemi et al. 2019) with per-sample
   indicators, so callers can bootstrap them;
 * `class_logprob`, `mean_interval`: log p(label | image) under the classifier, and a bootstrap
-  interval of a per-sample mean (`comparison.bootstrap_mean`).
-
-Imports orderplan.eval (fid, comparison) and backbone through them; never orderplan.train.
-"""
+  interval of a per-sample mean (`comparison.bootstrap_mean`)."""
 
 from __future__ import annotations
 

@@ -11,10 +11,7 @@ log-probs, dFID) is bit-identical to one process: world-size independence with n
 
 What travels to rank 0: features [S, F], orders, decisions, entropy-drop returns, the few images the
 figures show (`figure_indices`), the progressive snapshots and, for eval.npz only, uint8 images.
-One process runs the same code with one shard (the whole set).
-
-Imports backbone/ and orderplan.eval only.
-"""
+One process runs the same code with one shard (the whole set)."""
 
 from __future__ import annotations
 

@@ -1,3 +1,2 @@
 """Infrastructure every room may use: atomic checkpoints, the torchrun process group, named random
-streams, console logs and metric loggers, config value checks, and artifact checksums.
-Imports no other room of the package."""
+streams, console logs and metric loggers, config value checks, and artifact checksums."""

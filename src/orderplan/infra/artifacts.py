@@ -14,10 +14,7 @@ many times pay for one hash (a few ms for the tiny default).
 
 Non-finite weights. `check_finite` refuses a state dict with nan / inf in any floating tensor,
 naming the tensors; `orderplan.infra.checkpoint.load_state_dict_checked` and the VQ loaders call it, so
-GPT, VQ, OrderHead and classifier files with non-finite weights never load.
-
-Imports no other project module.
-"""
+GPT, VQ, OrderHead and classifier files with non-finite weights never load."""
 
 from __future__ import annotations
 

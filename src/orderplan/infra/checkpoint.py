@@ -8,10 +8,7 @@
   ``argparse.Namespace`` and are refused with a message that says how to re-save them.
 - ``CheckpointManager``: ``step_XXXXXXXX.pt`` files plus a ``last.json`` pointer that moves only
   after the checkpoint is complete (LeRobot's ``update_last_checkpoint``), and RNG-state helpers
-  for exact resume.
-
-Imports orderplan.infra.artifacts only (its `check_finite`); never orderplan.env or agents.
-"""
+  for exact resume."""
 
 from __future__ import annotations
 

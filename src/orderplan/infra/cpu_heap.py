@@ -7,10 +7,7 @@ belief-planner generation (the env's per-token query) runs 1.2-1.4x faster witho
 decoding about the same (`scripts/bench_generation.py --heap compare`). Raising the mmap and trim
 thresholds keeps large blocks in the heap for reuse, which is what PyTorch's CPU performance guide
 gets from preloading jemalloc or tcmalloc. The cost: the heap keeps its high-water mark (resident
-memory does not shrink after a peak). Results are unchanged (allocation only, bit for bit).
-
-Imports no other project module.
-"""
+memory does not shrink after a peak). Results are unchanged (allocation only, bit for bit)."""
 
 from __future__ import annotations
 

@@ -6,10 +6,7 @@ whatever is split (images, oracle states, samples). `gather_strided` puts those 
 global order on every rank, so a result computed from the gathered tensor does not depend on W.
 
 gloo on CPU (and for object gathers), NCCL when the job runs on CUDA. Without torchrun
-(WORLD_SIZE unset) everything here is a no-op with rank 0 of 1.
-
-Imports `orderplan.infra.run_utils` only; never orderplan.env or agents.
-"""
+(WORLD_SIZE unset) everything here is a no-op with rank 0 of 1."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
 """Small pieces every script shares: device and process-group discovery, a metric logger that
 prints nothing extra by default and mirrors to wandb (offline unless asked) when `logger=wandb`, and
-the console log of a run (`console_log`: what a run prints, also written to run_dir/<job>.log).
-
-Imports no other project module; never orderplan.env or agents.
-"""
+the console log of a run (`console_log`: what a run prints, also written to run_dir/<job>.log)."""
 
 from __future__ import annotations
 

@@ -12,10 +12,7 @@ purpose gets its own seed, a hash of (run seed, name), so a stream depends on it
     with isolated_rng(seed, "ppo", "router_init"): ...   # the global streams seeded inside, restored after
 
 The hash is sha256 over the names and numpy's SeedSequence over the seed, so it is stable across
-processes, Python versions and platforms (Python's own `hash` of a str is salted per process).
-
-Imports no other project module; never orderplan.env or agents.
-"""
+processes, Python versions and platforms (Python's own `hash` of a str is salted per process)."""
 
 from __future__ import annotations
 

@@ -12,10 +12,7 @@ Missing paths raise FileNotFoundError naming the key and where it was looked for
 `to_typed` (src/orderplan/config/common.py) already refuses unknown keys and wrong types; these helpers add
 what a type cannot say (ranges, non-empty lists, existing files). They also refuse booleans where a
 number is expected and nan / inf everywhere, since Python's `True >= 1` and `nan`'s false
-comparisons would otherwise slip through.
-
-Imports no other project module at import time (`check_path_exists` uses `orderplan.config.common.resolve_path`).
-"""
+comparisons would otherwise slip through."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
 """Throughput of the three samplers on one model, measured in one process so ratios are fair:
 KV-cached raster, KV-cached random block order, and the O(L^2) full-recompute sampler; and the
-decode step's overhead ratio (its time over the time its FLOPs take at the measured matmul rate).
-
-Imports `orderplan.model.blocks`, `orderplan.model.gpt`, `orderplan.model.orders`, `orderplan.model.sampling` from this package;
-never orderplan.env or agents.
-"""
+decode step's overhead ratio (its time over the time its FLOPs take at the measured matmul rate)."""
 
 from __future__ import annotations
 

@@ -8,10 +8,7 @@ Conventions (DESIGN.md section 4):
 - a block order is a permutation of ``0..N-1``; inside a block tokens go in raster order.
 
 Positions are spatial: the GPT indexes its 2D RoPE by ``p`` (or its (row, col)), never by the
-step at which a token is generated, so ``token_order`` is all the model needs from an order.
-
-Imports no other project module; never orderplan.env or agents.
-"""
+step at which a token is generated, so ``token_order`` is all the model needs from an order."""
 
 from __future__ import annotations
 

@@ -31,10 +31,7 @@ length, so a wider window gives the same attention up to float summation order.
 
 Shapes: B batch, L = grid_h * grid_w tokens, T new tokens, Q query rows, D model dim, V vocabulary,
 H heads, Dh head dim, C cache capacity (= L + 1, the last slot is scratch for inactive rows).
-Positions are raster token indices p = row * grid_w + col; position -1 denotes the class token.
-
-Imports no other project module; never orderplan.env or agents.
-"""
+Positions are raster token indices p = row * grid_w + col; position -1 denotes the class token."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
 """Building the frozen generator stack from a `backbone=` config: GPT weights (LlamaGen `.pt` or our
-`.safetensors`), the VQ tokenizer, the block geometry and the token data.
-
-Imports `orderplan.infra.artifacts`, `orderplan.model.blocks`, `orderplan.infra.checkpoint`, `orderplan.config.common`,
-`orderplan.data.datasets`, `orderplan.model.gpt`, `orderplan.model.vq` from this package; never orderplan.env or agents.
-"""
+`.safetensors`), the VQ tokenizer, the block geometry and the token data."""
 
 from __future__ import annotations
 

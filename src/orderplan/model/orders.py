@@ -15,10 +15,7 @@ token positions. With ``block=1`` the orders are the token-level orders of the s
   and walks clockwise with legs 1, 1, 2, 2, 3, 3, ... (right, down, left, up, ...), skipping
   cells outside the grid. On a square grid every ring around the centre is completed before
   the next one starts.
-- random: an independent uniform permutation per row, drawn from ``generator``.
-
-Imports `orderplan.model.blocks` from this package; never orderplan.env or agents.
-"""
+- random: an independent uniform permutation per row, drawn from ``generator``."""
 
 from __future__ import annotations
 

@@ -3,10 +3,7 @@ top-p) and two generators that give the same distribution at very different cost
 
 * `generate`: incremental, KV-cached, O(L) forwards of one token each, any order.
 * `generate_recompute`: the O(L^2) full-recompute sampler of the seed experiments (a full forward
-  of the whole prefix at every step); kept as the reference the benchmark compares against.
-
-Imports `orderplan.model.gpt` and `orderplan.infra.validation` from this package; never orderplan.env or agents.
-"""
+  of the whole prefix at every step); kept as the reference the benchmark compares against."""
 
 from __future__ import annotations
 

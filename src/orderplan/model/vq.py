@@ -7,10 +7,7 @@ Submodule and parameter names equal LlamaGen's `tokenizer/tokenizer_image/vq_mod
 official `vq_ds16_c2i.pt` loads into the `vq_16` preset with `load_state_dict(strict=True)`.
 
 Shapes: images [B, C, H, W] in [-1, 1]; latents [B, D, h, w] with D = codebook_embed_dim and
-h = H / 2**(len(encoder_ch_mult) - 1); codes LongTensor [B, h, w] in [0, codebook_size).
-
-Imports `orderplan.infra.artifacts` and `orderplan.infra.checkpoint` from this package; never orderplan.env or agents.
-"""
+h = H / 2**(len(encoder_ch_mult) - 1); codes LongTensor [B, h, w] in [0, codebook_size)."""
 
 from __future__ import annotations
 

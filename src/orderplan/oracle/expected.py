@@ -31,10 +31,7 @@ The ground-truth oracle (`oracle_utilities`) costs 1 + C_b in the same unit.
 
 Shapes: B batch, L tokens, N blocks, T tokens per block, C candidates (-1 = padding), K samples
 per candidate, M real (row, candidate) pairs of a chunk, V vocabulary. util [B, N], entropy [B, L],
-samples [B, C, K, T], sample_logp [B, C, K]. All entropies, utilities and log-probabilities in nats.
-
-Imports orderplan.model.blocks, orderplan.model.gpt, orderplan.oracle.future_loss from this package; never orderplan.env or agents.
-"""
+samples [B, C, K, T], sample_logp [B, C, K]. All entropies, utilities and log-probabilities in nats."""
 
 from __future__ import annotations
 

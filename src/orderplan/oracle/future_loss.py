@@ -16,7 +16,7 @@ For an image with ground-truth tokens x [L], a visible set S (the blocks reveale
 (one explicit `forward_sequence` per candidate); they are slow and exist as the test reference.
 
 This module is the KV-shared loss machinery: what the oracle and the env's query rows compute. The
-rewards the env pays are formed from these losses in `orderplan.env/rewards.py`, not here.
+rewards the env pays are formed from these losses in `orderplan.env.rewards`, not here.
 
 Host-device synchronisation: by default every entry point checks its inputs and reads two sizes
 from the device (the longest cache, the most unseen tokens of any row). A caller that knows them on
@@ -25,10 +25,7 @@ the device (on a GPU, the launches of the whole pass queue without waiting). The
 
 Shapes: B batch, L tokens, N blocks, T tokens per block, C candidates, Q query targets per row
 (the most unseen tokens of any row), P cached prefix slots, D model dim, V vocabulary, H heads,
-Hkv key/value heads (GQA), Dh head dim.
-
-Imports `orderplan.model.blocks`, `orderplan.model.gpt` from this package; never orderplan.env or agents.
-"""
+Hkv key/value heads (GQA), Dh head dim."""
 
 from __future__ import annotations
 

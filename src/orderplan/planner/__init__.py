@@ -1,4 +1,2 @@
 """The planner: the OrderHead (latent core, value head, budget router), its action distributions,
-and the policy interface and registry (fixed orders, random, oracles, learned).
-
-Imports backbone/ and orderplan.env/ only; never orderplan.train or orderplan.eval (they build on this)."""
+and the policy interface and registry (fixed orders, random, oracles, learned)."""

@@ -15,10 +15,7 @@ actions [*, 1 + K]: a budget index, then K ordered block ids.
 
 Everything is vectorised over the batch (the only loop-like axis is the K <= 4 draws, which is
 handled with a [*, K, N] mask, not a Python loop). Shapes: `*` batch dims, N blocks, nb budgets,
-K = max(budgets).
-
-Imports torch and torchrl only; never orderplan.train or orderplan.eval.
-"""
+K = max(budgets)."""
 
 from __future__ import annotations
 

@@ -26,10 +26,7 @@ equal log-probabilities).
 Logits, value and budget logits leave `plan` as float32 in any case.
 
 Checkpoints are safetensors files whose metadata carries the config (`save_orderhead` /
-`load_orderhead`); R is a forward argument, not a parameter, so any R runs on any checkpoint.
-
-Imports backbone/ only; never orderplan.env, orderplan.train or orderplan.eval.
-"""
+`load_orderhead`); R is a forward argument, not a parameter, so any R runs on any checkpoint."""
 
 from __future__ import annotations
 

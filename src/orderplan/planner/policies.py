@@ -29,10 +29,7 @@ the belief features and the last token's hidden state). oracle: 1 + C (C unrevea
 candidate pass each). expected_oracle: 1 + K * C.
 `make_policy(name, core, **kwargs)` builds any of them for a core; `GymPolicy` adapts one to numpy
 observations; `run_episodes` plays full episodes on chosen images (discounting by
-`orderplan.env.rewards.discounted_return`, the one discounting rule).
-
-Imports backbone/, orderplan.env/ and orderplan.planner only; never orderplan.train or orderplan.eval.
-"""
+`orderplan.env.rewards.discounted_return`, the one discounting rule)."""
 
 from __future__ import annotations
 
@@ -52,6 +49,7 @@ from orderplan.model.orders import ORDER_NAMES, block_order
 from orderplan.env.actions import random_valid_action
 from orderplan.env.core import OrderPlanningCore
 from orderplan.env.episodes import Decision, play_episodes
+from orderplan.env.rewards import GAMMA
 from orderplan.env.rewards import discount_factors, discounted_return
 
 __all__ = [
@@ -437,7 +435,7 @@ def run_episodes(policy: BlockPolicy, core: OrderPlanningCore, image_index: torc
         live [B, S] bool       whether the row made decision t
         decisions [B]          number of decisions of each row
         blocks [B, N]          blocks in the order they were revealed
-    gamma: None = env.gamma in semi-MDP mode, else 0.99. In semi-MDP mode the core discounts the
+    gamma: None = env.gamma in semi-MDP mode, else orderplan.env.rewards.GAMMA. In semi-MDP mode the core discounts the
     blocks inside a decision by env.gamma, so a given `gamma` must equal it (ValueError otherwise);
     the discounted return is then the per-block discounted return of the block order minus the
     discounted decision costs.
@@ -468,9 +466,9 @@ def run_episodes(policy: BlockPolicy, core: OrderPlanningCore, image_index: torc
 
 
 def _episode_gamma(core: OrderPlanningCore, gamma: float | None) -> float:
-    """The discount of `run_episodes`: a semi-MDP core fixes it (env.gamma), otherwise `gamma` or 0.99."""
+    """The discount of `run_episodes`: a semi-MDP core fixes it (env.gamma), otherwise `gamma` or GAMMA."""
     if not core.smdp:
-        return 0.99 if gamma is None else float(gamma)
+        return GAMMA if gamma is None else float(gamma)
     if gamma is not None and not math.isclose(float(gamma), float(core.cfg.gamma), rel_tol=0.0, abs_tol=1e-12):
         raise ValueError(f"the core discounts per block with env.gamma={core.cfg.gamma} (semi-MDP); "
                          f"run its episodes with the same gamma, got {gamma}")

@@ -7,11 +7,7 @@ it off only in the pure raster phase). Labels are dropped to the null class for 
 Exact resume without relying on saved RNG streams: the batch, the orders and the class dropout of
 step s are drawn from generators seeded by (seed, s, rank), and the global torch RNG (dropout) is
 re-seeded the same way at every step. A run stopped at step s and restarted continues with exactly
-the batches, orders and dropout masks it would have seen. Runs under `torchrun` with DDP.
-
-Imports `orderplan.model.blocks`, `orderplan.infra.checkpoint`, `orderplan.config.common`, `orderplan.model.gpt`,
-`orderplan.model.loading`, `orderplan.model.orders`, `orderplan.infra.run_utils` from this package; never orderplan.env or agents.
-"""
+the batches, orders and dropout masks it would have seen. Runs under `torchrun` with DDP."""
 
 from __future__ import annotations
 

@@ -56,11 +56,7 @@ of each step's global minibatch, its loss weighted W * sum / batch so that DDP's
 the one-process gradient; a missing oracle set is built sharded. DAgger rounds are collected on rank
 0 and broadcast, a generated-state set is built by rank 0 alone; rank 0 writes every file and runs
 the report. Checkpoints leave W out of their identity (the step's math does not depend on it); each
-rank draws its own dropout masks (rank 0 the one-process stream). Joint tuning runs in one process only.
-
-Imports backbone/, orderplan.env/, orderplan.planner, orderplan.eval (the held-out report) and the rest of
-orderplan.train.
-"""
+rank draws its own dropout masks (rank 0 the one-process stream). Joint tuning runs in one process only."""
 
 from __future__ import annotations
 

@@ -17,8 +17,7 @@ one process so the ratios are fair:
                        resident set size, a lower bound).
 
 Lives in orderplan.train because it times the planner and PPO; the env-only timings are
-`orderplan.env.benchmark`'s.
-"""
+`orderplan.env.benchmark`'s."""
 
 from __future__ import annotations
 

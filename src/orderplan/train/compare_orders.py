@@ -19,10 +19,7 @@ Table rows (results.json, results.md): raster, random, the six heuristic orders,
 uncertain_first, expected_oracle, oracle, then BC and PPO per observation (seeds pooled), the R
 ablation (the same BC and PPO checkpoints of `ablation_observation` at each R of `R_values`) and
 the router. Columns: return with a 95% interval over images and seeds, gap closed, oracle agreement,
-regret, backbone forwards per decision, wall time of the scoring (and of the training, per run).
-
-Imports backbone/, orderplan.env/, orderplan.planner, orderplan.eval and orderplan.train.
-"""
+regret, backbone forwards per decision, wall time of the scoring (and of the training, per run)."""
 
 from __future__ import annotations
 
@@ -49,6 +46,7 @@ from orderplan.infra.run_utils import console_log, setup_device
 from orderplan.infra.validation import check_choice, check_gamma, check_int, check_int_list, check_range
 from orderplan.env.core import EnvConfig
 from orderplan.env.factory import make_core
+from orderplan.env.rewards import GAMMA
 
 OBSERVATIONS = ("block", "belief")  # env.beliefs = false / true
 
@@ -57,7 +55,7 @@ OBSERVATIONS = ("block", "belief")  # env.beliefs = false / true
 class CompareEval:
     num_images: int = 200  # held-out images, class-balanced, the same for every policy
     batch_size: int = 20  # episodes together (a divisor of num_images wastes no rows)
-    gamma: float = 0.9  # discount per decision of the returns
+    gamma: float = GAMMA  # discount per decision of the returns (orderplan.env.rewards.GAMMA)
     agreement_images: int = 100  # oracle agreement / regret on the first images (one oracle pass per decision)
     ablation_agreement_images: int = 40  # the same for the R-ablation rows (many checkpoints: kept cheaper)
     oracle_kind: str = "future_loss"

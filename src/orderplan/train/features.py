@@ -5,10 +5,7 @@ A stored state is (image index, revealed-block prefix [N] in reveal order, -1 pa
 the oracle data set keeps it (`orderplan.train.oracle_data`). `replay` is the only code that turns
 such records back into env states: `replay_states` (the observation at each record's own length)
 and `episode_observations` (every record of an episode read off one replay of its longest prefix,
-with the belief features when the core has env.beliefs) are both views of it.
-
-Imports backbone/ and orderplan.env/ only.
-"""
+with the belief features when the core has env.beliefs) are both views of it."""
 
 from __future__ import annotations
 

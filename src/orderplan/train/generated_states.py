@@ -35,10 +35,7 @@ part of it (the rows of a batch share their generators).
 On disk (`out_dir`): `states.pt` (records, codes, labels; written atomically) and `manifest.json`
 (written after it: the identity of the set, counts, its sha256, utility statistics, build cost). A
 rerun with the same identity reuses the set; another identity raises ValueError naming the
-differing fields. An unfinished build (no manifest) is rebuilt from scratch.
-
-Imports backbone/, orderplan.env/ and orderplan.planner (the roll-in policies).
-"""
+differing fields. An unfinished build (no manifest) is rebuilt from scratch."""
 
 from __future__ import annotations
 

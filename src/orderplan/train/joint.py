@@ -2,10 +2,7 @@
 L = L_AR + lambda * L_OH (see `orderplan.train.bc` for the objective and what is recomputed).
 
 `JointTuner` holds the tuned float32 copy of the GPT (the env keeps the original backbone), its
-AdamW over the unfrozen parameters, and the L_AR / L_OH-feature computations.
-
-Imports backbone/ and orderplan.train.features only.
-"""
+AdamW over the unfrozen parameters, and the L_AR / L_OH-feature computations."""
 
 from __future__ import annotations
 

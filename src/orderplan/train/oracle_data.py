@@ -24,11 +24,7 @@ Under torchrun, rank r builds images[r::world] (its own shards and progress file
 that every image is covered exactly once and writes the manifest after a barrier.
 
 Randomness (random behaviour, the subset of states kept) is drawn from a generator seeded by
-(seed, the chunk's first image), so an interrupted and resumed build equals an uninterrupted one.
-
-Imports backbone/, orderplan.env/ and orderplan.train.features only (never orderplan.planner or
-orderplan.eval: a learner's policy comes in as a callable behaviour).
-"""
+(seed, the chunk's first image), so an interrupted and resumed build equals an uninterrupted one."""
 
 from __future__ import annotations
 

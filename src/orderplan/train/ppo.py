@@ -14,7 +14,7 @@ config): this module only handles the action format.
 
 Semi-MDP discounting. A router env in semi-MDP mode (env.gamma set, `core.smdp`) measures time in
 blocks: a decision revealing k blocks is followed by a discount gamma^k, not gamma, and its reward
-already discounts its own blocks (orderplan.env/core.py). GAE then runs with a per-step gamma^k: TorchRL's
+already discounts its own blocks (orderplan.env.core). GAE then runs with a per-step gamma^k: TorchRL's
 `GAE` raises its scalar gamma to the power of the `steps_to_next_obs` entry (the env's
 ("next", "decision_blocks")) and runs the vectorised estimator on the resulting [B, T, 1] gamma
 tensor; lambda stays per decision. ppo.gamma is the source of truth: the env's gamma must equal
@@ -51,10 +51,7 @@ F frames (tested: 2 ranks x B rows give the weights of 1 process x 2B rows on th
 float summation order, when a minibatch is the whole batch; with several minibatches the global
 minibatch is a union of per-rank draws, not one permutation of all F frames). Rank 0 writes the
 checkpoints, which record world_size (a resume needs the same W) and every rank's RNG state;
-every rank resumes from them. W = 1 is the plain run, bit for bit.
-
-Imports backbone/, orderplan.env/ and orderplan.planner only; never orderplan.eval.
-"""
+every rank resumes from them. W = 1 is the plain run, bit for bit."""
 
 from __future__ import annotations
 
@@ -87,7 +84,7 @@ from orderplan.infra.distributed import DistContext, all_gather_objects, barrier
 from orderplan.infra.run_utils import progress as progress_bar
 from orderplan.infra.seeding import seed_global
 from orderplan.infra.validation import check_choice, check_gamma, check_int, check_positive, check_probability, check_range
-from orderplan.env.rewards import discount_factors
+from orderplan.env.rewards import GAMMA, discount_factors
 
 __all__ = ["PPOConfig", "make_actor_critic", "make_gae", "make_loss", "train_ppo", "iteration_seed",
            "discounted_episode_returns", "smdp_env_gamma", "check_ppo_config"]
@@ -111,8 +108,7 @@ class PPOConfig:
     R: int | None = None  # latent reasoning steps of the OrderHead (None = model.cfg.R)
     seed: int = 0  # torch RNG (actions, minibatches) and per-iteration env seeds
     # advantages
-    gamma: float = 0.9  # < 1 on purpose: future_loss rewards telescope, so with gamma = 1 every
-    #                     order has the same return (L_rest(empty)) and there is nothing to learn
+    gamma: float = GAMMA  # the project's one discount (orderplan.env.rewards.GAMMA: why it is < 1)
     gae_lambda: float = 0.95
     reward_scale: float | None = None  # rewards are multiplied by this before GAE (logged returns
     #                                    stay in nats); None = 1 / RMS of the first batch's rewards

@@ -15,10 +15,7 @@ every update is the update of that one big batch:
 
 Weights then stay identical on every rank (same initial weights, broadcast from rank 0 by
 `broadcast_module`; identical reduced gradients; deterministic optimiser). With W = 1 nothing here
-runs a collective or changes a number: `rank_seed` and `rank_stream` return the plain run's seeds.
-
-Imports backbone/ only.
-"""
+runs a collective or changes a number: `rank_seed` and `rank_stream` return the plain run's seeds."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 the budget router as an extra action head when `agent.router=true` (Stage 6). The held-out report
 is the one BC writes, plus the router's mean budget and decisions per episode.
 
-Router runs discount in block time (semi-MDP, orderplan.env/core.py). Two gammas, each the source of truth
+Router runs discount in block time (semi-MDP, orderplan.env.core). Two gammas, each the source of truth
 for one core: ppo.gamma (what PPO maximises) sets env.gamma of the training env (env.gamma left null
 is filled in; a different value fails, `orderplan.train.ppo.smdp_env_gamma`), and eval.gamma (the
 report's yardstick, shared with BC's summary) sets env.gamma of the held-out report's router core,
@@ -21,10 +21,7 @@ samples). The held-out report stays teacher-forced with the future_loss reward (
 agreement and regret need ground truth), so its returns sit on the scale of BC's and of
 teacher-forced PPO's; summary.json names the training mode and reward (`train_mode`,
 `train_reward`, `train_sampling`). Exact resume holds as in teacher-forced mode: the per-iteration
-env seed (src/orderplan/train/ppo.py) also reseeds the core's sampler generator.
-
-Imports backbone/, orderplan.env/ and agents/ (it is the PPO run: training, then the held-out report).
-"""
+env seed (src/orderplan/train/ppo.py) also reseeds the core's sampler generator."""
 
 from __future__ import annotations
 

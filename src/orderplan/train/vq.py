@@ -4,11 +4,7 @@ Loss: reconstruction (MSE, optionally + L1) + codebook + beta * commitment. No G
 perceptual loss (LlamaGen uses both at 256x256): at 32x32 grayscale digits plain pixel losses
 already give sharp reconstructions, and both would need extra networks and much more compute.
 Unused codes are re-initialised from current encoder outputs (dead-code restart) so the small
-codebook stays in use.
-
-Imports `orderplan.infra.checkpoint`, `orderplan.data.datasets`, `orderplan.infra.run_utils`, `orderplan.infra.validation`,
-`orderplan.model.vq` from this package; never orderplan.env or agents.
-"""
+codebook stays in use."""
 
 from __future__ import annotations
 
