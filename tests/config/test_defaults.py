@@ -109,3 +109,11 @@ def test_bc_head_is_scaled_to_the_backbone(dim, d_model, n_heads):
     assert (cfg.d_model, cfg.n_heads) == (d_model, n_heads)
     pinned = head_config(to_typed(compose("bc", ["agent.d_model=256", "agent.n_heads=8"]), BCRun), core)
     assert (pinned.d_model, pinned.n_heads) == (256, 8)
+
+
+def test_a_given_width_sets_the_heads_unless_they_are_given():
+    from orderplan.planner.orderhead import orderhead_config_for
+
+    geom = BlockGeometry(16, 16, 4)
+    assert orderhead_config_for(768, geom, d_model=512, n_heads=None).n_heads == 8
+    assert orderhead_config_for(768, geom, d_model=None, n_heads=None).d_model == 384

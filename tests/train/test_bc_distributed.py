@@ -1,8 +1,9 @@
-"""BC under torchrun (issue 13): W processes take strided shares of one global minibatch and DDP
+"""BC under torchrun: W processes take strided shares of one global minibatch and DDP
 averages the head's gradients, weighted so that the averaged gradient is the one-process gradient of
 the whole minibatch. So 2 gloo processes end where 1 process ends (up to float summation order),
 both ranks hold the same weights, only rank 0 writes, and 1 process under the launcher is a plain run."""
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def tiny(tmp_path_factory):
                        vq_weights=str(PACKAGE_ROOT / base.backbone.vq_weights))
     run = replace(base, backbone=backbone, run_dir=str(root / "one"),
                   oracle=replace(base.oracle, out_dir=str(root / "oracle"), num_images=4, states_per_image=4),
-                  agent=replace(base.agent, d_model=32, dropout=0.0),
+                  agent=replace(base.agent, d_model=32, dropout=0.0), env=replace(base.env, beliefs=False),
                   bc=replace(base.bc, steps=6, batch_size=7, log_every=2, ckpt_every=3, R_schedule=[0, 1],
                              replay_batch=4, dagger_rounds=1, dagger_images=1),
                   eval=EvalSpec(num_images=4, batch_size=4, baselines=["raster"]))
@@ -166,3 +167,27 @@ def test_one_process_under_the_launcher_is_a_plain_run(tiny):
     assert all(torch.equal(one[k], launched[k]) for k in one)
     got = res["result"]
     assert got["history"] == plain["history"] and got["returns"] == plain["returns"] and "world_size" not in got
+
+
+@pytest.mark.slow  # torchrun x 2: the oracle set built in-process, then BC (~60 s on 2 cores)
+@pytest.mark.skipif(not (PACKAGE_ROOT / "artifacts/tiny_mnist/gpt.safetensors").exists(), reason="needs the embedded default")
+def test_torchrun_bc_from_scratch_builds_its_oracle_set_and_trains(tmp_path):
+    """`torchrun --nproc_per_node 2 ... bc` with no oracle set: BC starts the process group, the
+    in-process oracle build uses it and leaves it running (one owner), and BC then trains and
+    gathers across both ranks. Before, the oracle build ended BC's group and BC failed in
+    `gather_rows` with "Default process group has not been initialized"."""
+    import os
+    import subprocess
+    import sys
+
+    small = ["oracle.num_images=4", "oracle.batch_size=2", "oracle.chunk_images=2", "bc.steps=4", "bc.batch_size=16",
+             "bc.log_every=2", "bc.ckpt_every=4", "bc.replay_batch=4", "eval.num_images=2", "eval.batch_size=2",
+             "eval.baselines=[raster,random]", f"run_dir={tmp_path / 'bc'}", f"oracle.out_dir={tmp_path / 'oracle'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "orderplan",
+           "bc", *small]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert (tmp_path / "oracle" / "manifest.json").exists()
+    summary = json.loads((tmp_path / "bc" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and (tmp_path / "bc" / "orderhead.safetensors").exists()

@@ -1,7 +1,9 @@
 """One process group per run under torchrun: discovery, strided sharding and the gathers that undo it.
 
-Backbone training and oracle building started their own groups; BC, PPO and evaluation share this
-module so that every job shards the same way: rank r of W owns rows r, r + W, r + 2W, ... of
+`init_distributed` is the one place a process group is started: backbone training, oracle
+building, BC, PPO and evaluation all come through it, and only the context that started the group
+ends it (a job run inside another, e.g. BC building its oracle set, leaves the group to its owner).
+Every job shards the same way: rank r of W owns rows r, r + W, r + 2W, ... of
 whatever is split (images, oracle states, samples). `gather_strided` puts those rows back in their
 global order on every rank, so a result computed from the gathered tensor does not depend on W.
 
@@ -41,14 +43,15 @@ class DistContext:
         return self.world > 1
 
 
-def init_distributed(device: str = "cpu", timeout_minutes: float = 60.0) -> DistContext:
+def init_distributed(device: str = "cpu", timeout_minutes: float = 60.0, backend: str | None = None) -> DistContext:
     """Discover torchrun's rank and world size, pick the device (one GPU per process) and start
-    the process group when W > 1 and none is running yet (NCCL on CUDA, gloo otherwise)."""
+    the process group when W > 1 and none is running yet (`backend`: None = NCCL on CUDA, gloo
+    otherwise). A group already running (started by the job that called this one) is used as is."""
     rank, world, local_rank = dist_info()
     dev = setup_device(device, local_rank)
     owns = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+        dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"),
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
         owns = True
     return DistContext(rank=rank, world=world, local_rank=local_rank, device=dev, owns_group=owns)

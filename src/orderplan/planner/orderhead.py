@@ -118,11 +118,13 @@ class OrderHeadConfig:
 
 def orderhead_config_for(backbone_dim: int, geometry: BlockGeometry, **overrides: Any) -> OrderHeadConfig:
     """A config sized for a backbone: d_model = clamp(D // 2, 128, 512) rounded to a multiple of 64,
-    n_heads = d_model // 64 (at least 4). Parameters (N=16; they barely depend on N):
+    n_heads = d_model // 64 (at least 4); d_model / n_heads given as None are scaled the same way.
+    Parameters (N=16; they barely depend on N):
     tiny (D=128): d=128, 0.43 M; GPT-B (D=768): d=384, 4.0 M; GPT-L/XL (D=1024/1280): d=512, 7.1-7.2 M."""
-    d_model = max(128, min(512, (backbone_dim // 2) // 64 * 64))
+    d_model = overrides.pop("d_model", None) or max(128, min(512, (backbone_dim // 2) // 64 * 64))
+    n_heads = overrides.pop("n_heads", None) or max(4, d_model // 64)  # follows a given d_model too
     base = dict(hidden_dim=int(backbone_dim), grid_h=geometry.grid_h, grid_w=geometry.grid_w,
-                block=geometry.block, d_model=d_model, n_heads=max(4, d_model // 64))
+                block=geometry.block, d_model=d_model, n_heads=n_heads)
     return OrderHeadConfig(**{**base, **overrides})
 
 

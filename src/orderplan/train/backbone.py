@@ -17,7 +17,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from orderplan.model.blocks import BlockGeometry
@@ -28,7 +27,8 @@ from orderplan.model.gpt import GPT
 from orderplan.model.loading import backbone_gpt_config, check_backbone_config, load_gpt, save_gpt
 from orderplan.data.tokens import data_fingerprint, load_token_data
 from orderplan.model.orders import block_order
-from orderplan.infra.run_utils import Logger, console_log, dist_info, progress, setup_device
+from orderplan.infra.distributed import close_distributed, init_distributed
+from orderplan.infra.run_utils import Logger, console_log, progress
 from orderplan.infra.seeding import seed_global
 from orderplan.infra.validation import check_int, check_path_exists, check_positive, check_probability, check_range
 
@@ -135,10 +135,8 @@ def train_backbone(run: TrainBackboneRun) -> dict:
     """Train (or resume) the order-robust GPT of `run.backbone`; returns the summary written to
     `run_dir/summary.json` (rank 0)."""
     check_train_backbone_run(run)
-    rank, world, local_rank = dist_info()
-    device = setup_device(run.device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    ctx = init_distributed(run.device)
+    rank, world, local_rank, device = ctx.rank, ctx.world, ctx.local_rank, ctx.device
     tc, bcfg = run.train, run.backbone
     run_dir = Path(run.run_dir)
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=tc.keep_checkpoints)
@@ -269,9 +267,7 @@ def train_backbone(run: TrainBackboneRun) -> dict:
         print(f"held-out bits/token: raster {ev['raster']:.4f}, random block order {ev['random']:.4f} "
               f"(gap {ev['random'] - ev['raster']:+.4f}); wrote {run_dir / 'summary.json'}")
     logger.close()
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    close_distributed(ctx)
     return summary
 
 def check_train_backbone_run(run: TrainBackboneRun, check_paths: bool = True) -> None:

@@ -390,8 +390,7 @@ def check_bc_run(run: BCRun, check_paths: bool = True) -> None:
 def head_config(run: BCRun, core: OrderPlanningCore) -> OrderHeadConfig:
     """The run's OrderHead config: agent sizes, R = max(R_schedule), the backbone's width, geometry
     and classes, belief inputs when env.beliefs."""
-    sizes = {k: v for k, v in asdict(run.agent).items() if v is not None}  # null sizes: scaled to the backbone
-    return orderhead_config_for(core.D, core.geom, **sizes, R=max(run.bc.R_schedule),
+    return orderhead_config_for(core.D, core.geom, **asdict(run.agent), R=max(run.bc.R_schedule),
                                 num_classes=core.gpt.cfg.num_classes, beliefs=run.env.beliefs,
                                 backbone_weights=random_weights_tag(run.backbone))
 

@@ -29,7 +29,6 @@ Randomness (random behaviour, the subset of states kept) is drawn from a generat
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import time
 from collections.abc import Callable
@@ -460,19 +459,18 @@ def build_oracle(run: BuildOracleRun) -> dict:
     builds its share. Returns the summary written to out_dir/summary.json (rank 0; {} elsewhere)."""
     import torch.distributed as dist
 
-    from orderplan.infra.run_utils import dist_info, setup_device
     from orderplan.env.factory import make_core
+    from orderplan.infra.distributed import close_distributed, init_distributed
 
     check_build_oracle_run(run)
     if run.behaviour not in BEHAVIOURS:
         raise ValueError(f"behaviour must be one of {BEHAVIOURS}, got {run.behaviour!r}")
     if run.env.split != run.split:
         raise ValueError(f"env.split ({run.env.split}) differs from split ({run.split}): set split only")
-    rank, world, local_rank = dist_info()
-    device = setup_device(run.device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        # gloo: only barriers cross processes here, and it works on CPU and GPU machines alike
-        dist.init_process_group(backend="gloo", timeout=datetime.timedelta(hours=12))
+    # gloo: only barriers and object gathers cross processes here, on CPU and GPU machines alike.
+    # Inside BC (which builds a missing set in-process) BC's group is used and left running.
+    ctx = init_distributed(run.device, timeout_minutes=12 * 60, backend="gloo")
+    rank, world, device = ctx.rank, ctx.world, ctx.device
     t0 = time.time()
     core = make_core(run.backbone, env=run.env, batch_size=run.batch_size, device=device, seed=run.seed)
     images = select_images(core.num_images, run.num_images, run.seed)
@@ -518,7 +516,7 @@ def build_oracle(run: BuildOracleRun) -> dict:
               f"{manifest['counts']['shards']} shards ({built} images built in {wall:.1f}s); "
               f"wrote {out_dir / MANIFEST}")
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # every rank's shards are on disk before any rank goes on (or BC reads them)
+    close_distributed(ctx)
     return summary
 
