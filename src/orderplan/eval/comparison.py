@@ -15,14 +15,13 @@ one teacher-forced pass over each episode:
   image; the paired interval is the test of "A beats B". Rows carry `delta_vs[B]` for every
   baseline B without ground truth and for random;
 * gap closed: (mean - random) / (oracle - random) of the means;
-* oracle agreement: the share of decisions that pick the ground-truth oracle's argmax block, and
-  regret: max_a u(a|S) - u(chosen|S) (nats) at the states the policy visits, on the first
+* oracle agreement and regret, as `orderplan.eval.scorer` defines them, on the first
   `agreement_images` images (one batched oracle pass per decision);
 * forwards per decision: the policy's own count (`BlockPolicy.forwards_per_decision`, the unit of
   `orderplan.oracle.expected`), and wall time.
 
 Router planners decide several blocks at once; they are scored here on the per-block discounted
-return of the block order they produce (`report.order_returns`), so every row is on one scale."""
+return of the block order they produce (`scorer.order_returns`), so every row is on one scale."""
 
 from __future__ import annotations
 
@@ -33,12 +32,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from orderplan.eval.report import order_returns
-from orderplan.eval.rollouts import index_batches
-from orderplan.planner.policies import BlockPolicy
 from orderplan.env.core import OrderPlanningCore
-from orderplan.env.episodes import Decision, play_episodes
-from orderplan.env.rewards import discounted_return
+from orderplan.eval.scorer import score_episodes
+from orderplan.planner.policies import BlockPolicy
 
 __all__ = ["PolicyScores", "score_policy", "bootstrap_mean", "paired_delta", "comparison_rows", "markdown_table",
            "GROUND_TRUTH"]
@@ -74,62 +70,19 @@ class PolicyScores:
                             sum(p.wall_s for p in parts), group or parts[0].group)
 
 
-@torch.no_grad()
 def score_policy(name: str, make: Callable[[OrderPlanningCore], BlockPolicy], core: OrderPlanningCore,
                  images: torch.Tensor, gamma: float, agreement_images: int = 0, oracle_kind: str = "future_loss",
                  group: str = "") -> PolicyScores:
     """Play `make(core)` on held-out `images` [M] (teacher-forced core, plain or router actions) and
-    score each image. Agreement and regret are measured on the first `agreement_images` images in
-    the same episodes (the oracle utilities of each visited state, before the policy acts)."""
-    if core.cfg.mode != "teacher_forced":
-        raise ValueError("the order comparison scores teacher-forced episodes: use env.mode=teacher_forced")
+    score each image with `scorer.score_episodes`: the return (router policies: their block order
+    one block per step, the scale of plain policies), and agreement and regret on the first
+    `agreement_images` images in the same episodes."""
     policy = make(core)
     t0 = time.time()
-    returns, agree, regret, decisions = [], [], [], []
-    start = 0
-    for chunk, n in index_batches(images, core.B):
-        real = torch.arange(core.B, device=core.device) < n
-        measured = real & (torch.arange(core.B, device=core.device) + start < agreement_images)
-        start += n
-        rewards, lives, hits, losses = [], [], [], []
-        pending: dict[str, torch.Tensor] = {}
-
-        def act(obs: dict[str, torch.Tensor], pending: dict = pending, measured: torch.Tensor = measured) -> torch.Tensor:
-            if bool(measured.any()):
-                util = core.oracle_utilities(oracle_kind)  # [B, N], the state the policy acts in
-                best, best_idx = util.max(-1)
-            action = policy.act(obs)
-            if bool(measured.any()):
-                first = action if action.dim() == 1 else action[:, 1]
-                pending["hit"] = first == best_idx
-                pending["loss"] = best - util.gather(1, first[:, None])[:, 0]
-            return action
-
-        def record(d: Decision, pending: dict = pending) -> None:
-            rewards.append(d.reward.double())
-            lives.append(d.active)
-            if pending:
-                hits.append(pending["hit"].double())
-                losses.append(pending["loss"].double())
-
-        play_episodes(core, chunk.to(core.device), act, record)
-        live = torch.stack(lives, 1)  # [B, T]
-        if core.router:  # the block order, one block per step: the same scale as plain policies
-            ret = order_returns(core, chunk, core.history.clone(), gamma)
-        else:
-            ret = discounted_return(torch.stack(rewards, 1), gamma)
-        returns.append(ret[:n].cpu())
-        decisions.append(live.sum(1)[:n].double().cpu())
-        if hits:
-            m = measured[:n].cpu()
-            lv = live[:n].cpu()
-            # rows that finished early (router decisions of different sizes) hold -inf - -inf = nan there
-            agree.append((torch.where(lv, torch.stack(hits, 1)[:n].cpu(), 0.0).sum(1) / lv.sum(1))[m])
-            regret.append((torch.where(lv, torch.stack(losses, 1)[:n].cpu(), 0.0).sum(1) / lv.sum(1))[m])
-    empty = torch.zeros(0, dtype=torch.float64)
-    return PolicyScores(name, torch.cat(returns)[None], torch.cat(agree or [empty])[None],
-                        torch.cat(regret or [empty])[None], policy.forwards_per_decision(),
-                        float(torch.cat(decisions).mean()), time.time() - t0, group)
+    s = score_episodes(policy, core, images, gamma, agreement_images, oracle_kind)
+    returns = s.order_return if s.order_return is not None else s.discounted
+    return PolicyScores(name, returns[None], s.agreement[None], s.regret[None], policy.forwards_per_decision(),
+                        float(s.decisions.mean()), time.time() - t0, group)
 
 
 def bootstrap_mean(x: torch.Tensor, resamples: int = 2000, level: float = 0.95,

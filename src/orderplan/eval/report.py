@@ -10,12 +10,11 @@ Numbers (nats unless stated):
   (a decision at block-time tau weighs gamma^tau), so `returns_without_decision_cost` (or `returns`
   when decision_cost = 0) equals `returns_per_block`: the latter is kept as a cross-check. Without it,
   `returns` discount per decision and only `returns_per_block` is comparable across policies.
-* oracle_agreement: fraction of the learned policy's decisions that pick the oracle's argmax block.
-* regret: mean over those decisions of max_a u(a|S) - u(chosen|S) (u: the oracle utility of
-  `oracle_kind`), in nats.
+* oracle_agreement, regret: the learned policy's, as `orderplan.eval.scorer` defines them (per-image
+  means over the image's decisions, averaged over images; u: the oracle utility of `oracle_kind`).
 
-Episodes are played by `orderplan.env.episodes.play_episodes` (through `run_episodes` or directly), returns
-discounted by `orderplan.env.rewards.discounted_return`, images chosen by `rollouts.balanced_images`."""
+Every number comes from `orderplan.eval.scorer.score_episodes`; images are chosen by
+`rollouts.balanced_images`."""
 
 from __future__ import annotations
 
@@ -23,16 +22,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from orderplan.eval.rollouts import balanced_images, index_batches, replay_order
+from orderplan.eval.rollouts import balanced_images
+from orderplan.eval.scorer import score_episodes
 from orderplan.planner.orderhead import OrderHead
-from orderplan.planner.policies import POLICY_NAMES, BlockPolicy, OrderHeadPolicy, make_policy, run_episodes
+from orderplan.planner.policies import POLICY_NAMES, BlockPolicy, OrderHeadPolicy, make_policy
 from orderplan.config.common import BackboneConfig
 from orderplan.infra.validation import check_gamma, check_int
 from orderplan.env.core import EnvConfig, OrderPlanningCore
-from orderplan.env.episodes import Decision, play_episodes
 from orderplan.env.factory import make_core
 from orderplan.env.rewards import GAMMA
-from orderplan.env.rewards import discounted_return
 
 
 @dataclass
@@ -57,61 +55,26 @@ def check_eval_spec(ev: EvalSpec, key: str = "eval") -> None:
         raise ValueError(f"{key}.baselines: {bad} are not policy names; choose from {', '.join(names)}")
 
 
-def order_returns(core: OrderPlanningCore, image_index: torch.Tensor, blocks: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Discounted return [B] (float64, CPU) of fixed block sequences `blocks` [B, N] replayed one block
-    per step (gamma per block, no decision cost) in a plain copy of `core`. This scores the *order* a
-    router policy produced on the same scale as plain policies."""
-    rep = replay_order(core.bb, core.codes, core.labels, core.cfg, blocks.cpu(), core.B, image_index)
-    return discounted_return(rep.rewards, gamma)
-
-
 def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
                    gamma: float) -> dict[str, float]:
-    """Mean discounted / undiscounted return and decisions per episode of `policy` on `image_index`;
-    `discounted_no_cost` adds the env's decision cost back (the information part of the return)."""
-    disc, undisc, decisions, no_cost, per_block = [], [], [], [], []
-    for chunk, n in index_batches(image_index, core.B):
-        out = run_episodes(policy, core, chunk.to(core.device), gamma=gamma)
-        if core.router:
-            per_block.append(order_returns(core, chunk, out["blocks"], gamma)[:n].cpu())
-        disc.append(out["discounted_return"][:n].double().cpu())
-        undisc.append(out["return"][:n].double().cpu())
-        decisions.append(out["decisions"][:n].double().cpu())
-        # each decision's cost at that decision's discount (block time in semi-MDP mode)
-        refund = (out["live"].double().cpu() * core.cfg.decision_cost * out["discount"].cpu()).sum(1)
-        no_cost.append(disc[-1] + refund[:n])
-    out = {"discounted": float(torch.cat(disc).mean()), "undiscounted": float(torch.cat(undisc).mean()),
-           "decisions": float(torch.cat(decisions).mean()), "discounted_no_cost": float(torch.cat(no_cost).mean())}
-    if per_block:
-        out["per_block"] = float(torch.cat(per_block).mean())
+    """Mean discounted / undiscounted return and decisions per episode of `policy` on `image_index`
+    (`scorer.score_episodes`); `discounted_no_cost` adds the env's decision cost back (the
+    information part of the return), `per_block` (router cores) scores the block order one block
+    per step."""
+    s = score_episodes(policy, core, image_index, gamma)
+    out = {"discounted": float(s.discounted.mean()), "undiscounted": float(s.undiscounted.mean()),
+           "decisions": float(s.decisions.mean()), "discounted_no_cost": float(s.discounted_no_cost.mean())}
+    if s.order_return is not None:
+        out["per_block"] = float(s.order_return.mean())
     return out
 
 
-@torch.no_grad()
 def oracle_comparison(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
                       kind: str = "future_loss") -> dict[str, float]:
-    """Agreement with the oracle argmax and regret at the states the policy visits (plain actions:
-    the first block of a router decision is compared)."""
-    agree, regret = [], []
-    for chunk, n in index_batches(image_index, core.B):
-        real = torch.arange(core.B, device=core.device) < n  # padding rows of the last chunk are not scored
-        pending: dict[str, torch.Tensor] = {}
-
-        def act(obs: dict[str, torch.Tensor], pending: dict = pending) -> torch.Tensor:
-            util = core.oracle_utilities(kind)  # [B, N], -inf on revealed; the state the policy acts in
-            action = policy.act(obs)
-            first = action if action.dim() == 1 else action[:, 1]
-            pending["best"], pending["best_idx"] = util.max(-1)
-            pending["first"], pending["chosen"] = first, util.gather(1, first[:, None])[:, 0]
-            return action
-
-        def record(d: Decision, pending: dict = pending, real: torch.Tensor = real) -> None:
-            rows = d.active & real
-            agree.append((pending["first"] == pending["best_idx"])[rows].double().cpu())
-            regret.append((pending["best"] - pending["chosen"])[rows].double().cpu())
-
-        play_episodes(core, chunk.to(core.device), act, record)
-    return {"oracle_agreement": float(torch.cat(agree).mean()), "regret": float(torch.cat(regret).mean())}
+    """Agreement with the oracle argmax and regret at the states the policy visits, means over the
+    images of per-image means (`scorer.score_episodes`; a router decision's first block is compared)."""
+    s = score_episodes(policy, core, image_index, None, agreement_images=len(image_index), oracle_kind=kind)
+    return {"oracle_agreement": float(s.agreement.mean()), "regret": float(s.regret.mean())}
 
 
 def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_images: int, gamma: float,

@@ -440,7 +440,7 @@ def run_episodes(policy: BlockPolicy, core: OrderPlanningCore, image_index: torc
     the discounted return is then the per-block discounted return of the block order minus the
     discounted decision costs.
     """
-    gamma = _episode_gamma(core, gamma)
+    gamma = episode_gamma(core, gamma)
     rewards, live, clock = [], [], []
 
     def record(d: Decision) -> None:
@@ -465,7 +465,7 @@ def run_episodes(policy: BlockPolicy, core: OrderPlanningCore, image_index: torc
     }
 
 
-def _episode_gamma(core: OrderPlanningCore, gamma: float | None) -> float:
+def episode_gamma(core: OrderPlanningCore, gamma: float | None) -> float:
     """The discount of `run_episodes`: a semi-MDP core fixes it (env.gamma), otherwise `gamma` or GAMMA."""
     if not core.smdp:
         return GAMMA if gamma is None else float(gamma)
