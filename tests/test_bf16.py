@@ -6,7 +6,7 @@ OrderHead's outputs must agree within the tolerances below, and PPO on a bf16 en
 float32 advantages and losses.
 
 Tolerances (nats, |bf16 - float32|). Measured with `_Episodes` at B=16 on 16 held-out images x 2
-random orders x 16 decisions (512 decisions; the README's bf16 paragraph has the numbers), each
+random orders x 16 decisions (512 decisions; docs/scaling.md's bf16 section has the numbers), each
 tolerance set at about twice the measured maximum; the tests run 4 images x 16 decisions.
   reward per decision   max measured (mean)       tolerance max (mean)   typical |r|
   future_loss           0.79 (0.17)               1.5 (0.35)             30

@@ -1,4 +1,4 @@
-"""Crash harness (issue 14): every script that promises exact resume is killed with SIGKILL and rerun,
+"""Crash harness: every script that promises exact resume is killed with SIGKILL and rerun,
 and must end with the final weights and summary numbers of an uninterrupted run, bit for bit.
 
 For each script (tiny settings, the same CLI a user types), one run goes uninterrupted ("ref") while

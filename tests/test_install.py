@@ -18,7 +18,7 @@ def test_non_editable_install_runs_bc_from_another_directory(tmp_path):
     from this environment), then `orderplan-bc` with a small budget in an empty directory. The run
     must use the installed copy (its configs and artifacts), not the checkout."""
     site = tmp_path / "site"
-    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-compile",
+    build = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile",
                             "--target", str(site), str(REPO)], capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     top = sorted(p.name for p in site.iterdir() if not p.name.endswith((".dist-info", ".egg-info")) and p.name != "bin")

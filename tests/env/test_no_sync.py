@@ -1,4 +1,4 @@
-"""No host-device synchronisation in the hot loops (issue 13): a KV decode step and an oracle call read
+"""No host-device synchronisation in the hot loops: a KV decode step and an oracle call read
 nothing back from the device, `generate` reads it once per image (the check of `order`) and an env
 step once (the check of the action, which also brings back the step's window sizes).
 

@@ -267,3 +267,15 @@ def test_paired_delta_with_a_fixed_reference_resamples_only_the_samples():
     assert got.delta == pytest.approx(frechet_from_features(real, a) - frechet_from_features(real, b), abs=1e-9)
     resampled = paired_fid_delta(real, a, b, num_resamples=30, level=0.9, seed=5)
     assert (resampled.lo, resampled.hi) != (got.lo, got.hi)  # the flag changes what is resampled
+
+
+def test_overview_stacks_the_panels_at_one_width(tmp_path):
+    from PIL import Image
+
+    from orderplan.eval.plots import overview
+
+    Image.new("RGB", (400, 100), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (200, 100), "blue").save(tmp_path / "b.png")
+    out = Image.open(overview(tmp_path / "o.png", [tmp_path / "a.png", tmp_path / "b.png"], max_width=300))
+    assert out.size == (300, 75 + 150)
+    assert out.getpixel((150, 10)) == (255, 0, 0) and out.getpixel((150, 200)) == (0, 0, 255)

@@ -74,7 +74,7 @@ def _stepped(core, image: int, prefix: torch.Tensor, length: int) -> tuple[torch
 
 
 def test_episode_features_of_subsampled_episodes_match_a_naive_replay():
-    """Regression (issue 10): with states_per_image < N an image's longest stored prefix is shorter
+    """Regression: with states_per_image < N an image's longest stored prefix is shorter
     than the episode and differs between the images replayed together; the old replay stepped the
     -1 padding of the shorter ones and raised "block already revealed"
     (`python scripts/bc.py oracle.states_per_image=4`)."""
@@ -102,7 +102,7 @@ def test_soft_targets_put_no_mass_on_revealed_blocks():
 
 
 # ----------------------------------------------------------------------------------------------
-# The oracle set a BC run trains on (regressions of issue 10: a stored set was reused when only its
+# The oracle set a BC run trains on (regressions: a stored set was reused when only its
 # kind matched, and a larger one was trained on in full)
 # ----------------------------------------------------------------------------------------------
 
@@ -182,7 +182,7 @@ def _dagger_run(stored, name: str) -> BCRun:
 
 @pytest.mark.slow  # three end-to-end BC runs (>5 s on 2 cores)
 def test_an_interrupted_dagger_run_resumes_exactly(stored, monkeypatch):
-    """Regression (issue 14): a resume collected the DAgger rounds already done again, with the resumed
+    """Regression: a resume collected the DAgger rounds already done again, with the resumed
     learner instead of the one that visited their states, so the resumed run diverged. Checkpoints now
     keep the rounds' records and a resume replays them."""
     from orderplan.train import bc as bc_mod

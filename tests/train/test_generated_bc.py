@@ -1,4 +1,4 @@
-"""BC on generated states (issue 12, part 2a): the generated-state set never reads ground truth, its
+"""BC on generated states: the generated-state set never reads ground truth, its
 replayed states are the ones generation visited, its labels are the argmax of the expected oracle û,
 and train_bc trains on it from an init head (and refuses what it cannot do).
 

@@ -115,7 +115,7 @@ def test_top_block_only_moves_and_the_report_uses_the_tuned_gpt(setup):
 
 @pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_a_run_that_builds_its_oracle_data_equals_one_that_finds_it(setup):
-    """Regression (issue 10): building the oracle set inside train_bc drew the build's GPT init from
+    """Regression: building the oracle set inside train_bc drew the build's GPT init from
     the global RNG, so the head started from another init than in a run that found the set."""
     root, _, oracle = setup
     builds = replace(_run(setup, "builds"), oracle=replace(oracle, out_dir=str(root / "oracle_built_here")))

@@ -556,7 +556,7 @@ def test_smdp_env_gamma_is_the_one_check_of_the_two_gammas():
 
 
 def test_router_summary_counts_the_budgets_chosen_not_blocks_per_decision():
-    """Issue 10, defect 5: mean_budget was N / decisions, which counts an episode's last decision at
+    """Regression: mean_budget was N / decisions, which counts an episode's last decision at
     its clipped size. Budgets [1, 3] on N = 16 blocks and a policy that always asks 3: five decisions
     reveal 3 blocks, the sixth is clipped to the 1 block left, so N / decisions = 16 / 6 while every
     chosen budget is 3."""

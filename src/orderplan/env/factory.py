@@ -19,12 +19,13 @@ from orderplan.env.torchrl_env import OrderPlanningEnv
 
 @dataclass
 class EnvRun:
-    """Schema of configs/make_env.yaml."""
+    """Schema of the make_env config (preset src/orderplan/configs/make_env.yaml); every default lives here.
+    What orderplan.env.make_env composes: a backbone, an env config, and the batch / device / seed."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
-    batch_size: int = 16
-    device: str = "cpu"
+    batch_size: int = 16  # env rows
+    device: str = "cpu"  # cpu | cuda
     seed: int = 0
 
 

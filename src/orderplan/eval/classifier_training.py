@@ -39,7 +39,9 @@ __all__ = ["ClassifierRun", "check_classifier_run", "train_classifier", "shift_a
 
 @dataclass
 class ClassifierRun(RunConfig):
-    """Schema of configs/train_classifier.yaml (`scripts/train_classifier.py`)."""
+    """Schema of the train_classifier job (preset src/orderplan/configs/train_classifier.yaml;
+    `python scripts/train_classifier.py key=value ...`); every default lives here. An MNIST digit classifier
+    for FID / KID / class accuracy. `seed` seeds the init, batch order, augmentation and dropout."""
 
     run_dir: str = "runs/train_classifier"  # classifier.safetensors + summary.json
     out: str = DEFAULT_CLASSIFIER  # where update_manifest=true publishes the weights
@@ -50,10 +52,10 @@ class ClassifierRun(RunConfig):
     weight_decay: float = 1e-4
     augmentation: bool = True  # random translations of the training digits
     max_shift: int = 2  # pixels, each axis, uniform in [-max_shift, max_shift]
-    max_train_images: int | None = None  # N class-balanced train images only (smoke runs)
+    max_train_images: int | None = None  # N class-balanced train images only (smoke runs); null = all 4,500
     eval_batch_size: int = 500
-    progress: bool = True
-    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    progress: bool = True  # tqdm progress bar
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)  # orderplan.eval.feature_net.ClassifierConfig
 
 
 def check_classifier_run(run: ClassifierRun) -> None:

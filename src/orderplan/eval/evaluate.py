@@ -79,35 +79,42 @@ ORACLES = {"oracle": "future_loss", "oracle_extrapolative": "extrapolative"}
 
 @dataclass
 class EvalOptions:
-    num_samples: int = 5000  # generated images per policy (FID's N) under the first sampler seed; 0 = none
+    # generated images per policy (FID's N, always reported) under the first sampler seed; 0 = teacher-forced only
+    num_samples: int = 5000
     num_images: int = 200  # held-out images for the teacher-forced metrics (0 = generation only)
     batch_size: int = 100  # env rows per teacher-forced rollout batch
-    gen_batch_size: int = 500  # rows per generation batch (batch j of sampler seed s is seeded s * 100003 + j)
+    gen_batch_size: int = 500  # rows per generation batch (batch j of sampler seed s is seeded seed + 100003 s + j)
     sampler_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # fid_seeds: one FID per seed
     seed_samples: int | None = None  # N of fid_seeds (None = num_samples, or num_samples / seeds for chunks)
     # where fid_seeds' sets come from: chunks = disjoint chunks of the main set (free: every generation
     # batch has its own sampler seed, so the chunks are independent draws); extra = one more sample set
     # per further sampler seed (the first seed's set is reused)
     seed_sets: str = "chunks"
-    policy_samples: dict[str, int] = field(default_factory=dict)  # per-policy N (e.g. {expected_oracle: 500})
-    fid_curve: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000, 5000])  # N of the FID-vs-N curve
+    # per-policy N, e.g. {expected_oracle: 500} (its cost: ~35 backbone forwards per decision)
+    policy_samples: dict[str, int] = field(default_factory=dict)
+    # N of the FID-vs-N curve (prefixes of the main set)
+    fid_curve: list[int] = field(default_factory=lambda: [250, 500, 1000, 2000, 5000])
+    # the paired dFID columns: each policy against these (those in `policies`)
     dfid_baselines: list[str] = field(default_factory=lambda: ["raster", "random", "confident_first"])
     gamma: float = GAMMA  # discount per block of the reported returns (orderplan.env.rewards.GAMMA)
     reward: str = "future_loss"  # the reward behind the table's `return` column
     rewards: list[str] = field(default_factory=lambda: ["future_loss", "extrapolative", "anytime", "likelihood"])
     oracle_kind: str = "future_loss"  # utility behind oracle agreement / regret
     agreement_images: int = 100  # oracle agreement / regret on the first images (costliest metric); 0 = off
+    # generation mode (LlamaGen's knobs)
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=2.0))
     R: int | None = None  # OrderHead latent reasoning steps (None = the checkpoint's)
     greedy: bool = True  # OrderHead: argmax (false: sample with the policy's seed)
-    npz: bool = False  # also write samples_<policy>.npz (uint8 [N, H, W, 3] under arr_0)
+    npz: bool = False  # also write samples_<policy>.npz for the ADM evaluator (uint8 [N, H, W, 3] under arr_0)
 
 
 @dataclass
 class FeatureSpec:
-    kind: str = "classifier"  # classifier (embedded MNIST) | inception (ImageNet, local weights)
-    classifier_path: str | None = "artifacts/tiny_mnist/classifier.safetensors"
-    inception_weights: str | None = None  # torch-fidelity's pt_inception-2015-12-05 weights file
+    # classifier (embedded MNIST) | inception (ImageNet, local weights; pip install -e ".[inception]")
+    kind: str = "classifier"
+    classifier_path: str | None = "artifacts/tiny_mnist/classifier.safetensors"  # scripts/train_classifier.py
+    # a local copy of torch-fidelity's pt_inception-2015-12-05-6726825d.pth weights file; nothing downloads
+    inception_weights: str | None = None
     reference: str = "train"  # train | heldout (embedded MNIST splits) | ref.npz (ADM layout) | image folder
     second_reference: str | None = "heldout"  # a second FID column (fid_<name>); null = none
     reference_limit: int | None = None  # use at most this many reference images
@@ -117,10 +124,11 @@ class FeatureSpec:
 
 @dataclass
 class StatsSpec:
-    bootstrap: int = 200  # resamples for the FID and dFID intervals
+    bootstrap: int = 200  # resamples behind the FID intervals (fid_ci) and the paired dFID intervals
     level: float = 0.95
     kid_subsets: int = 50
-    kid_subset_size: int = 100  # clipped to the smaller set; subsets of the whole set would have no spread
+    # clipped to the smaller set; subsets of the whole set would have no spread (ADM uses 1000 of 50k samples)
+    kid_subset_size: int = 100
 
 
 @dataclass
@@ -129,16 +137,22 @@ class PlotSpec:
     max_classes: int = 10
     heatmap_images: int = 4
     snapshot_samples: int = 8
-    column_rows: int = 10  # rows of the side-by-side figure (samples of the same labels and seeds)
+    column_rows: int = 10  # rows of samples_side_by_side.png (samples of the same labels and seeds)
 
 
 @dataclass
 class EvaluateRun(RunConfig):
-    """Schema of configs/evaluate.yaml."""
+    """Schema of the evaluate job (preset src/orderplan/configs/evaluate.yaml; `python scripts/evaluate.py
+    key=value ...`); every default lives here. Every policy on the same backbone, held-out images, class
+    labels and sampler seeds; one table."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
+    # registry names (raster, random, zigzag, diagonal, spiral, center_spiral, column_major, reverse,
+    # confident_first, uncertain_first, expected_oracle, oracle, oracle_extrapolative), keys of `checkpoints`,
+    # or paths to OrderHead .safetensors files
     policies: list[str] = field(default_factory=lambda: ["raster", "random", "oracle"])
+    # policy name -> OrderHead .safetensors (where `policies: [bc, ppo]` find their heads)
     checkpoints: dict[str, str] = field(default_factory=lambda: {
         "bc": "runs/bc/tiny_mnist/orderhead.safetensors", "ppo": "runs/ppo/tiny_mnist/orderhead.safetensors"})
     eval: EvalOptions = field(default_factory=EvalOptions)

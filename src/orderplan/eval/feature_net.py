@@ -67,7 +67,7 @@ class ClassifierConfig:
 
     in_channels: int = 1
     image_size: int = MNIST_IMAGE_SIZE
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64])  # one stage each: 32 -> 4 px at the defaults
     num_features: int = 64  # F: width of the penultimate layer (the FID/KID features)
     num_classes: int = MNIST_NUM_CLASSES
     dropout: float = 0.2  # on the features, training only

@@ -215,3 +215,22 @@ def reveal_time_heatmaps(path: str | Path, orders: Mapping[str, torch.Tensor], g
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="mean reveal step")
     fig.suptitle(title, fontsize=9)
     return _save(fig, Path(path))
+
+
+def overview(path: str | Path, panels: Sequence[str | Path], max_width: int = 900) -> Path:
+    """The README's picture: evaluate's PNG panels (e.g. samples_side_by_side.png above
+    reveal_time_heatmaps.png) stacked top to bottom on white, each scaled to one width of at most
+    `max_width` pixels, written as one PNG (atomically)."""
+    from PIL import Image
+
+    images = [Image.open(p).convert("RGB") for p in panels]
+    width = min(max_width, max(im.width for im in images))
+    scaled = [im.resize((width, max(1, round(im.height * width / im.width))), Image.LANCZOS) for im in images]
+    canvas = Image.new("RGB", (width, sum(im.height for im in scaled)), "white")
+    y = 0
+    for im in scaled:
+        canvas.paste(im, (0, y))
+        y += im.height
+    path = Path(path)
+    atomic_write(path, lambda f: canvas.save(f, format="PNG", optimize=True))
+    return path

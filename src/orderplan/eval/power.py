@@ -44,13 +44,14 @@ from orderplan.infra.run_utils import console_log, progress, setup_device
 
 @dataclass
 class PowerSpec:
-    a: str = "raster"  # dFID = FID(a) - FID(b)
+    a: str = "raster"  # dFID = FID(a) - FID(b); policies without ground truth (not the oracles)
     b: str = "random"
     chunk: int = 5000  # samples per saved chunk (a multiple of eval.gen_batch_size)
     checkpoints: list[int] = field(default_factory=lambda: [5000, 10000, 20000, 40000, 80000, 160000, 320000])
-    max_samples: int = 320000  # per policy
-    target_ratio: float = 1 / 3  # separated when the interval half-width < target_ratio * |dFID|
-    max_minutes: float | None = None  # stop after the chunk that crosses this wall-clock budget
+    max_samples: int = 320000  # per policy; ~45 min per 160k on 2 idle cores (fixed orders decode at ~120/s)
+    # separated when the interval (stats.level, 95%) half-width < target_ratio * |dFID|
+    target_ratio: float = 1 / 3
+    max_minutes: float | None = None  # stop after the chunk that crosses this wall-clock budget (the report says so)
     # the interval the target is judged on: false = the generated samples' noise with the reference
     # statistics held fixed (FID's convention); true = the reference set resampled as well. Both are
     # reported; a finite reference puts a floor under the second that no N removes.
@@ -60,8 +61,10 @@ class PowerSpec:
 
 @dataclass
 class PowerRun(EvaluateRun):
-    """Schema of configs/power.yaml: an evaluate run (backbone, env, eval.sampling, features, stats)
-    plus the `power` block."""
+    """Schema of the power job (preset src/orderplan/configs/power.yaml; `python scripts/power.py`); every
+    default lives here. An evaluate run (backbone, env, eval.sampling, features, stats) plus the `power`
+    block: how many samples separate two orders by FID. `policies` is unused: the two policies are power.a
+    and power.b."""
 
     power: PowerSpec = field(default_factory=PowerSpec)
     run_dir: str = "runs/power/tiny_mnist"

@@ -35,11 +35,15 @@ from orderplan.env.rewards import GAMMA
 
 @dataclass
 class EvalSpec:
-    """The held-out report of a BC or PPO run (`heldout_report`)."""
+    """The held-out report of a BC or PPO run (`heldout_report`): the `eval:` section of the bc and ppo jobs."""
 
-    num_images: int = 96  # held-out images scored by every policy
+    num_images: int = 96  # held-out images, the same for every policy
     batch_size: int = 16
-    gamma: float = GAMMA  # discount of the reported returns (orderplan.env.rewards.GAMMA)
+    # discount of the reported returns (orderplan.env.rewards.GAMMA): future_loss telescopes at gamma = 1, so
+    # returns are compared discounted. A ppo run keeps it apart from ppo.gamma (router runs: it sets env.gamma of
+    # the held-out report's core); its bc_return is compared only when the BC run's eval.gamma is the same
+    gamma: float = GAMMA
+    # policy names of orderplan.planner.policies (expected_oracle costs ~35 backbone forwards per decision)
     baselines: list[str] = field(default_factory=lambda: ["raster", "random", "confident_first", "oracle"])
 
 

@@ -83,7 +83,7 @@ class StepOverhead:
     """How far one KV decode step is from its FLOP bound: measured seconds per step over the
     seconds its FLOPs would take at the matmul throughput measured on the same device in the same
     run. A ratio near 1 is compute bound; a large one is bound by launches, host-side Python and
-    host-device synchronisation (what issue 13 removes)."""
+    host-device synchronisation (kept out of the decode step)."""
 
     step_s: float  # wall seconds per decode step (one token for every row), sampling included
     flops: float  # FLOPs of one decode step (matmuls and attention; batch included)

@@ -36,7 +36,7 @@ rollouts and their labels also use the original backbone. The tuned GPT is writt
 run_dir/gpt.safetensors and the held-out report scores every policy on it, next to the backbone's
 held-out bits/token before and after tuning.
 
-Generated states (issue 12, part 2a; `states=generated`, configs/bc_generated.yaml): instead of the
+Generated states (`states=generated`, configs/bc_generated.yaml): instead of the
 oracle set, BC trains on states visited while generating (the model's own samples, no ground
 truth), labelled by the argmax of the expected-oracle utility û(a|S) (`generated:`,
 `orderplan.train.generated_states`; built into generated.out_dir when missing, reused when its
@@ -50,7 +50,7 @@ joint tuning are teacher-forced ideas and are refused.
 architecture must match the run's (agent sizes, beliefs, class conditioning, backbone width and
 geometry); dropout and R are the run's. Its sha256 joins the checkpoint identity.
 
-Under torchrun (issue 13; `orderplan.infra.distributed`): DistributedDataParallel over the OrderHead. Rank r
+Under torchrun (`orderplan.infra.distributed`): DistributedDataParallel over the OrderHead. Rank r
 replays the episodes r::W for the features (gathered back on every rank) and computes the rows r::W
 of each step's global minibatch, its loss weighted W * sum / batch so that DDP's gradient average is
 the one-process gradient; a missing oracle set is built sharded. DAgger rounds are collected on rank
@@ -138,33 +138,45 @@ class BCConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    targets: str = "argmax"  # argmax | soft
+    targets: str = "argmax"  # argmax | soft (softmax(u / soft_tau) over the unrevealed blocks)
     soft_tau: float = 1.0  # temperature (nats) of the soft targets
-    R_schedule: list[int] = field(default_factory=lambda: [0, 1, 2])  # latent steps, equal shares of steps
+    # latent reasoning steps of the OrderHead: equal shares of bc.steps each, the same parameters
+    R_schedule: list[int] = field(default_factory=lambda: [0, 1, 2])
     dagger_rounds: int = 0  # extra rounds of learner-visited states (labels from the oracle)
     dagger_images: int = 64  # train images per DAgger round
     replay_batch: int = 32  # episodes replayed together when recomputing hidden states
     log_every: int = 50
     ckpt_every: int = 500
     keep_checkpoints: int = 2
-    joint: JointConfig = field(default_factory=JointConfig)  # limited joint tuning (seed Stage 5), off by default
-    init_from: str | None = None  # an OrderHead .safetensors the head starts from; null = a fresh init
+    # limited joint tuning (seed Stage 5): off while joint.top_n = 0 (the default); needs env.beliefs=false.
+    # The oracle labels stay those of the original backbone; a tuning run writes run_dir/gpt.safetensors
+    joint: JointConfig = field(default_factory=JointConfig)
+    # an OrderHead .safetensors the head starts from (same agent sizes and env.beliefs); null = a fresh init
+    init_from: str | None = None
 
 
 @dataclass
 class BCRun(RunConfig):
-    """Schema of configs/bc.yaml."""
+    """Schema of the bc job (preset src/orderplan/configs/bc.yaml; `python scripts/bc.py key=value ...`);
+    every default lives here. Behaviour cloning of the OrderHead on oracle labels."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
-    oracle: OracleConfig = field(default_factory=OracleConfig)  # the data set (built into out_dir when missing)
+    # the oracle data set (scripts/build_oracle.py), built into oracle.out_dir here when missing
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+    # OrderHead size (the backbone dim and block geometry are filled in)
     agent: AgentSpec = field(default_factory=AgentSpec)
     bc: BCConfig = field(default_factory=BCConfig)
     eval: EvalSpec = field(default_factory=EvalSpec)
     run_dir: str = "runs/bc/tiny_mnist"
-    oracle_seed: int | None = None  # seed of the oracle data set (its images and behaviour); null = `seed`
-    states: str = "teacher_forced"  # teacher_forced: oracle set | generated: states visited while generating
-    generated: GeneratedStatesConfig = field(default_factory=GeneratedStatesConfig)  # the set of states=generated
+    # seed of the oracle data set (its images and behaviour); null = `seed`. Several seeds can share one set
+    oracle_seed: int | None = None
+    # teacher_forced: oracle labels on real train images (the `oracle` set) | generated: expected-oracle labels
+    # on states visited while generating (the `generated` set; preset src/orderplan/configs/bc_generated.yaml)
+    states: str = "teacher_forced"
+    # the generated-state set of states=generated, built into generated.out_dir here when missing
+    # (orderplan.train.generated_states)
+    generated: GeneratedStatesConfig = field(default_factory=GeneratedStatesConfig)
 
 
 STATES = ("teacher_forced", "generated")

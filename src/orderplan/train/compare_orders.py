@@ -67,22 +67,28 @@ class CompareEval:
 
 @dataclass
 class CompareRun(RunConfig):
-    """Schema of configs/compare_orders.yaml."""
+    """Schema of the compare_orders job (preset src/orderplan/configs/compare_orders.yaml;
+    `python scripts/compare_orders.py key=value ...`); every default lives here. Is a learned order better
+    than the obvious ones? `seed` seeds the evaluation (the random baseline, expected_oracle's samples)."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     run_dir: str = "runs/compare/tiny_mnist"
+    # BC and PPO seeds (planner init, minibatches, PPO's actions)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # block: env.beliefs=false (hidden states only) | belief: + entropy and query_hidden (the model's beliefs)
     observations: list[str] = field(default_factory=lambda: list(OBSERVATIONS))
-    oracle_seed: int = 0  # one oracle data set for every seed (the seeds vary the planners, not the labels)
+    # one oracle data set (run_dir/oracle) for every seed (the seeds vary the planners, not the labels)
+    oracle_seed: int = 0
     ppo: bool = True  # also fine-tune each BC planner with PPO
+    # PPO with the budget router (agent.router=true) from these seeds' BC planners
     router_seeds: list[int] = field(default_factory=lambda: [0])
     router_observation: str = "belief"
-    ablation_observation: str = "belief"  # whose checkpoints the R ablation re-scores
+    ablation_observation: str = "belief"  # whose BC / PPO checkpoints the R ablation re-scores at each of R_values
     stage: str = "all"  # all | train (train what is missing, no table) | score (the table from what is trained)
     R_values: list[int] = field(default_factory=lambda: [0, 1, 2, 4])
-    bc_overrides: list[str] = field(default_factory=list)
-    ppo_overrides: list[str] = field(default_factory=list)
+    bc_overrides: list[str] = field(default_factory=list)  # passed to every BC run, e.g. [bc.steps=100]
+    ppo_overrides: list[str] = field(default_factory=list)  # passed to every PPO run
     eval: CompareEval = field(default_factory=CompareEval)
 
     def validate(self, check_paths: bool = True) -> None:

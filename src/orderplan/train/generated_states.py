@@ -1,4 +1,4 @@
-"""Issue 12, part 2a: the generated-state data set, for BC on the states generation visits.
+"""The generated-state data set, for BC on the states generation visits.
 
 Teacher-forced BC (`orderplan.train.bc`, the oracle data set) only sees states made of real train
 images. Generation visits states made of the model's own samples, where no ground truth exists. This
@@ -87,15 +87,18 @@ RollIn = Callable[[int], Act]  # batch index -> the behaviour of that batch's ep
 
 @dataclass
 class GeneratedStatesConfig:
-    """The `generated:` group of configs/bc.yaml: which generated-state set a BC run with
-    `states=generated` trains on, and how it is built."""
+    """The `generated:` section of the bc job (orderplan.train.bc.BCRun; preset
+    src/orderplan/configs/bc_generated.yaml): which generated-state set a BC run with `states=generated`
+    trains on, and how it is built (into out_dir, when missing)."""
 
     out_dir: str = "runs/generated_states/tiny_mnist"  # states.pt + manifest.json
-    num_images: int = 64  # generated images; image i has class i % num_classes
+    num_images: int = 64  # generated images; image i has class i % num_classes; every state of one episode each
     batch_size: int = 16  # episodes generated together (part of the identity: rows share generators)
-    belief_samples: int = 4  # K: sampled completions per candidate block of û (cost 1 + K * C per state)
+    # K: sampled completions per candidate block of the label û (cost: 1 + K * C backbone forwards per state)
+    belief_samples: int = 4
     roll_in: str = "init"  # init: the init OrderHead (bc.init_from), greedy | random: uniform blocks
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=2.0))  # as evaluation
+    # generation (LlamaGen's knobs); cfg_scale 2.0 as in evaluation (scripts/evaluate.py, eval.sampling)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=2.0))
     seed: int | None = None  # null = the run's seed
 
     def validate(self) -> None:

@@ -21,15 +21,19 @@ from orderplan.infra.validation import check_int, check_positive, check_probabil
 
 @dataclass
 class JointConfig:
-    """Limited joint tuning (seed Stage 5): L = L_AR + lam * L_OH on the top `top_n` GPT blocks."""
+    """Limited joint tuning (seed Stage 5): L = L_AR + lam * L_OH on the top `top_n` GPT blocks (the `bc.joint`
+    section of orderplan.train.bc.BCConfig). Off while top_n = 0; needs env.beliefs=false. The oracle labels stay
+    those of the original backbone; a tuning run writes run_dir/gpt.safetensors."""
 
     top_n: int = 0  # top transformer blocks of the GPT trained with the OrderHead; 0 = frozen backbone (off)
     tune_output: bool = True  # with top_n > 0: also tune the GPT's final norm and output projection
-    lam: float = 1.0  # lambda: weight of L_OH (nats/state) next to L_AR (nats/token) for the backbone
+    # lambda: weight of L_OH (the BC cross-entropy, nats/state) next to L_AR (nats/token) in the backbone's loss;
+    # the head itself gets the gradient of L_OH only
+    lam: float = 1.0
     lr: float = 1e-5  # AdamW lr of the tuned backbone parameters (the head keeps bc.lr)
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # norm clip of the backbone gradient (the head's is clipped by bc.grad_clip)
-    ar_batch_size: int = 32  # train images per L_AR batch
+    ar_batch_size: int = 32  # train images per L_AR batch (the Stage-1 loss, orderplan.train.backbone.ar_loss)
     ar_random_ratio: float = 1.0  # share of L_AR images in random block orders (else raster), as in Stage 1
     class_dropout: float = 0.1  # L_AR labels dropped to the null class (keeps CFG working), as in Stage 1
     start_step: int = 0  # the head trains alone on the frozen features before this step

@@ -382,14 +382,17 @@ class OracleDataset:
 
 @dataclass
 class OracleConfig:
-    """Which oracle data set, and how it is built: the top level of configs/build_oracle.yaml and the
-    `oracle:` group of configs/bc.yaml (a BC run builds it when missing). Declared here only."""
+    """Which oracle data set, and how it is built: the top level of the build_oracle job (BuildOracleRun,
+    preset src/orderplan/configs/build_oracle.yaml) and the `oracle:` section of the bc job
+    (orderplan.train.bc.BCRun; a BC run builds it when missing). Declared here only."""
 
     out_dir: str = "runs/oracle/tiny_mnist"  # shards, progress files, manifest.json, summary.json
-    num_images: int | None = 640  # a seeded subset of the split; null = every image
+    # a seeded subset of the split, every state of one episode each; null = every image.
+    # 640: ~4-5 min to build on 1 CPU core
+    num_images: int | None = 640
     behaviour: str = "random"  # random | oracle: the policy that visits the states
-    kind: str = "future_loss"  # future_loss | extrapolative: the utility stored
-    weight: str = "uniform"  # extrapolative weights (kind=extrapolative): uniform | neighbours | distance
+    kind: str = "future_loss"  # future_loss | extrapolative: the utility stored per state (the BC labels)
+    weight: str = "uniform"  # extrapolative weights w(j, a) (kind=extrapolative): uniform | neighbours | distance
     states_per_image: int | None = None  # keep a random subset of the N states per episode; null = all
     batch_size: int = 16  # episodes run together
     chunk_images: int = 64  # images per shard (the unit of resume)
@@ -397,8 +400,10 @@ class OracleConfig:
 
 @dataclass
 class BuildOracleRun(OracleConfig):
-    """Schema of configs/build_oracle.yaml (`python scripts/build_oracle.py key=value ...`): the
-    OracleConfig fields at the top level, plus what the script runs on."""
+    """Schema of the build_oracle job (preset src/orderplan/configs/build_oracle.yaml;
+    `python scripts/build_oracle.py key=value ...`); every default lives here. The OracleConfig fields at
+    the top level, plus what the script runs on. Rerunning with the same out_dir resumes (finished images
+    are skipped exactly)."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     env: EnvConfig = field(default_factory=EnvConfig)

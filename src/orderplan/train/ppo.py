@@ -108,7 +108,10 @@ class PPOConfig:
     R: int | None = None  # latent reasoning steps of the OrderHead (None = model.cfg.R)
     seed: int = 0  # torch RNG (actions, minibatches) and per-iteration env seeds
     # advantages
-    gamma: float = GAMMA  # the project's one discount (orderplan.env.rewards.GAMMA: why it is < 1)
+    # the project's one discount (orderplan.env.rewards.GAMMA), < 1 on purpose: future_loss rewards telescope,
+    # so with gamma = 1 every order has the same return. Router runs: also env.gamma of the training env
+    # (ppo.gamma is the source of truth)
+    gamma: float = GAMMA
     gae_lambda: float = 0.95
     reward_scale: float | None = None  # rewards are multiplied by this before GAE (logged returns
     #                                    stay in nats); None = 1 / RMS of the first batch's rewards

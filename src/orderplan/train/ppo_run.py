@@ -56,13 +56,16 @@ from orderplan.env.torchrl_env import OrderPlanningEnv
 @dataclass
 class PPOAgentSpec:
     init_from: str = "runs/bc/tiny_mnist/orderhead.safetensors"  # the BC planner (scripts/bc.py output)
-    router: bool = False  # add the budget-router head and charge env.decision_cost per decision
+    # true: add the budget-router head (reveal one of `budgets` blocks per decision, e.g. 1, 2 or 4) and charge
+    # env.decision_cost per decision; rewards are discounted per block (semi-MDP): env.gamma := ppo.gamma
+    router: bool = False
     budgets: list[int] = field(default_factory=lambda: [1, 2, 4])
 
 
 @dataclass
 class PPORun(RunConfig):
-    """Schema of configs/ppo.yaml."""
+    """Schema of the ppo job (preset src/orderplan/configs/ppo.yaml; `python scripts/ppo.py key=value ...`);
+    every default lives here. PPO fine-tuning of the BC planner; agent.router=true adds the budget router."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     env: EnvConfig = field(default_factory=EnvConfig)

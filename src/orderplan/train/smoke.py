@@ -14,7 +14,7 @@ meaningless, so evaluate reports the teacher-forced rows only.
 
 Depth: `n_layer` (default 2) overrides GPT-B's 12 layers (`backbone.gpt.overrides`); width, heads,
 vocab and the block geometry stay GPT-B's. Oracle utilities cost O(N^2) query rows per episode, so
-full depth takes several times longer on CPU (README, "GPT-B smoke")."""
+full depth takes several times longer on CPU (docs/scaling.md, "GPT-B smoke")."""
 
 from __future__ import annotations
 

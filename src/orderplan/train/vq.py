@@ -27,7 +27,8 @@ from orderplan.model.vq import VQ_PRESETS, VQConfig, VQModel, codebook_stats, sa
 @dataclass
 class VQSection:
     preset: str = "tiny_mnist"
-    """Architecture preset from orderplan.model.vq.VQ_PRESETS (must take 1-channel 32x32 input)."""
+    """Architecture preset from orderplan.model.vq.VQ_PRESETS (must take 1-channel 32x32 input); tiny_mnist:
+    32x32 -> 8x8 codes, a 256 x 8 codebook."""
 
 
 @dataclass
@@ -63,6 +64,10 @@ class TrainSection:
 
 @dataclass
 class TrainVQConfig:
+    """Schema of the train_vq job (preset src/orderplan/configs/train_vq.yaml;
+    `python scripts/train_vq.py key=value ...`); every default lives here. A small VQ tokenizer on the
+    embedded MNIST digits."""
+
     run_dir: str = "runs/train_vq"
     """Output directory (vq.safetensors, summary.json), relative to the working directory."""
     device: str = "cpu"
