@@ -117,3 +117,21 @@ def test_a_given_width_sets_the_heads_unless_they_are_given():
     geom = BlockGeometry(16, 16, 4)
     assert orderhead_config_for(768, geom, d_model=512, n_heads=None).n_heads == 8
     assert orderhead_config_for(768, geom, d_model=None, n_heads=None).d_model == 384
+
+
+def test_one_validation_style():
+    """Config values are checked by module-level `check_<schema>(cfg, ...)` functions built on
+    orderplan.infra.validation; no config dataclass carries a `validate` method of its own (the
+    model architecture's GPTConfig.validate, called by the model itself, is not a run config)."""
+    import ast as _ast
+
+    pkg = Path(__file__).resolve().parents[2] / "src" / "orderplan"
+    methods = []
+    for path in pkg.rglob("*.py"):
+        for node in _ast.walk(_ast.parse(path.read_text())):
+            if isinstance(node, _ast.ClassDef) and any(getattr(d, "id", getattr(d, "attr", None)) == "dataclass"
+                                                       or getattr(getattr(d, "func", None), "id", None) == "dataclass"
+                                                       for d in node.decorator_list):
+                methods += [f"{path.name}:{node.name}.validate" for f in node.body
+                            if isinstance(f, _ast.FunctionDef) and f.name == "validate"]
+    assert methods == ["gpt.py:GPTConfig.validate"], methods

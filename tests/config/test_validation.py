@@ -8,6 +8,7 @@ import pytest
 from orderplan.config.common import CONFIG_DIR, compose, to_typed
 from orderplan.infra.validation import (check_budgets, check_gamma, check_int, check_int_list, check_path_exists,
                                  check_positive, check_probability, check_range)
+from orderplan.train.compare_orders import check_compare_run
 
 
 # -- the helpers ----------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def _schemas():
     return {  # config name -> (schema, validation(run, check_paths))
         "bc": (BCRun, check_bc_run), "bc_generated": (BCRun, check_bc_run),
         "build_oracle": (BuildOracleRun, check_build_oracle_run),
-        "compare_orders": (CompareRun, lambda run, check_paths: run.validate(check_paths)),
+        "compare_orders": (CompareRun, check_compare_run),
         "evaluate": (EvaluateRun, check_evaluate_run), "evaluate_generation": (EvaluateRun, check_evaluate_run),
         "extract_codes": (ExtractCodesConfig, check_extract_codes),
         "make_env": (EnvRun, check_env_run),

@@ -18,7 +18,7 @@ from orderplan.model.loading import Backbone, freeze
 from orderplan.model.orders import block_order
 from orderplan.model.sampling import SamplingConfig
 from orderplan.env.actions import random_valid_action
-from orderplan.env.core import EnvConfig, OrderPlanningCore
+from orderplan.env.core import EnvConfig, OrderPlanningCore, check_env_config
 from tests.conftest import randomized_gpt, toy_core
 
 ATOL = 1e-4  # float32, nats
@@ -786,4 +786,4 @@ def test_env_config_validation():
     for bad in (dict(mode="generate", reward="future_loss"), dict(reward="entropy"), dict(hidden="pixel"),
                 dict(budget=[]), dict(budget=[0, 1]), dict(reward="nope"), dict(split="test")):
         with pytest.raises(ValueError):
-            EnvConfig(**bad).validate()
+            check_env_config(EnvConfig(**bad))

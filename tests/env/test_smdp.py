@@ -11,7 +11,7 @@ import torch
 from torchrl.envs.utils import check_env_specs
 
 from orderplan.env.actions import random_valid_action
-from orderplan.env.core import EnvConfig
+from orderplan.env.core import EnvConfig, check_env_config
 from orderplan.env.gym_api import OrderPlanningGymEnv, OrderPlanningVectorEnv
 from orderplan.env.torchrl_env import OrderPlanningEnv
 from tests.conftest import toy_core
@@ -125,8 +125,8 @@ def test_plain_actions_ignore_gamma():
 def test_gamma_validation():
     for bad in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="env.gamma"):
-            EnvConfig(budget=BUDGETS, gamma=bad).validate()
-    EnvConfig(budget=BUDGETS, gamma=1.0).validate()
+            check_env_config(EnvConfig(budget=BUDGETS, gamma=bad))
+    check_env_config(EnvConfig(budget=BUDGETS, gamma=1.0))
 
 
 # -- TorchRL env ------------------------------------------------------------------------------------

@@ -109,35 +109,36 @@ class EnvConfig:
     # target-free row (generation without rewards or beliefs: what decoding alone costs, reward nan)
     query: str = "full"
 
-    def validate(self, num_blocks: int | None = None) -> None:
-        """Raise ValueError naming the first bad field (`env.<field>`) and its allowed values.
-        `num_blocks`: the backbone geometry's N, the upper bound of env.budget entries (unchecked
-        when None; OrderPlanningCore checks it against its geometry)."""
-        if self.mode not in MODES:
-            raise ValueError(f"env.mode must be one of {MODES}, got {self.mode!r}")
-        if self.reward not in REWARDS:
-            raise ValueError(f"env.reward must be one of {REWARDS}, got {self.reward!r}")
-        if self.mode == "generate" and self.reward != "entropy":
-            raise ValueError("generation mode has no ground truth: its reward is env.reward=entropy")
-        if self.mode == "teacher_forced" and self.reward == "entropy":
-            raise ValueError("env.reward=entropy is the generation-mode reward; use env.mode=generate")
-        check_choice("env.weight", self.weight, get_args(WeightKind))
-        if self.hidden not in ("token", "block"):
-            raise ValueError(f"env.hidden must be token or block, got {self.hidden!r}")
-        if self.split not in ("train", "heldout"):
-            raise ValueError(f"env.split must be train or heldout, got {self.split!r}")
-        check_budgets("env.budget", self.budget, num_blocks, allow_none=True)
-        check_gamma("env.gamma", self.gamma, allow_none=True, note=" (null: per-decision rewards)")
-        check_int("env.belief_samples", self.belief_samples, 1)
-        check_range("env.neighbour_weight", self.neighbour_weight, 0.0)
-        check_range("env.decision_cost", self.decision_cost, 0.0, note=" (nats per decision)")
-        check_int("env.oracle_chunk", self.oracle_chunk, 1, allow_none=True, note=" (null = all candidates)")
-        check_sampling(self.sampling, "env.sampling")
-        if self.query not in ("full", "pending"):
-            raise ValueError(f"env.query must be full or pending, got {self.query!r}")
-        if self.query == "pending" and (self.mode != "generate" or self.beliefs):
-            raise ValueError("env.query=pending skips the per-token query that rewards and belief features come "
-                             "from: it needs env.mode=generate and env.beliefs=false")
+
+def check_env_config(cfg: EnvConfig, num_blocks: int | None = None) -> None:
+    """Raise ValueError naming the first bad field (`env.<field>`) and its allowed values.
+    `num_blocks`: the backbone geometry's N, the upper bound of env.budget entries (unchecked
+    when None; OrderPlanningCore checks it against its geometry)."""
+    if cfg.mode not in MODES:
+        raise ValueError(f"env.mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.reward not in REWARDS:
+        raise ValueError(f"env.reward must be one of {REWARDS}, got {cfg.reward!r}")
+    if cfg.mode == "generate" and cfg.reward != "entropy":
+        raise ValueError("generation mode has no ground truth: its reward is env.reward=entropy")
+    if cfg.mode == "teacher_forced" and cfg.reward == "entropy":
+        raise ValueError("env.reward=entropy is the generation-mode reward; use env.mode=generate")
+    check_choice("env.weight", cfg.weight, get_args(WeightKind))
+    if cfg.hidden not in ("token", "block"):
+        raise ValueError(f"env.hidden must be token or block, got {cfg.hidden!r}")
+    if cfg.split not in ("train", "heldout"):
+        raise ValueError(f"env.split must be train or heldout, got {cfg.split!r}")
+    check_budgets("env.budget", cfg.budget, num_blocks, allow_none=True)
+    check_gamma("env.gamma", cfg.gamma, allow_none=True, note=" (null: per-decision rewards)")
+    check_int("env.belief_samples", cfg.belief_samples, 1)
+    check_range("env.neighbour_weight", cfg.neighbour_weight, 0.0)
+    check_range("env.decision_cost", cfg.decision_cost, 0.0, note=" (nats per decision)")
+    check_int("env.oracle_chunk", cfg.oracle_chunk, 1, allow_none=True, note=" (null = all candidates)")
+    check_sampling(cfg.sampling, "env.sampling")
+    if cfg.query not in ("full", "pending"):
+        raise ValueError(f"env.query must be full or pending, got {cfg.query!r}")
+    if cfg.query == "pending" and (cfg.mode != "generate" or cfg.beliefs):
+        raise ValueError("env.query=pending skips the per-token query that rewards and belief features come "
+                         "from: it needs env.mode=generate and env.beliefs=false")
 
 
 class OrderPlanningCore:
@@ -154,7 +155,7 @@ class OrderPlanningCore:
     def __init__(self, backbone: Backbone, codes: torch.Tensor, labels: torch.Tensor, cfg: EnvConfig,
                  batch_size: int, seed: int | None = None):
         check_int("batch_size", batch_size, 1, note=" (env rows)")
-        cfg.validate(num_blocks=backbone.geometry.num_blocks)
+        check_env_config(cfg, num_blocks=backbone.geometry.num_blocks)
         self.bb, self.cfg, self.B = backbone, cfg, int(batch_size)
         self.gpt, self.geom = backbone.gpt, backbone.geometry
         dev = self.device = backbone.device

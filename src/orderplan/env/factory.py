@@ -13,7 +13,7 @@ from orderplan.model.loading import check_backbone_config
 from orderplan.model.loading import backbone_num_blocks, build_backbone
 from orderplan.data.tokens import load_token_data
 from orderplan.infra.validation import check_int
-from orderplan.env.core import EnvConfig, OrderPlanningCore
+from orderplan.env.core import EnvConfig, OrderPlanningCore, check_env_config
 from orderplan.env.torchrl_env import OrderPlanningEnv
 
 
@@ -33,7 +33,7 @@ def check_env_run(run: EnvRun, check_paths: bool = True) -> None:
     """Validate configs/make_env.yaml's schema: the backbone (weights exist when `check_paths`),
     the env against the backbone's block count, batch_size >= 1. ValueError names the key."""
     check_backbone_config(run.backbone, check_paths=check_paths)
-    run.env.validate(num_blocks=backbone_num_blocks(run.backbone))
+    check_env_config(run.env, num_blocks=backbone_num_blocks(run.backbone))
     check_int("batch_size", run.batch_size, 1, note=" (env rows)")
 
 
@@ -107,7 +107,7 @@ def make_core(backbone: str | BackboneConfig = "tiny_mnist", env: EnvConfig | No
         run = to_typed(compose("make_env", args), EnvRun)
         bcfg = bcfg or run.backbone
         ecfg = ecfg or run.env
-    ecfg.validate(num_blocks=backbone_num_blocks(bcfg))  # before the weights load (the core checks again)
+    check_env_config(ecfg, num_blocks=backbone_num_blocks(bcfg))  # before the weights load (the core checks again)
     bb = build_backbone(bcfg, device=device, dtype=dtype)  # dtype None: backbone.dtype (auto: bf16 on CUDA only)
     codes, labels = load_token_data(bcfg, ecfg.split)
     return OrderPlanningCore(bb, codes, labels, ecfg, batch_size, seed=seed)

@@ -71,7 +71,7 @@ from orderplan.infra.run_utils import Logger, console_log, progress
 from orderplan.model.sampling import SamplingConfig, check_sampling
 from orderplan.infra.seeding import isolated_rng
 from orderplan.infra.validation import check_choice, check_gamma, check_int, check_int_list, check_path_exists, check_range
-from orderplan.env.core import REWARDS, EnvConfig, OrderPlanningCore
+from orderplan.env.core import EnvConfig, OrderPlanningCore, REWARDS, check_env_config
 from orderplan.env.rewards import GAMMA
 
 ORACLES = {"oracle": "future_loss", "oracle_extrapolative": "extrapolative"}
@@ -493,7 +493,7 @@ def _check_options(run: EvaluateRun, check_paths: bool = True) -> None:
     ev, fs, st, pl = run.eval, run.features, run.stats, run.plots
     check_run_config(run)
     num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
-    run.env.validate(num_blocks=num_blocks)
+    check_env_config(run.env, num_blocks=num_blocks)
     if ev.reward not in ev.rewards:
         raise ValueError(f"eval.reward={ev.reward!r} must be one of eval.rewards {ev.rewards}")
     bad = [r for r in ev.rewards if r not in REWARDS or r == "entropy"]

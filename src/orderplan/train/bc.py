@@ -73,8 +73,8 @@ from orderplan.eval.report import EvalSpec, check_eval_spec, heldout_report, pri
 from orderplan.planner.orderhead import OrderHead, OrderHeadConfig, load_orderhead, orderhead_config_for, save_orderhead
 from orderplan.planner.policies import OrderHeadPolicy
 from orderplan.train.features import episode_observations
-from orderplan.train.generated_states import GeneratedStatesConfig, load_or_build_generated
-from orderplan.train.joint import JointConfig, JointTuner
+from orderplan.train.generated_states import GeneratedStatesConfig, check_generated_states, load_or_build_generated
+from orderplan.train.joint import JointConfig, JointTuner, check_joint_config
 from orderplan.train.oracle_data import (
     MANIFEST,
     RECORD_KEYS,
@@ -114,7 +114,7 @@ from orderplan.model.loading import backbone_gpt_config, random_weights_tag, sav
 from orderplan.infra.run_utils import Logger, console_log, progress
 from orderplan.infra.seeding import isolated_rng, seed_global
 from orderplan.infra.validation import check_choice, check_int, check_int_list, check_positive, check_range
-from orderplan.env.core import EnvConfig, OrderPlanningCore
+from orderplan.env.core import EnvConfig, OrderPlanningCore, check_env_config
 from orderplan.env.factory import make_core
 
 
@@ -350,7 +350,7 @@ def _check_bc_values(run: BCRun, check_paths: bool) -> None:
     bc = run.bc
     check_run_config(run)
     num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
-    run.env.validate(num_blocks=num_blocks)
+    check_env_config(run.env, num_blocks=num_blocks)
     check_oracle_config(run.oracle, "oracle.", num_blocks)
     check_int("oracle_seed", run.oracle_seed, allow_none=True, note=" (null = seed)")
     for name in ("d_model", "n_heads"):
@@ -368,7 +368,7 @@ def _check_bc_values(run: BCRun, check_paths: bool) -> None:
     check_choice("bc.targets", bc.targets, ("argmax", "soft"))
     check_positive("bc.soft_tau", bc.soft_tau, note=" (nats)")
     check_int_list("bc.R_schedule", bc.R_schedule, 0)
-    bc.joint.validate(backbone_gpt_config(run.backbone).n_layer, bc.steps)
+    check_joint_config(bc.joint, backbone_gpt_config(run.backbone).n_layer, bc.steps)
     check_eval_spec(run.eval)
 
 
@@ -384,7 +384,7 @@ def check_bc_run(run: BCRun, check_paths: bool = True) -> None:
         raise ValueError("joint tuning (bc.joint.top_n > 0) recomputes hidden states in one causal pass per state, "
                          "which has no query rows: it does not support env.beliefs=true")
     if run.states == "generated":
-        run.generated.validate()
+        check_generated_states(run.generated)
         if bc.dagger_rounds:
             raise ValueError("states=generated does not run DAgger (bc.dagger_rounds > 0): its rounds label "
                              "teacher-forced learner states with the ground-truth oracle; set bc.dagger_rounds=0")
@@ -789,7 +789,7 @@ def train_bc(run: BCRun) -> dict:
     init = load_init_head(run, cfg, device)  # before the data: the generated set is rolled in with it
     states = generated_states(run, core, init, ctx) if run.states == "generated" else oracle_states(run, core, ctx)
     data = states.data
-    bc.joint.validate(core.gpt.cfg.n_layer, bc.steps)
+    check_joint_config(bc.joint, core.gpt.cfg.n_layer, bc.steps)
     # its own stream: the init must not depend on what was drawn before (an in-process data build)
     with isolated_rng(run.seed, "bc", "orderhead_init"):
         model = OrderHead(cfg).to(device)

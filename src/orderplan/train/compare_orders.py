@@ -44,7 +44,7 @@ from orderplan.model.loading import check_backbone_config
 from orderplan.model.loading import backbone_identity
 from orderplan.infra.run_utils import console_log, setup_device
 from orderplan.infra.validation import check_choice, check_gamma, check_int, check_int_list, check_range
-from orderplan.env.core import EnvConfig
+from orderplan.env.core import EnvConfig, check_env_config
 from orderplan.env.factory import make_core
 from orderplan.env.rewards import GAMMA
 
@@ -91,46 +91,47 @@ class CompareRun(RunConfig):
     ppo_overrides: list[str] = field(default_factory=list)  # passed to every PPO run
     eval: CompareEval = field(default_factory=CompareEval)
 
-    def validate(self, check_paths: bool = True) -> None:
-        """Every field in its range (ValueError naming the key), before anything trains: the
-        backbone (weights must exist with `check_paths`), env, seeds, eval, and the BC and PPO
-        configs that bc_overrides / ppo_overrides make (composed and validated here, so a typo in
-        an override fails now rather than after the first planners have trained)."""
-        bad = [o for o in [*self.observations, self.router_observation, self.ablation_observation]
-               if o not in OBSERVATIONS]
-        if bad:
-            raise ValueError(f"observations must be among {OBSERVATIONS}, got {bad}")
-        check_run_config(self)
-        num_blocks = check_backbone_config(self.backbone, check_paths=check_paths)
-        self.env.validate(num_blocks=num_blocks)
-        check_int_list("seeds", self.seeds, distinct=True)
-        check_int_list("router_seeds", self.router_seeds, nonempty=False, distinct=True)
-        check_int("oracle_seed", self.oracle_seed)
-        ev = self.eval
-        check_int("eval.num_images", ev.num_images, 1)
-        check_int("eval.batch_size", ev.batch_size, 1)
-        check_gamma("eval.gamma", ev.gamma)
-        check_int("eval.agreement_images", ev.agreement_images, 0, note=" (0 = off)")
-        check_int("eval.ablation_agreement_images", ev.ablation_agreement_images, 0, note=" (0 = off)")
-        check_choice("eval.oracle_kind", ev.oracle_kind, ("future_loss", "extrapolative"))
-        names = [*FIXED_ORDERS, "random", *BELIEF_POLICIES, "oracle", "oracle_extrapolative"]
-        unknown = [b for b in ev.baselines if b not in names]
-        if unknown:
-            raise ValueError(f"eval.baselines: {unknown} are not policy names; choose from {', '.join(names)}")
-        check_int("eval.bootstrap", ev.bootstrap, 1)
-        check_range("eval.level", ev.level, 0.0, 1.0, lo_open=True, hi_open=True)
-        check_choice("stage", self.stage, ("all", "train", "score"))
-        check_int_list("R_values", self.R_values, 0, nonempty=False)
-        obs, seed = self.observations[0] if self.observations else "block", self.seeds[0]
-        try:
-            check_bc_run(_bc_run(self, obs, seed), check_paths=False)  # bc_overrides, as every BC run gets them
+
+def check_compare_run(run: CompareRun, check_paths: bool = True) -> None:
+    """Every field in its range (ValueError naming the key), before anything trains: the
+    backbone (weights must exist with `check_paths`), env, seeds, eval, and the BC and PPO
+    configs that bc_overrides / ppo_overrides make (composed and validated here, so a typo in
+    an override fails now rather than after the first planners have trained)."""
+    bad = [o for o in [*run.observations, run.router_observation, run.ablation_observation]
+           if o not in OBSERVATIONS]
+    if bad:
+        raise ValueError(f"observations must be among {OBSERVATIONS}, got {bad}")
+    check_run_config(run)
+    num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
+    check_env_config(run.env, num_blocks=num_blocks)
+    check_int_list("seeds", run.seeds, distinct=True)
+    check_int_list("router_seeds", run.router_seeds, nonempty=False, distinct=True)
+    check_int("oracle_seed", run.oracle_seed)
+    ev = run.eval
+    check_int("eval.num_images", ev.num_images, 1)
+    check_int("eval.batch_size", ev.batch_size, 1)
+    check_gamma("eval.gamma", ev.gamma)
+    check_int("eval.agreement_images", ev.agreement_images, 0, note=" (0 = off)")
+    check_int("eval.ablation_agreement_images", ev.ablation_agreement_images, 0, note=" (0 = off)")
+    check_choice("eval.oracle_kind", ev.oracle_kind, ("future_loss", "extrapolative"))
+    names = [*FIXED_ORDERS, "random", *BELIEF_POLICIES, "oracle", "oracle_extrapolative"]
+    unknown = [b for b in ev.baselines if b not in names]
+    if unknown:
+        raise ValueError(f"eval.baselines: {unknown} are not policy names; choose from {', '.join(names)}")
+    check_int("eval.bootstrap", ev.bootstrap, 1)
+    check_range("eval.level", ev.level, 0.0, 1.0, lo_open=True, hi_open=True)
+    check_choice("stage", run.stage, ("all", "train", "score"))
+    check_int_list("R_values", run.R_values, 0, nonempty=False)
+    obs, seed = run.observations[0] if run.observations else "block", run.seeds[0]
+    try:
+        check_bc_run(_bc_run(run, obs, seed), check_paths=False)  # bc_overrides, as every BC run gets them
+    except ValueError as e:
+        raise ValueError(f"the BC runs of this comparison (bc_overrides={run.bc_overrides}): {e}") from e
+    if run.ppo or run.router_seeds:
+        try:  # check_paths=False: agent.init_from is the BC head trained first
+            check_ppo_run(_ppo_run(run, obs, seed, router=False), check_paths=False)
         except ValueError as e:
-            raise ValueError(f"the BC runs of this comparison (bc_overrides={self.bc_overrides}): {e}") from e
-        if self.ppo or self.router_seeds:
-            try:  # check_paths=False: agent.init_from is the BC head trained first
-                check_ppo_run(_ppo_run(self, obs, seed, router=False), check_paths=False)
-            except ValueError as e:
-                raise ValueError(f"the PPO runs of this comparison (ppo_overrides={self.ppo_overrides}): {e}") from e
+            raise ValueError(f"the PPO runs of this comparison (ppo_overrides={run.ppo_overrides}): {e}") from e
 
 
 # -- training -------------------------------------------------------------------------------------
@@ -274,7 +275,7 @@ def _to_bytes(obj) -> bytes:
 @console_log("compare_orders")
 def compare_orders(run: CompareRun) -> dict:
     """Train what is missing, score every policy, write run_dir/results.json and results.md."""
-    run.validate()
+    check_compare_run(run)
     t0 = time.time()
     walls = train_all(run) if run.stage in ("all", "train") else {}
     if run.stage == "train":

@@ -101,14 +101,15 @@ class GeneratedStatesConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=2.0))
     seed: int | None = None  # null = the run's seed
 
-    def validate(self) -> None:
-        """Raise ValueError on a bad field (cheap: call it before any heavy work)."""
-        if self.roll_in not in ROLL_INS:
-            raise ValueError(f"generated.roll_in must be one of {ROLL_INS}, got {self.roll_in!r}")
-        for name in ("num_images", "batch_size", "belief_samples"):
-            check_int(f"generated.{name}", getattr(self, name), 1)
-        check_sampling(self.sampling, "generated.sampling")
-        check_int("generated.seed", self.seed, allow_none=True, note=" (null = the run's seed)")
+
+def check_generated_states(cfg: GeneratedStatesConfig) -> None:
+    """Raise ValueError on a bad field (cheap: call it before any heavy work)."""
+    if cfg.roll_in not in ROLL_INS:
+        raise ValueError(f"generated.roll_in must be one of {ROLL_INS}, got {cfg.roll_in!r}")
+    for name in ("num_images", "batch_size", "belief_samples"):
+        check_int(f"generated.{name}", getattr(cfg, name), 1)
+    check_sampling(cfg.sampling, "generated.sampling")
+    check_int("generated.seed", cfg.seed, allow_none=True, note=" (null = the run's seed)")
 
 
 @dataclass
@@ -313,7 +314,7 @@ def build_generated_states(cfg: GeneratedStatesConfig, bb: Backbone, env: EnvCon
     """Build the set of `cfg` into cfg.out_dir (overwriting an unfinished one): states.pt, then
     manifest.json. `env`: the BC run's env (generation settings are taken from `cfg`); `head`: the
     roll-in OrderHead (roll_in=init). The global RNG is left as it was. Returns the manifest."""
-    cfg.validate()
+    check_generated_states(cfg)
     gen_env = set_env(cfg, env, head)
     identity = generated_identity(cfg, bb, gen_env, seed, init_sha256)
     root = Path(cfg.out_dir)
@@ -342,7 +343,7 @@ def load_or_build_generated(cfg: GeneratedStatesConfig, bb: Backbone, env: EnvCo
                             show_progress: bool = True) -> GeneratedStates:
     """The set of `cfg`: the one in cfg.out_dir when its identity (`generated_identity`) matches,
     else ValueError naming the differing fields; built first when out_dir holds none."""
-    cfg.validate()
+    check_generated_states(cfg)
     root = Path(cfg.out_dir)
     if (root / MANIFEST).is_file():
         now = generated_identity(cfg, bb, set_env(cfg, env, head), seed, init_sha256)

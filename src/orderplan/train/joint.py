@@ -38,20 +38,21 @@ class JointConfig:
     class_dropout: float = 0.1  # L_AR labels dropped to the null class (keeps CFG working), as in Stage 1
     start_step: int = 0  # the head trains alone on the frozen features before this step
 
-    def validate(self, n_layer: int, steps: int) -> None:
-        """Raise ValueError naming the bc.joint key and its range (`n_layer`: the GPT's layers;
-        `steps`: bc.steps)."""
-        check_int("bc.joint.top_n", self.top_n, 0, n_layer, note=" (the GPT's layers)")
-        if self.top_n and not 0 <= self.start_step < steps:
-            raise ValueError(f"bc.joint.start_step must lie in [0, bc.steps={steps}), got {self.start_step}")
-        check_int("bc.joint.start_step", self.start_step, 0)
-        check_range("bc.joint.lam", self.lam, 0.0)
-        check_positive("bc.joint.lr", self.lr)
-        check_range("bc.joint.weight_decay", self.weight_decay, 0.0)
-        check_positive("bc.joint.grad_clip", self.grad_clip)
-        check_int("bc.joint.ar_batch_size", self.ar_batch_size, 1)
-        check_probability("bc.joint.ar_random_ratio", self.ar_random_ratio)
-        check_probability("bc.joint.class_dropout", self.class_dropout)
+
+def check_joint_config(cfg: JointConfig, n_layer: int, steps: int) -> None:
+    """Raise ValueError naming the bc.joint key and its range (`n_layer`: the GPT's layers;
+    `steps`: bc.steps)."""
+    check_int("bc.joint.top_n", cfg.top_n, 0, n_layer, note=" (the GPT's layers)")
+    if cfg.top_n and not 0 <= cfg.start_step < steps:
+        raise ValueError(f"bc.joint.start_step must lie in [0, bc.steps={steps}), got {cfg.start_step}")
+    check_int("bc.joint.start_step", cfg.start_step, 0)
+    check_range("bc.joint.lam", cfg.lam, 0.0)
+    check_positive("bc.joint.lr", cfg.lr)
+    check_range("bc.joint.weight_decay", cfg.weight_decay, 0.0)
+    check_positive("bc.joint.grad_clip", cfg.grad_clip)
+    check_int("bc.joint.ar_batch_size", cfg.ar_batch_size, 1)
+    check_probability("bc.joint.ar_random_ratio", cfg.ar_random_ratio)
+    check_probability("bc.joint.class_dropout", cfg.class_dropout)
 
 
 
@@ -65,7 +66,7 @@ class JointTuner:
         bb = build_backbone(run.backbone, device=device, with_vq=False, dtype=torch.float32)
         self.gpt, self.geom = bb.gpt, bb.geometry  # frozen, eval
         n = self.gpt.cfg.n_layer
-        jc.validate(n, run.bc.steps)
+        check_joint_config(jc, n, run.bc.steps)
         self.blocks = list(range(n - jc.top_n, n))
         prefixes = tuple(f"layers.{i}." for i in self.blocks) + (("norm.", "output.") if jc.tune_output else ())
         self.names = [k for k, _ in self.gpt.named_parameters() if k.startswith(prefixes)]

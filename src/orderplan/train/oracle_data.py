@@ -47,7 +47,7 @@ from orderplan.infra.run_utils import console_log
 from orderplan.infra.validation import check_choice, check_int
 from orderplan.train.features import check_replay_core, replay_states
 from orderplan.env.actions import random_valid_action  # its plain rule is exactly this data set's draw
-from orderplan.env.core import EnvConfig
+from orderplan.env.core import EnvConfig, check_env_config
 from orderplan.env.episodes import play_episodes
 
 __all__ = [
@@ -429,7 +429,7 @@ def check_build_oracle_run(run: BuildOracleRun, check_paths: bool = True) -> Non
     """Validate configs/build_oracle.yaml's schema before anything is built (ValueError naming the
     key and its range; FileNotFoundError for missing weights with `check_paths`)."""
     num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
-    run.env.validate(num_blocks=num_blocks)
+    check_env_config(run.env, num_blocks=num_blocks)
     check_oracle_config(run, "", num_blocks)
     check_choice("split", run.split, ("train", "heldout"))
     if not (run.device == "cpu" or str(run.device).startswith("cuda")):

@@ -138,33 +138,6 @@ class PPOConfig:
     resume: bool = True  # continue from run_dir/checkpoints when a checkpoint is there
     stop_at: int | None = None  # stop after this iteration as if interrupted (checkpoint kept)
 
-    def validate(self, batch: int, world: int = 1) -> None:
-        """Check the derived sizes against an env with `batch` rows on each of `world` ranks
-        (torchrun: frames_per_batch and minibatch_size are global, split evenly over the ranks);
-        raises ValueError."""
-        if world > 1 and (self.frames_per_batch <= 0 or self.frames_per_batch % (batch * world)):
-            raise ValueError(f"frames_per_batch={self.frames_per_batch} must be a positive multiple of the env's "
-                             f"batch size {batch} times the {world} ranks (each rank collects 1/{world} of it)")
-        if world > 1 and (self.minibatch_size <= 0 or self.minibatch_size % world):
-            raise ValueError(f"minibatch_size={self.minibatch_size} must be a multiple of the {world} ranks "
-                             f"(each rank takes 1/{world} of every minibatch)")
-        if self.frames_per_batch <= 0 or self.frames_per_batch % batch:
-            raise ValueError(f"frames_per_batch={self.frames_per_batch} must be a positive multiple of the env's "
-                             f"batch size {batch}")
-        if self.total_frames < self.frames_per_batch:
-            raise ValueError(f"total_frames={self.total_frames} is less than one batch ({self.frames_per_batch})")
-        if self.minibatch_size <= 0 or self.frames_per_batch % self.minibatch_size:
-            raise ValueError(f"frames_per_batch={self.frames_per_batch} must be a multiple of "
-                             f"minibatch_size={self.minibatch_size}")
-        if not 0.0 <= self.gamma <= 1.0 or not 0.0 <= self.gae_lambda <= 1.0:
-            raise ValueError(f"gamma and gae_lambda must lie in [0, 1], got {self.gamma}, {self.gae_lambda}")
-        if self.epochs < 1 or self.ckpt_every < 1 or self.eval_every < 0:
-            raise ValueError("need epochs >= 1, ckpt_every >= 1, eval_every >= 0")
-        if self.reward_scale is not None and self.reward_scale <= 0:
-            raise ValueError(f"reward_scale must be positive (or None = auto), got {self.reward_scale}")
-        if self.loss_critic_type not in ("l1", "l2", "smooth_l1"):
-            raise ValueError(f"loss_critic_type must be l1, l2 or smooth_l1, got {self.loss_critic_type!r}")
-
     @property
     def num_iterations(self) -> int:
         return self.total_frames // self.frames_per_batch
@@ -172,6 +145,34 @@ class PPOConfig:
     @property
     def num_minibatches(self) -> int:
         return self.frames_per_batch // self.minibatch_size
+
+
+def check_ppo_sizes(cfg: PPOConfig, batch: int, world: int = 1) -> None:
+    """Check the derived sizes against an env with `batch` rows on each of `world` ranks
+    (torchrun: frames_per_batch and minibatch_size are global, split evenly over the ranks);
+    raises ValueError."""
+    if world > 1 and (cfg.frames_per_batch <= 0 or cfg.frames_per_batch % (batch * world)):
+        raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be a positive multiple of the env's "
+                         f"batch size {batch} times the {world} ranks (each rank collects 1/{world} of it)")
+    if world > 1 and (cfg.minibatch_size <= 0 or cfg.minibatch_size % world):
+        raise ValueError(f"minibatch_size={cfg.minibatch_size} must be a multiple of the {world} ranks "
+                         f"(each rank takes 1/{world} of every minibatch)")
+    if cfg.frames_per_batch <= 0 or cfg.frames_per_batch % batch:
+        raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be a positive multiple of the env's "
+                         f"batch size {batch}")
+    if cfg.total_frames < cfg.frames_per_batch:
+        raise ValueError(f"total_frames={cfg.total_frames} is less than one batch ({cfg.frames_per_batch})")
+    if cfg.minibatch_size <= 0 or cfg.frames_per_batch % cfg.minibatch_size:
+        raise ValueError(f"frames_per_batch={cfg.frames_per_batch} must be a multiple of "
+                         f"minibatch_size={cfg.minibatch_size}")
+    if not 0.0 <= cfg.gamma <= 1.0 or not 0.0 <= cfg.gae_lambda <= 1.0:
+        raise ValueError(f"gamma and gae_lambda must lie in [0, 1], got {cfg.gamma}, {cfg.gae_lambda}")
+    if cfg.epochs < 1 or cfg.ckpt_every < 1 or cfg.eval_every < 0:
+        raise ValueError("need epochs >= 1, ckpt_every >= 1, eval_every >= 0")
+    if cfg.reward_scale is not None and cfg.reward_scale <= 0:
+        raise ValueError(f"reward_scale must be positive (or None = auto), got {cfg.reward_scale}")
+    if cfg.loss_critic_type not in ("l1", "l2", "smooth_l1"):
+        raise ValueError(f"loss_critic_type must be l1, l2 or smooth_l1, got {cfg.loss_critic_type!r}")
 
 
 # -- actor and critic -----------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def _router_of(env: EnvBase) -> bool:
 
 
 def check_ppo_config(cfg: PPOConfig, key: str = "ppo") -> None:
-    """Each PPOConfig field in its range, named `{key}.<field>` (PPOConfig.validate adds the checks
+    """Each PPOConfig field in its range, named `{key}.<field>` (`check_ppo_sizes` adds the checks
     against the env's batch size): counts and sizes >= 1, eval_every >= 0 (0 = never), gamma in
     (0, 1], gae_lambda in [0, 1], clip_epsilon in (0, 1], coefficients >= 0, lr / eps / norms > 0."""
     check_int(f"{key}.frames_per_batch", cfg.frames_per_batch, 1)
@@ -498,7 +499,7 @@ def _plan_run(env: EnvBase, model: OrderHead, cfg: PPOConfig, world: int = 1) ->
     """Derived sizes and modes, with every check against the env and the model (ValueError);
     warns when an iteration is too short to hold an episode of one block per decision."""
     B = int(env.batch_size.numel())
-    cfg.validate(B, world)
+    check_ppo_sizes(cfg, B, world)
     F = cfg.frames_per_batch
     router = _router_of(env)
     if router and not model.has_router:

@@ -37,7 +37,7 @@ from orderplan.eval.report import EvalSpec, check_eval_spec, heldout_core, heldo
 from orderplan.eval.rollouts import balanced_images, index_batches
 from orderplan.planner.orderhead import OrderHead, load_orderhead
 from orderplan.planner.policies import BlockPolicy, OrderHeadPolicy
-from orderplan.train.ppo import PPOConfig, check_ppo_config, smdp_env_gamma, train_ppo
+from orderplan.train.ppo import PPOConfig, check_ppo_config, check_ppo_sizes, smdp_env_gamma, train_ppo
 from orderplan.infra.checkpoint import atomic_write_json
 from orderplan.config.common import BackboneConfig, RunConfig, check_run_config
 from orderplan.infra.paths import resolve_path
@@ -47,7 +47,7 @@ from orderplan.infra.distributed import close_distributed, init_distributed
 from orderplan.infra.run_utils import Logger, console_log, dist_info
 from orderplan.infra.seeding import isolated_rng
 from orderplan.infra.validation import check_budgets, check_choice, check_int, check_path_exists
-from orderplan.env.core import EnvConfig, OrderPlanningCore
+from orderplan.env.core import EnvConfig, OrderPlanningCore, check_env_config
 from orderplan.env.episodes import Decision, play_episodes
 from orderplan.env.factory import make_core
 from orderplan.env.torchrl_env import OrderPlanningEnv
@@ -85,14 +85,14 @@ def check_ppo_run(run: PPORun, check_paths: bool = True, world: int | None = Non
     for a missing agent.init_from or backbone weights."""
     check_run_config(run)
     num_blocks = check_backbone_config(run.backbone, check_paths=check_paths)
-    run.env.validate(num_blocks=num_blocks)
+    check_env_config(run.env, num_blocks=num_blocks)
     check_int("batch_size", run.batch_size, 1, note=" (env rows)")
     check_budgets("agent.budgets", run.agent.budgets, num_blocks)
     if check_paths:
         check_path_exists("agent.init_from", run.agent.init_from, hint="run `python scripts/bc.py` first (or set "
                           "agent.init_from=/path/to/orderhead.safetensors)")
     check_ppo_config(run.ppo)
-    run.ppo.validate(run.batch_size, dist_info()[1] if world is None else world)
+    check_ppo_sizes(run.ppo, run.batch_size, dist_info()[1] if world is None else world)
     check_eval_spec(run.eval)
     check_choice("oracle_kind", run.oracle_kind, get_args(UtilityKind))
 
@@ -114,7 +114,7 @@ def train_env_config(run: PPORun) -> EnvConfig:
     (e.g. env.mode=generate with a reward other than entropy, a mode unknown to the env)."""
     budgets = list(run.agent.budgets) if run.agent.router else None
     env = replace(run.env, split="train", budget=budgets, gamma=smdp_gamma(run))
-    env.validate()
+    check_env_config(env)
     # env.query=pending (generation without the per-token query) pays nan rewards: nothing to learn from
     if env.query != "full":
         raise ValueError(f"PPO needs the env's rewards: env.query={env.query} skips the query they come from; "
