@@ -2,8 +2,8 @@
 the mean reveal time of each block per policy.
 
     orderplan-evaluate policies=[raster,random,confident_first,bc,ppo] eval.num_samples=500 \
-        eval.num_images=0 run_dir=runs/overview
-    python scripts/make_overview.py runs/overview docs/overview.png
+        eval.num_images=0 eval.seed_samples=250 plots.column_rows=4 run_dir=runs/overview
+    python scripts/make_overview.py runs/overview docs/overview.png --max-width 640
 """
 
 import argparse
