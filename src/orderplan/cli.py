@@ -29,23 +29,18 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
-# job -> (preset, "module:function", "module:Schema")
-JOBS: dict[str, tuple[str, str, str]] = {
-    "bc": ("bc", "orderplan.train.bc:train_bc", "orderplan.train.bc:BCRun"),
-    "ppo": ("ppo", "orderplan.train.ppo_run:run_ppo", "orderplan.train.ppo_run:PPORun"),
-    "evaluate": ("evaluate", "orderplan.eval.evaluate:run_evaluation", "orderplan.eval.evaluate:EvaluateRun"),
-    "build_oracle": ("build_oracle", "orderplan.train.oracle_data:build_oracle",
-                     "orderplan.train.oracle_data:BuildOracleRun"),
-    "compare_orders": ("compare_orders", "orderplan.train.compare_orders:compare_orders",
-                       "orderplan.train.compare_orders:CompareRun"),
-    "power": ("power", "orderplan.eval.power:run_power", "orderplan.eval.power:PowerRun"),
-    "extract_codes": ("extract_codes", "orderplan.data.extract:extract_codes",
-                      "orderplan.data.extract:ExtractCodesConfig"),
-    "train_backbone": ("train_backbone", "orderplan.train.backbone:train_backbone",
-                       "orderplan.config.common:TrainBackboneRun"),
-    "train_vq": ("train_vq", "orderplan.train.vq:train_vq", "orderplan.train.vq:TrainVQConfig"),
-    "train_classifier": ("train_classifier", "orderplan.eval.classifier_training:train_classifier",
-                         "orderplan.eval.classifier_training:ClassifierRun"),
+# job -> (preset, "module:function"); the preset's schema comes from orderplan.config.store
+JOBS: dict[str, tuple[str, str]] = {
+    "bc": ("bc", "orderplan.train.bc:train_bc"),
+    "ppo": ("ppo", "orderplan.train.ppo_run:run_ppo"),
+    "evaluate": ("evaluate", "orderplan.eval.evaluate:run_evaluation"),
+    "build_oracle": ("build_oracle", "orderplan.train.oracle_data:build_oracle"),
+    "compare_orders": ("compare_orders", "orderplan.train.compare_orders:compare_orders"),
+    "power": ("power", "orderplan.eval.power:run_power"),
+    "extract_codes": ("extract_codes", "orderplan.data.extract:extract_codes"),
+    "train_backbone": ("train_backbone", "orderplan.train.backbone:train_backbone"),
+    "train_vq": ("train_vq", "orderplan.train.vq:train_vq"),
+    "train_classifier": ("train_classifier", "orderplan.eval.classifier_training:train_classifier"),
 }
 
 
@@ -57,16 +52,23 @@ def _resolve(spec: str):
 def run_job(job: str) -> None:
     """Run `job` with Hydra over sys.argv[1:] (overrides, --config-name, --cfg job, ...)."""
     from orderplan.config.common import to_typed
-    from orderplan.config.store import register_schemas
+    from orderplan.config.store import register_schemas, schema_of
 
     register_schemas()  # the presets' defaults lists start with their schema (`<preset>_schema`)
 
-    preset, fn_spec, schema_spec = JOBS[job]
+    _, fn_spec = JOBS[job]
 
-    # config_path is relative to this module: the packaged presets, installed or editable
-    @hydra.main(config_path="configs", config_name=preset, version_base=None)
+    # config_path is relative to this module: the packaged presets, installed or editable;
+    # --config-name may pick another preset of the job, so its schema is looked up after composing
+    @hydra.main(config_path="configs", config_name=JOBS[job][0], version_base=None)
     def main(cfg: DictConfig) -> None:
-        _resolve(fn_spec)(to_typed(cfg, _resolve(schema_spec)))
+        from hydra.core.hydra_config import HydraConfig
+
+        schema = schema_of(HydraConfig.get().job.config_name)
+        if schema is not schema_of(JOBS[job][0]):
+            raise SystemExit(f"--config-name {HydraConfig.get().job.config_name} is a preset of another job "
+                             f"(schema {schema.__name__}); {job} takes {schema_of(JOBS[job][0]).__name__} presets")
+        _resolve(fn_spec)(to_typed(cfg, schema))
 
     main()
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from orderplan.eval.rollouts import balanced_images
-from orderplan.eval.scorer import score_episodes
+from orderplan.eval.scorer import EpisodeScores, score_episodes
 from orderplan.planner.orderhead import OrderHead
 from orderplan.planner.policies import POLICY_NAMES, BlockPolicy, OrderHeadPolicy, make_policy
 from orderplan.config.common import BackboneConfig
@@ -59,18 +59,25 @@ def check_eval_spec(ev: EvalSpec, key: str = "eval") -> None:
         raise ValueError(f"{key}.baselines: {bad} are not policy names; choose from {', '.join(names)}")
 
 
-def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
-                   gamma: float) -> dict[str, float]:
-    """Mean discounted / undiscounted return and decisions per episode of `policy` on `image_index`
-    (`scorer.score_episodes`); `discounted_no_cost` adds the env's decision cost back (the
-    information part of the return), `per_block` (router cores) scores the block order one block
-    per step."""
-    s = score_episodes(policy, core, image_index, gamma)
+def _means(s: EpisodeScores) -> dict[str, float]:
+    """Image means of a policy's scores: discounted / undiscounted return, decisions per episode,
+    `discounted_no_cost` (the env's decision cost added back: the information part of the return),
+    `per_block` (router cores: the block order one block per step) and, where measured,
+    oracle_agreement and regret."""
     out = {"discounted": float(s.discounted.mean()), "undiscounted": float(s.undiscounted.mean()),
            "decisions": float(s.decisions.mean()), "discounted_no_cost": float(s.discounted_no_cost.mean())}
     if s.order_return is not None:
         out["per_block"] = float(s.order_return.mean())
+    if s.agreement.numel():
+        out["oracle_agreement"], out["regret"] = float(s.agreement.mean()), float(s.regret.mean())
     return out
+
+
+def policy_returns(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
+                   gamma: float) -> dict[str, float]:
+    """Mean returns and decisions per episode of `policy` on `image_index` (`_means` of
+    `scorer.score_episodes`)."""
+    return _means(score_episodes(policy, core, image_index, gamma))
 
 
 def oracle_comparison(policy: BlockPolicy, core: OrderPlanningCore, image_index: torch.Tensor,
@@ -86,7 +93,9 @@ def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_imag
     """The held-out report: returns of every policy on the same images, and the learned policy's
     agreement with the oracle and regret. The core must be teacher-forced on the held-out split."""
     images = balanced_images(core.labels, num_images)
-    stats = {name: policy_returns(p, core, images, gamma) for name, p in policies.items()}
+    # the learned policy's agreement and regret come from the same episodes as its returns
+    stats = {name: _means(score_episodes(p, core, images, gamma, len(images) if name == learned else 0, oracle_kind))
+             for name, p in policies.items()}
     report = {
         "num_images": len(images),
         "split": core.cfg.split,
@@ -103,7 +112,7 @@ def evaluate(policies: dict[str, BlockPolicy], core: OrderPlanningCore, num_imag
         report["decision_cost"] = core.cfg.decision_cost
         report["returns_without_decision_cost"] = {k: v["discounted_no_cost"] for k, v in stats.items()}
     if learned is not None and learned in policies:
-        report.update(oracle_comparison(policies[learned], core, images, oracle_kind))
+        report.update(oracle_agreement=stats[learned]["oracle_agreement"], regret=stats[learned]["regret"])
         r = report["returns"]
         if {"random", "oracle"} <= r.keys():
             gap = r["oracle"] - r["random"]
