@@ -18,8 +18,9 @@ a second run dir goes through a chain of kills, each followed by a rerun in the 
 
 then a last rerun finishes. After every mid-write kill the target is absent or its previous version
 and exactly one temp file is left; after every kill, every JSON, safetensors and torch file in the
-run dir loads (never truncated); at the end no temp file is left (the writers remove those of
-killed processes), every tensor of the outputs is bit-identical to the ref's and so is every number
+run dir loads (never truncated); the reruns take over the lock a killed run left (and say so) and no
+lock is left at the end; at the end no temp file is left (the writers remove those of killed processes),
+every output matches its checksum record, every tensor of the outputs is bit-identical to the ref's and so is every number
 of the summaries (wall-clock times and `resumed_from` aside). The kill points are printed
 (`pytest -s`) and, when CRASH_RESUME_LOG names a file, appended to it as JSON lines.
 
@@ -44,6 +45,7 @@ from typing import Any
 
 import pytest
 import torch
+from orderplan.infra.integrity import verify_file
 from orderplan.infra.paths import PACKAGE_ROOT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -446,4 +448,13 @@ def test_killed_runs_resume_to_the_uninterrupted_result(case, refs, tmp_path):
     ref = refs.finished(case, ref_launch)
     stale = [p for p in d.rglob("*.tmp")]
     assert not stale, f"{case.name}: temp files of killed writers left behind: {stale}"
+    # the reruns found the killed runs' locks (orderplan.infra.run_lock) and took them over; the last run
+    # released its own
+    logs = [p.read_text(errors="replace") for p in sorted(d.glob("launch_*.log"))[1:]]
+    assert any("taking over the lock of" in text for text in logs), f"{case.name}: no rerun took over a lock"
+    assert not list(d.rglob(".lock")), f"{case.name}: a lock file outlived the finished run"
+    # and every output carries a checksum record that matches it
+    for pattern in case.outputs:
+        for path in d.glob(pattern):
+            verify_file(path)
     assert _assert_same(case, ref, d) > 0

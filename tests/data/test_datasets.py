@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from orderplan.infra.integrity import IntegrityError, record_checksum
 from orderplan.data import datasets as data
 from orderplan.data.datasets import (
     CodeDataset,
@@ -167,13 +168,14 @@ def _toy_codes(n=12, h=4, w=4, vocab=300, seed=0):
 def test_write_codes_round_trip(tmp_path):
     codes, labels = _toy_codes()
     meta = write_codes(tmp_path, "train", codes, labels, {"vocab_size": 300, "source_sha256": "abc"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train_codes.npy", "train_labels.npy", "train_meta.json"]
+    names = ["train_codes.npy", "train_labels.npy", "train_meta.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + [f"{n}.sha256" for n in names])
     assert np.load(tmp_path / "train_codes.npy").dtype == np.uint16
     on_disk = json.loads((tmp_path / "train_meta.json").read_text())
     assert on_disk == meta and on_disk["shape"] == [12, 4, 4] and on_disk["source_sha256"] == "abc"
     assert on_disk["codes_sha256"] == hashlib.sha256((tmp_path / "train_codes.npy").read_bytes()).hexdigest()
 
-    ds = CodeDataset(tmp_path, "train", verify=True)
+    ds = CodeDataset(tmp_path, "train")
     assert len(ds) == 12 and ds.grid == (4, 4) and ds.vocab_size == 300
     c, y = ds[5]
     assert c.dtype == torch.long and c.shape == (4, 4) and y.dtype == torch.long
@@ -210,15 +212,20 @@ def test_truncated_npy_is_a_clear_error(tmp_path):
         CodeDataset(tmp_path, "train")
 
 
-def test_corrupt_bytes_caught_by_verify(tmp_path):
+def test_corrupt_bytes_are_refused_on_every_open(tmp_path):
     write_codes(tmp_path, "train", *_toy_codes(), {"vocab_size": 300})
     path = tmp_path / "train_codes.npy"
     raw = bytearray(path.read_bytes())
-    raw[-1] ^= 0xFF  # same size and header, one code changed
+    raw[-1] ^= 0xFF  # same size and header, one code changed: np.load accepts it
     path.write_bytes(bytes(raw))
-    CodeDataset(tmp_path, "train")  # structure still valid
-    with pytest.raises(ValueError, match="checksum mismatch.*train_codes.npy"):
-        CodeDataset(tmp_path, "train", verify=True)
+    assert np.load(path).shape == (12, 4, 4)
+    with pytest.raises(IntegrityError, match=r"train_codes.npy: sha256 .*does not match.*extract_codes.py"):
+        CodeDataset(tmp_path, "train")
+    # a directory written before checksum records: the meta's digests still catch it
+    for p in tmp_path.glob("*.sha256"):
+        p.unlink()
+    with pytest.raises(IntegrityError, match=r"train_codes.npy: sha256 .*differs from the one train_meta.json records"):
+        CodeDataset(tmp_path, "train")
 
 
 def test_meta_mismatch_is_reported(tmp_path):
@@ -227,9 +234,13 @@ def test_meta_mismatch_is_reported(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["shape"] = [12, 8, 2]
     meta_path.write_text(json.dumps(meta))
+    with pytest.raises(IntegrityError, match="train_meta.json: sha256"):  # the meta's own record
+        CodeDataset(tmp_path, "train")
+    record_checksum(meta_path)  # vouched for: the shape check still refuses it
     with pytest.raises(ValueError, match="train_codes.npy.*meta says"):
         CodeDataset(tmp_path, "train")
     meta_path.write_text("{not json")
+    record_checksum(meta_path)
     with pytest.raises(ValueError, match="train_meta.json"):
         CodeDataset(tmp_path, "train")
 

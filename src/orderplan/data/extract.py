@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from orderplan.infra.run_utils import console_log
+from orderplan.infra.run_utils import job_dir
 from orderplan.infra.run_utils import progress as progress_bar
 
 from orderplan.infra.checkpoint import sha256_file
@@ -215,7 +215,7 @@ def encode_batches(model: VQModel, batches, n_images: int, flip: bool, device: t
     return codes, labels
 
 
-@console_log("extract_codes", dir_field="out_dir")
+@job_dir("extract_codes", dir_field="out_dir")
 def extract_codes(cfg: ExtractCodesConfig) -> dict[str, dict]:
     """Encode the configured source and write its splits under out_dir. Returns {split: meta}."""
     check_extract_codes(cfg)

@@ -31,7 +31,7 @@ from orderplan.infra.checkpoint import atomic_write_bytes, atomic_write_json, sh
 from orderplan.config.common import RunConfig, check_run_config
 from orderplan.infra.paths import resolve_path
 from orderplan.data.datasets import class_interleaved_order, embedded_mnist_sha256, images_to_model, load_embedded_mnist
-from orderplan.infra.run_utils import Logger, console_log, progress, setup_device
+from orderplan.infra.run_utils import Logger, job_dir, progress, setup_device
 from orderplan.infra.validation import check_int, check_positive, check_range
 
 __all__ = ["ClassifierRun", "check_classifier_run", "train_classifier", "shift_augment"]
@@ -97,7 +97,7 @@ def _update_manifest(weights: Path, entry: dict[str, Any]) -> Path:
     return atomic_write_json(manifest_path, manifest)
 
 
-@console_log("train_classifier")
+@job_dir("train_classifier")
 def train_classifier(run: ClassifierRun) -> dict:
     """Train a DigitClassifier on the embedded MNIST train split, report held-out accuracy and
     cross-entropy. Writes run_dir/{classifier.safetensors, summary.json} (and, with
@@ -189,7 +189,7 @@ def train_classifier(run: ClassifierRun) -> dict:
         atomic_write_bytes(out, weights.read_bytes())
         summary["manifest"] = str(_update_manifest(out, entry))
         summary["published"] = str(out)
-    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_json(run_dir / "summary.json", summary, checksum=True)
     print(f"[train_classifier] held-out accuracy={held['accuracy']:.4f} cross-entropy={held['cross_entropy']:.4f} "
           f"train_time={train_time:.0f}s -> {weights}" + (f" (published to {summary['published']})"
                                                           if run.update_manifest else ""))

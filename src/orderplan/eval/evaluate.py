@@ -58,7 +58,8 @@ from orderplan.eval.sample_metrics import (class_logprob, fid_curve, fid_with_in
 from orderplan.eval.sharding import SampleSet, figure_indices, generate_sharded, orders_sharded
 from orderplan.planner.orderhead import load_orderhead
 from orderplan.planner.policies import BELIEF_POLICIES, FIXED_ORDERS, BlockPolicy, FixedOrderPolicy, make_policy
-from orderplan.infra.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_torch_checkpoint, sha256_file
+from orderplan.infra.integrity import read_json_checked
+from orderplan.infra.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_cache, sha256_file
 from orderplan.config.common import BackboneConfig, RunConfig, check_run_config
 from orderplan.infra.paths import resolve_path
 from orderplan.model.loading import check_backbone_config
@@ -67,7 +68,7 @@ from orderplan.infra.cpu_heap import keep_freed_heap_memory
 from orderplan.infra.distributed import DistContext, broadcast_object, close_distributed, init_distributed
 from orderplan.model.loading import Backbone, backbone_identity, build_backbone
 from orderplan.data.tokens import load_token_data
-from orderplan.infra.run_utils import Logger, console_log, progress
+from orderplan.infra.run_utils import Logger, job_dir, progress
 from orderplan.model.sampling import SamplingConfig, check_sampling
 from orderplan.infra.seeding import isolated_rng
 from orderplan.infra.validation import check_choice, check_gamma, check_int, check_int_list, check_path_exists, check_range
@@ -230,7 +231,7 @@ def _check_same_backbone(entry: str, path: Path, backbone: BackboneConfig) -> No
     tuned = path.parent / "gpt.safetensors"
     summary = path.parent / "summary.json"
     if not tuned.is_file() and summary.is_file():
-        named = json.loads(summary.read_text()).get("bc_tuned_backbone")
+        named = read_json_checked(summary, required=False).get("bc_tuned_backbone")
         tuned = Path(named) if named else tuned
     if not tuned.is_file():
         return
@@ -305,18 +306,9 @@ def policy_identity(spec: PolicySpec, run: EvaluateRun) -> str:
 
 
 def _load_policy(path: Path, identity: str) -> dict | None:
-    """A policy's cached row and sample features from an earlier run, when its identity matches."""
-    if not path.is_file():
-        return None
-    try:
-        done = load_torch_checkpoint(path)
-    except ValueError as err:  # a torn or foreign file is recomputed, never trusted
-        print(f"[evaluate] ignoring {path}: {err}", flush=True)
-        return None
-    if done.get("identity") != identity:
-        print(f"[evaluate] {path} was computed with another setup: recomputing it", flush=True)
-        return None
-    return done
+    """A policy's cached row and sample features from an earlier run, when the file is intact and its
+    identity matches (else None: recomputed)."""
+    return load_cache(path, identity, "[evaluate]")
 
 
 def seed_set_size(ev: EvalOptions, n: int) -> int:
@@ -555,7 +547,7 @@ def check_evaluate_run(run: EvaluateRun, check_paths: bool = True) -> None:
     _check_options(run, check_paths)
 
 
-@console_log("evaluate")
+@job_dir("evaluate")
 def run_evaluation(run: EvaluateRun) -> dict:
     """Evaluate every policy of `run.policies`; write results.json / results.md / PNGs in run_dir.
 
@@ -688,7 +680,7 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
         row["seconds"] = round(time.time() - t0, 1)
         results["policies"][spec.name] = row
         atomic_torch_save({"identity": identity, "row": row, "generated": vars(generated[spec.name]),
-                           "heatmap_orders": orders_for_heatmap[spec.name], "curve": curve}, cache)
+                           "heatmap_orders": orders_for_heatmap[spec.name], "curve": curve}, cache, checksum=True)
         logger.log({f"{spec.name}/{k}": v for k, v in row.items() if isinstance(v, float)}, step=0)
         print(f"[evaluate] {spec.name}: FID {row['fid']:.3f} (N={row['num_samples']}), seeds "
               f"{', '.join(f'{f:.2f}' for f in row['fid_seeds'])} (N={row['fid_seeds_n']}), precision "

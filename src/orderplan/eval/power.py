@@ -35,11 +35,11 @@ from orderplan.eval.evaluate import (EvaluateRun, PolicySpec, _check_options, _s
                                    generation_labels, policy_identity, reference_images, reference_name,
                                    resolve_policy)
 from orderplan.eval.sample_metrics import paired_fid_delta
-from orderplan.infra.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_torch_checkpoint
+from orderplan.infra.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_cache
 from orderplan.infra.cpu_heap import keep_freed_heap_memory
 from orderplan.model.loading import Backbone, build_backbone
 from orderplan.data.tokens import load_token_data
-from orderplan.infra.run_utils import console_log, progress, setup_device
+from orderplan.infra.run_utils import job_dir, progress, setup_device
 
 
 @dataclass
@@ -109,20 +109,19 @@ def _chunk_features(spec: PolicySpec, run: PowerRun, bb: Backbone, labels: torch
                     device: torch.device, identity: str, path: Path) -> torch.Tensor:
     """Features [chunk, F] (float64) of chunk c of a policy's set, from `path` when it holds the same
     identity, else generated and saved there."""
-    if path.exists():
-        done = load_torch_checkpoint(path)
-        if done.get("identity") == identity:
-            return done["features"]
+    done = load_cache(path, identity, "[power]")
+    if done is not None:
+        return done["features"]
     ev, C = run.eval, run.power.chunk
     env = generation_env(spec, run)
     samples = generate_samples(spec.make, bb, labels[c * C:(c + 1) * C], env, ev.gen_batch_size,
                                _sampler_seed(run, ev.sampler_seeds[0]), num_snapshots=0, first_index=c * C)
     feats = extract_features(extractor, samples.images, run.features.batch_size, device).double()
-    atomic_torch_save({"identity": identity, "features": feats}, path)
+    atomic_torch_save({"identity": identity, "features": feats}, path, checksum=True)
     return feats
 
 
-@console_log("power")
+@job_dir("power")
 def run_power(run: PowerRun) -> dict:
     """The study of the module doc; returns what power.json holds."""
     from orderplan.eval.feature_net import make_feature_extractor  # torchmetrics' inception import is heavy

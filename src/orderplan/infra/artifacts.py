@@ -8,9 +8,9 @@ compares it with the entry that names it; the weight loaders (`orderplan.model.l
 `orderplan.model.vq.load_vq_safetensors` / `load_llamagen_vq`, `orderplan.eval.feature_net.load_classifier`)
 call it on every file they open, so a flipped byte in a committed artifact fails with the file name
 and the command that rebuilds it instead of loading silently. Files in directories without a
-manifest (run outputs, LlamaGen checkpoints) are not affected. A file is hashed once per process:
-hashes are cached by (resolved path, inode, size, mtime), so tests that build the default backbone
-many times pay for one hash (a few ms for the tiny default).
+manifest (run outputs, LlamaGen checkpoints) are checked against their own checksum records instead
+(`orderplan.infra.integrity`, which also hashes: once per process per resolved path, inode, size and
+mtime, so tests that build the default backbone many times pay for one hash).
 
 Non-finite weights. `check_finite` refuses a state dict with nan / inf in any floating tensor,
 naming the tensors; `orderplan.infra.checkpoint.load_state_dict_checked` and the VQ loaders call it, so
@@ -18,7 +18,6 @@ GPT, VQ, OrderHead and classifier files with non-finite weights never load."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -27,19 +26,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["MANIFEST_NAME", "ArtifactMismatchError", "NonFiniteWeightsError", "sha256_cached", "manifest_entry",
+from orderplan.infra.integrity import IntegrityError, sha256_file
+
+__all__ = ["MANIFEST_NAME", "ArtifactMismatchError", "NonFiniteWeightsError", "manifest_entry",
            "verify_artifact", "check_finite"]
 
 MANIFEST_NAME = "manifest.json"
 _MAX_LISTED = 20  # tensor names listed in a non-finite error before it is cut short
 
-# (resolved path, inode, size, mtime_ns) -> value: a rewritten or replaced file (os.replace gives a new
-# inode) gets a new key, so no stale hit
-_HASH_CACHE: dict[tuple[str, int, int, int], str] = {}
 _MANIFEST_CACHE: dict[tuple[str, int, int, int], dict] = {}
 
 
-class ArtifactMismatchError(ValueError):
+class ArtifactMismatchError(IntegrityError):
     """A file's sha256 differs from the one its manifest records."""
 
 
@@ -50,19 +48,6 @@ class NonFiniteWeightsError(ValueError):
 def _stat_key(path: Path) -> tuple[str, int, int, int]:
     st = path.stat()
     return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def sha256_cached(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, computed once per process per (resolved path, inode, size, mtime)."""
-    path = Path(path)
-    key = _stat_key(path)
-    if key not in _HASH_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _HASH_CACHE[key] = h.hexdigest()
-    return _HASH_CACHE[key]
 
 
 def _read_manifest(manifest_path: Path) -> dict:
@@ -109,7 +94,7 @@ def verify_artifact(path: str | os.PathLike, manifest_path: str | os.PathLike | 
             raise ArtifactMismatchError(f"{mpath} has no entry with \"file\": {path.name!r} and a sha256")
         return False
     name, entry, manifest = found
-    actual = sha256_cached(path)
+    actual = sha256_file(path)
     if actual != entry["sha256"]:
         rebuild = entry.get("produced_by") or manifest.get("produced_by")
         how = f"rebuild it with `{rebuild}`" if rebuild else "rebuild it with the script that produced it"

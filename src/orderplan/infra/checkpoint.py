@@ -1,9 +1,11 @@
 """Checkpoint I/O shared by every training script.
 
-- Atomic writes: temp file in the target directory, flush + fsync, ``os.replace``. A crash
-  mid-write leaves the previous file intact (``torch.save`` straight onto the final path, as
-  nanoGPT / LlamaGen do, leaves a truncated checkpoint instead). The next write of that path
-  removes the temp file a killed writer left behind.
+- Atomic writes (`orderplan.infra.integrity.atomic_write`): temp file in the target directory,
+  flush + fsync, ``os.replace``. A crash mid-write leaves the previous file intact (``torch.save``
+  straight onto the final path, as nanoGPT / LlamaGen do, leaves a truncated checkpoint instead).
+- Checksums: checkpoints and weights are written with a sha256 record beside them and checked
+  before they are loaded (``load_torch_checkpoint(required=True)`` for files the project wrote
+  itself; weights given by path are checked when they carry a record).
 - Loading is ``weights_only=True`` only: LlamaGen training checkpoints pickle an
   ``argparse.Namespace`` and are refused with a message that says how to re-save them.
 - ``CheckpointManager``: ``step_XXXXXXXX.pt`` files plus a ``last.json`` pointer that moves only
@@ -12,40 +14,54 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 import re
-import uuid
+import struct
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from orderplan.infra.artifacts import check_finite
+from orderplan.infra.integrity import (
+    IntegrityError,
+    MissingRecordError,
+    atomic_write,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_with_record,
+    sha256_file,
+    verify_file,
+)
 
 __all__ = [
     "CheckpointCorruptError",
     "UnsafeCheckpointError",
+    "IntegrityError",
+    "atomic_write",
     "atomic_torch_save",
     "atomic_write_bytes",
     "atomic_write_json",
     "save_safetensors",
+    "canonical_safetensors",
     "load_safetensors",
     "load_torch_checkpoint",
+    "load_cache",
     "extract_model_state",
     "load_state_dict_checked",
     "CheckpointManager",
     "rng_state",
     "set_rng_state",
     "check_identity",
+    "sha256_file",
 ]
 
 PathLike = str | os.PathLike
@@ -62,80 +78,7 @@ class UnsafeCheckpointError(ValueError):
     """The file is a valid torch checkpoint that cannot be loaded with ``weights_only=True``."""
 
 
-# ---------------------------------------------------------------------------- atomic writes
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable on POSIX; directories cannot be opened on Windows.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except OSError:  # e.g. PermissionError: it exists, owned by someone else
-        return True
-    return True
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Delete temp files of ``path`` left by writers that were killed mid-write (SIGKILL, power loss:
-    no ``except`` ran), so repeated crashes do not pile up half-written checkpoints. Only files named
-    as ``atomic_write`` names them whose process is gone; one path has one writer at a time."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)\.[0-9a-f]{{8}}\.tmp$")
-    try:
-        entries = list(path.parent.iterdir())
-    except OSError:
-        return
-    for p in entries:
-        m = pattern.match(p.name)
-        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-
-
-def atomic_write(path: PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temp file next to ``path``, fsync it, then rename it onto ``path``.
-    Streams: ``write`` may emit a large array without an in-memory copy. Temp files of ``path`` left
-    by a killed writer are removed first (`_remove_stale_temps`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    # Same directory => same filesystem => os.replace is an atomic rename. A leading dot keeps
-    # half-written files out of globs such as step_*.pt.
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    # os.open with 0o666 (not mkstemp's 0o600) so the final file gets the usual umask permissions.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # also KeyboardInterrupt: never leave the temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def sha256_file(path: PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
+# ---------------------------------------------------------------------------- identities
 def check_identity(saved: Mapping[str, Any], now: Mapping[str, Any], where: PathLike, hint: str,
                    what: str = "it was made with a different setup") -> None:
     """Refuse to continue something saved under another identity (a checkpoint to resume, a data set
@@ -150,27 +93,17 @@ def check_identity(saved: Mapping[str, Any], now: Mapping[str, Any], where: Path
         raise ValueError(f"{where}: {what}: " + "; ".join(diff) + f". {hint}")
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> Path:
-    """Atomically write ``data`` to ``path`` (parent directories are created)."""
-    return atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_json(path: PathLike, data: Any) -> Path:
-    """Atomically write ``data`` as indented JSON. Serialisation errors happen before any I/O."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_torch_save(obj: Any, path: PathLike) -> Path:
-    """Atomically ``torch.save(obj, path)``."""
-    return atomic_write(path, lambda f: torch.save(obj, f))
+def atomic_torch_save(obj: Any, path: PathLike, checksum: bool = False) -> Path:
+    """Atomically ``torch.save(obj, path)``; with ``checksum`` its digest is recorded
+    (`orderplan.infra.integrity`)."""
+    return atomic_write(path, lambda f: torch.save(obj, f), checksum=checksum)
 
 
 # ---------------------------------------------------------------------------- safetensors
 def save_safetensors(
     state_dict: Mapping[str, torch.Tensor], path: PathLike, metadata: Mapping[str, Any] | None = None
 ) -> Path:
-    """Atomically save tensors to a ``.safetensors`` file.
+    """Atomically save tensors to a ``.safetensors`` file, with its checksum record.
 
     Tensors are moved to CPU and made contiguous; tensors sharing storage (tied weights) are
     cloned, since safetensors refuses aliases. ``metadata`` values are JSON-encoded (safetensors
@@ -197,21 +130,35 @@ def save_safetensors(
             raise TypeError(
                 f"save_safetensors: metadata[{key!r}] is not JSON-serialisable: {e}"
             ) from e
-    return atomic_write_bytes(path, st_save(tensors, metadata=meta))
+    return atomic_write_bytes(path, canonical_safetensors(st_save(tensors, metadata=meta)), checksum=True)
 
 
-def load_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load ``(state_dict, metadata)`` from a ``.safetensors`` file, on CPU.
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted. safetensors writes the metadata
+    map in hash order, which changes from process to process, so identical weights and metadata
+    would give different bytes (and checksums) in two runs; sorted, the same content is the same
+    file. The tensor data (offsets relative to the data section) is unchanged."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data section stays 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+
+
+def load_safetensors(path: PathLike, rebuild: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load ``(state_dict, metadata)`` from a ``.safetensors`` file, on CPU, after checking it
+    against its checksum record when it has one (``rebuild``: how to make it again, for the error).
 
     Metadata values are JSON-decoded; a value that is not JSON (a file written by another tool)
     is returned as the raw string. Raises FileNotFoundError / CheckpointCorruptError (a
-    ValueError) naming the path.
+    ValueError) / IntegrityError (a ValueError) naming the path.
     """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"safetensors file not found: {path}")
+    verify_file(path, rebuild, required=False)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             raw_meta = f.metadata() or {}
@@ -230,17 +177,21 @@ def load_safetensors(path: PathLike) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 # ---------------------------------------------------------------------------- torch checkpoints
-def load_torch_checkpoint(path: PathLike) -> dict:
-    """``torch.load(path, map_location="cpu", weights_only=True)``, with actionable errors.
+def load_torch_checkpoint(path: PathLike, rebuild: str | None = None, required: bool = False) -> dict:
+    """``torch.load(path, map_location="cpu", weights_only=True)``, with actionable errors, after
+    checking the file against its checksum record (``required``: a file without one is refused;
+    else it is checked when it has one; ``rebuild``: how to make it again, for the error).
 
     Raises:
         FileNotFoundError: no file at ``path``.
+        IntegrityError (ValueError): the bytes differ from the record, or ``required`` and none.
         UnsafeCheckpointError (ValueError): the file pickles arbitrary Python objects.
         CheckpointCorruptError (ValueError): truncated / not a torch checkpoint / not a dict.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    verify_file(path, rebuild, required)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -265,6 +216,26 @@ def load_torch_checkpoint(path: PathLike) -> dict:
             f"checkpoint {path} holds a {type(obj).__name__}, expected a dict"
         )
     return obj
+
+
+def load_cache(path: PathLike, identity: Any, tag: str = "") -> dict | None:
+    """A cache file written by ``atomic_torch_save(..., checksum=True)`` as a dict with an
+    ``"identity"`` key: its contents when the file is intact and holds ``identity``, else None, after
+    printing why it is recomputed (no record, bytes differ from the record, unloadable, another
+    setup). A cache is never trusted past its checksum; it is rebuilt instead."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    prefix = f"{tag} " if tag else ""
+    try:
+        done = load_torch_checkpoint(path, required=True)
+    except ValueError as err:  # IntegrityError, CheckpointCorruptError, UnsafeCheckpointError
+        print(f"{prefix}{err}\n{prefix}{path.name} is a cache: recomputing it", flush=True)
+        return None
+    if done.get("identity") != identity:
+        print(f"{prefix}{path} was computed with another setup: recomputing it", flush=True)
+        return None
+    return done
 
 
 _WRAPPER_KEYS = ("model", "module", "state_dict")
@@ -481,8 +452,8 @@ class CheckpointManager:
                 "and plain Python types only (e.g. float(x) for numpy scalars, "
                 "OmegaConf.to_container(cfg) for configs)."
             )
-        path = atomic_torch_save(state, self.path_for(step))
-        atomic_write_json(self.ckpt_dir / self.POINTER, {"file": path.name, "step": step})
+        path = atomic_torch_save(state, self.path_for(step), checksum=True)
+        atomic_write_json(self.ckpt_dir / self.POINTER, {"file": path.name, "step": step}, checksum=True)
         self._prune(keep=path)
         return path
 
@@ -491,15 +462,16 @@ class CheckpointManager:
         survivors = {p for _, p in ckpts[-self.keep_last:]} | {keep}
         for _, p in ckpts:
             if p not in survivors:
-                p.unlink(missing_ok=True)
+                remove_with_record(p)
 
     def _pointed(self) -> Path | None:
         pointer = self.ckpt_dir / self.POINTER
         if not pointer.is_file():
             return None
         try:
+            verify_file(pointer, required=False)
             name = json.loads(pointer.read_text())["file"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # IntegrityError is a ValueError
             warnings.warn(f"ignoring unreadable checkpoint pointer {pointer}: {e}", stacklevel=3)
             return None
         # Only a bare file name inside ckpt_dir is honoured (the directory may have been moved).
@@ -513,9 +485,13 @@ class CheckpointManager:
 
     @staticmethod
     def _looks_complete(path: Path) -> bool:
-        # Cheap check without unpickling: torch.save writes a zip whose central directory sits
-        # at the end, so truncated or overwritten files fail to open. load_latest() does the
-        # full check by loading.
+        # Check without unpickling: the checksum record (a file without one counts, so that
+        # load_latest raises on it), then torch.save's zip, whose central directory sits at the
+        # end, so truncated or overwritten files fail to open. load_latest() loads.
+        try:
+            verify_file(path, required=False)
+        except IntegrityError:
+            return False
         try:
             with zipfile.ZipFile(path) as zf:
                 return len(zf.namelist()) > 0
@@ -539,15 +515,22 @@ class CheckpointManager:
 
     def load_latest(self) -> dict | None:
         """Load the checkpoint ``latest()`` would pick, falling back past files that fail to
-        load (with a warning). None if there is none. A checkpoint refused by weights_only is an
-        error, not corruption, and is raised; so is one whose "model" weights hold nan / inf
-        (NonFiniteWeightsError naming the tensors)."""
+        load or whose bytes differ from their checksum record (with a warning naming the file).
+        None if there is none. A checkpoint refused by weights_only is an error, not corruption,
+        and is raised; so is one without a checksum record (IntegrityError: written before
+        records existed; resuming past it would start over and prune it), and one whose "model"
+        weights hold nan / inf (NonFiniteWeightsError naming the tensors)."""
         pointed = self._pointed()
         for path in self._candidates():
             if not path.is_file():
                 continue
             try:
-                state = load_torch_checkpoint(path)
+                state = load_torch_checkpoint(path, required=True)
+            except MissingRecordError:
+                raise
+            except IntegrityError as e:
+                warnings.warn(f"skipping a checkpoint that fails its checksum: {e}", stacklevel=2)
+                continue
             except CheckpointCorruptError as e:
                 warnings.warn(f"skipping unloadable checkpoint: {e}", stacklevel=2)
                 continue

@@ -1,6 +1,8 @@
 """Small pieces every script shares: device and process-group discovery, a metric logger that
-prints nothing extra by default and mirrors to wandb (offline unless asked) when `logger=wandb`, and
-the console log of a run (`console_log`: what a run prints, also written to run_dir/<job>.log)."""
+prints nothing extra by default and mirrors to wandb (offline unless asked) when `logger=wandb`, the
+console log of a run (`console_log`: what a run prints, also written to run_dir/<job>.log), and
+`job_dir`, which every job's entry function wears: the run directory's writer lock
+(`orderplan.infra.run_lock`) around the console log."""
 
 from __future__ import annotations
 
@@ -225,5 +227,26 @@ def console_log(job: str, dir_field: str = "run_dir") -> Callable[[F], F]:
                 return fn(*args, **kwargs)
 
         return run_logged  # type: ignore[return-value]
+
+    return wrap
+
+
+def job_dir(job: str, dir_field: str = "run_dir") -> Callable[[F], F]:
+    """Decorate a job's entry function `fn(run, ...)`: it holds the writer lock of
+    `run.<dir_field>` (`orderplan.infra.run_lock.hold_run_dir`; a second run on the directory is
+    refused before it writes anything, not even to the log) and logs its console there
+    (`console_log`)."""
+    from orderplan.infra.run_lock import hold_run_dir
+
+    def wrap(fn: F) -> F:
+        logged = console_log(job, dir_field)(fn)
+
+        @functools.wraps(fn)
+        def held(*args: Any, **kwargs: Any) -> Any:
+            run = args[0] if args else next(iter(kwargs.values()))
+            with hold_run_dir(Path(str(getattr(run, dir_field))), job, rank=dist_info()[0]):
+                return logged(*args, **kwargs)
+
+        return held  # type: ignore[return-value]
 
     return wrap

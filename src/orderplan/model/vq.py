@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from orderplan.infra.integrity import verify_file
 from orderplan.infra.artifacts import check_finite, verify_artifact
 
 # --------------------------------------------------------------------------------------------
@@ -462,6 +463,7 @@ def load_llamagen_vq(path: str | os.PathLike, cfg: VQConfig) -> VQModel:
     if not path.is_file():
         raise FileNotFoundError(f"VQ checkpoint not found: {path}")
     verify_artifact(path)  # a file its directory's manifest.json lists must match the recorded sha256
+    verify_file(path, required=False)  # and a file with a checksum record (written by save_vq_safetensors) its record
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -479,14 +481,14 @@ def load_llamagen_vq(path: str | os.PathLike, cfg: VQConfig) -> VQModel:
 
 def save_vq_safetensors(model: VQModel, cfg: VQConfig, path: str | os.PathLike) -> None:
     """Write the state dict (float tensors as stored) with the config as JSON metadata
-    (`vq_config`), atomically."""
+    (`vq_config`), atomically, with its checksum record."""
     from safetensors.torch import save
 
-    from orderplan.infra.checkpoint import atomic_write_bytes
+    from orderplan.infra.checkpoint import atomic_write_bytes, canonical_safetensors
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"vq_config": json.dumps(cfg.to_dict()), "format": "orderplan.vq/1"}
-    atomic_write_bytes(path, save(state, metadata=meta))
+    atomic_write_bytes(path, canonical_safetensors(save(state, metadata=meta)), checksum=True)
 
 
 def load_vq_safetensors(path: str | os.PathLike) -> tuple[VQModel, VQConfig]:
@@ -498,6 +500,7 @@ def load_vq_safetensors(path: str | os.PathLike) -> tuple[VQModel, VQConfig]:
     if not path.is_file():
         raise FileNotFoundError(f"VQ weights not found: {path}")
     verify_artifact(path)  # a file its directory's manifest.json lists must match the recorded sha256
+    verify_file(path, required=False)  # and a file with a checksum record (written by save_vq_safetensors) its record
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "vq_config" not in meta:

@@ -28,7 +28,7 @@ from orderplan.model.loading import backbone_gpt_config, check_backbone_config, 
 from orderplan.data.tokens import data_fingerprint, load_token_data
 from orderplan.model.orders import block_order
 from orderplan.infra.distributed import close_distributed, init_distributed
-from orderplan.infra.run_utils import Logger, console_log, progress
+from orderplan.infra.run_utils import Logger, job_dir, progress
 from orderplan.infra.seeding import seed_global
 from orderplan.infra.validation import check_int, check_path_exists, check_positive, check_probability, check_range
 
@@ -130,7 +130,7 @@ def heldout_nll(model: GPT, codes: torch.Tensor, labels: torch.Tensor, geom: Blo
     return out
 
 
-@console_log("train_backbone")
+@job_dir("train_backbone")
 def train_backbone(run: TrainBackboneRun) -> dict:
     """Train (or resume) the order-robust GPT of `run.backbone`; returns the summary written to
     `run_dir/summary.json` (rank 0)."""
@@ -263,7 +263,7 @@ def train_backbone(run: TrainBackboneRun) -> dict:
             "wall_time_s": time.time() - t0,
             "config": asdict(run),
         }
-        atomic_write_json(run_dir / "summary.json", summary)
+        atomic_write_json(run_dir / "summary.json", summary, checksum=True)
         print(f"held-out bits/token: raster {ev['raster']:.4f}, random block order {ev['random']:.4f} "
               f"(gap {ev['random'] - ev['raster']:+.4f}); wrote {run_dir / 'summary.json'}")
     logger.close()

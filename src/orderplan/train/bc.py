@@ -97,6 +97,7 @@ from orderplan.infra.checkpoint import (
     sha256_file,
 )
 from orderplan.config.common import BackboneConfig, RunConfig, check_run_config
+from orderplan.infra.integrity import remove_with_record
 from orderplan.infra.paths import resolve_path
 from orderplan.model.loading import check_backbone_config
 from orderplan.infra.distributed import (
@@ -111,7 +112,7 @@ from orderplan.infra.distributed import (
     shard_indices,
 )
 from orderplan.model.loading import backbone_gpt_config, random_weights_tag, save_gpt
-from orderplan.infra.run_utils import Logger, console_log, progress
+from orderplan.infra.run_utils import Logger, job_dir, progress
 from orderplan.infra.seeding import isolated_rng, seed_global
 from orderplan.infra.validation import check_choice, check_int, check_int_list, check_positive, check_range
 from orderplan.env.core import EnvConfig, OrderPlanningCore, check_env_config
@@ -713,7 +714,7 @@ def _save_weights(run: BCRun, model: OrderHead, tuner: JointTuner | None, bits_b
     elif gpt_path.is_file() and load_safetensors(gpt_path)[1].get("stage") == "bc_joint":
         # the tuned backbone of an earlier joint run in this run_dir does not belong to this planner (PPO would use it)
         print(f"removing {gpt_path}: left by an earlier joint-tuning run, this run's planner uses the frozen backbone")
-        gpt_path.unlink()
+        remove_with_record(gpt_path)  # and its checksum record
     save_orderhead(model, weights, {"stage": "bc", "steps": bc.steps, "oracle_kind": kind,
                                     "backbone": run.backbone.name, "states": run.states,
                                     **({"gpt_weights": str(gpt_path)} if tuner else {})})
@@ -733,7 +734,7 @@ def _finish(run: BCRun, model: OrderHead, tuner: JointTuner | None, bits_before:
                **extra, "wall_time_s": time.time() - t0, "config": asdict(run)}
     if joint_summary:
         summary["joint"] = joint_summary
-    atomic_write_json(Path(run.run_dir) / "summary.json", summary)
+    atomic_write_json(Path(run.run_dir) / "summary.json", summary, checksum=True)
     print_report(summary)
     return summary
 
@@ -765,7 +766,7 @@ def _ddp(model: OrderHead, ctx: DistContext) -> OrderHead | DistributedDataParal
                                    find_unused_parameters=True, forward_sync_buffers=False)
 
 
-@console_log("bc")
+@job_dir("bc")
 def train_bc(run: BCRun) -> dict:
     """Behaviour cloning + the held-out report. Writes run_dir/{orderhead.safetensors, summary.json}
     (and what it prints to run_dir/bc.log). Returns the summary.

@@ -24,13 +24,11 @@ regret, backbone forwards per decision, wall time of the scoring (and of the tra
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import torch
 
 from orderplan.eval.comparison import PolicyScores, comparison_rows, markdown_table, score_policy
 from orderplan.eval.rollouts import balanced_images
@@ -38,11 +36,12 @@ from orderplan.planner.orderhead import load_orderhead
 from orderplan.planner.policies import BELIEF_POLICIES, FIXED_ORDERS, make_policy
 from orderplan.train.bc import BCRun, check_bc_run, train_bc
 from orderplan.train.ppo_run import PPORun, check_ppo_run, run_ppo
-from orderplan.infra.checkpoint import atomic_write_bytes, atomic_write_json, sha256_file
+from orderplan.infra.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_cache, sha256_file
+from orderplan.infra.integrity import read_json_checked
 from orderplan.config.common import BackboneConfig, RunConfig, check_run_config, compose, to_typed
 from orderplan.model.loading import check_backbone_config
 from orderplan.model.loading import backbone_identity
-from orderplan.infra.run_utils import console_log, setup_device
+from orderplan.infra.run_utils import job_dir, setup_device
 from orderplan.infra.validation import check_choice, check_gamma, check_int, check_int_list, check_range
 from orderplan.env.core import EnvConfig, check_env_config
 from orderplan.env.factory import make_core
@@ -188,7 +187,7 @@ def train_all(run: CompareRun) -> dict[str, float]:
 
 def _train_wall(run_dir: Path) -> float | None:
     p = run_dir / "summary.json"
-    return json.loads(p.read_text()).get("wall_time_s") if p.is_file() else None
+    return read_json_checked(p, required=False).get("wall_time_s") if p.is_file() else None
 
 
 def score_all(run: CompareRun) -> list[PolicyScores]:
@@ -210,15 +209,16 @@ def score_all(run: CompareRun) -> list[PolicyScores]:
         identity = {**base_identity, "row": name, "source": source or name, "agreement_images": agree,
                     "budget": c.cfg.budget}
         cache = root / "scores" / f"{name}__{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]}.pt"
-        if cache.is_file():
-            saved = torch.load(cache, weights_only=False)
-            if saved["identity"] == identity:
-                print(f"[compare] {name}: scored before ({cache.name})", flush=True)
-                return saved["scores"]
+        saved = load_cache(cache, identity, "[compare]")
+        if saved is not None:
+            print(f"[compare] {name}: scored before ({cache.name})", flush=True)
+            return PolicyScores(**saved["scores"])
         print(f"[compare] scoring {name}", flush=True)
         c.seed(run.seed)  # every policy sees the same generator states (expected_oracle's samples)
         out = score_policy(name, make, c, images, ev.gamma, agree, ev.oracle_kind, group)
-        atomic_write_bytes(cache, _to_bytes({"identity": identity, "scores": out}))
+        # plain fields (tensors, numbers, str, dict): loadable with weights_only=True
+        atomic_torch_save({"identity": identity, "scores": {f.name: getattr(out, f.name) for f in fields(out)}},
+                          cache, checksum=True)
         return out
 
     for name in ev.baselines:
@@ -266,13 +266,7 @@ def score_all(run: CompareRun) -> list[PolicyScores]:
     return scores
 
 
-def _to_bytes(obj) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-@console_log("compare_orders")
+@job_dir("compare_orders")
 def compare_orders(run: CompareRun) -> dict:
     """Train what is missing, score every policy, write run_dir/results.json and results.md."""
     check_compare_run(run)

@@ -33,7 +33,8 @@ the set in-process changes nothing downstream. The same config gives the same se
 part of it (the rows of a batch share their generators).
 
 On disk (`out_dir`): `states.pt` (records, codes, labels; written atomically) and `manifest.json`
-(written after it: the identity of the set, counts, its sha256, utility statistics, build cost). A
+(written after it: the identity of the set, counts, its sha256, utility statistics, build cost), each
+with its checksum record, checked before the set is read. A
 rerun with the same identity reuses the set; another identity raises ValueError naming the
 differing fields. An unfinished build (no manifest) is rebuilt from scratch."""
 
@@ -50,6 +51,7 @@ import torch
 from orderplan.planner.orderhead import OrderHead
 from orderplan.planner.policies import OrderHeadPolicy, RandomPolicy
 from orderplan.infra.checkpoint import atomic_torch_save, atomic_write_json, check_identity, load_torch_checkpoint, sha256_file
+from orderplan.infra.integrity import read_json_checked
 from orderplan.infra.paths import resolve_path
 from orderplan.model.loading import Backbone, random_weights_tag
 from orderplan.infra.run_utils import progress
@@ -138,10 +140,7 @@ class GeneratedStates:
         """Read a set written by `build_generated_states`; ValueError if it is incomplete or altered."""
         root = Path(root)
         manifest = _read_manifest(root)
-        path = root / manifest["file"]
-        if sha256_file(path) != manifest["sha256"]:
-            raise ValueError(f"{path} does not match the sha256 in {root / MANIFEST}: delete {root} to rebuild it")
-        blob = load_torch_checkpoint(path)
+        blob = load_torch_checkpoint(root / manifest["file"], _rebuild_hint(root), required=True)
         return cls(**{k: blob[k] for k in (*RECORD_KEYS, "codes", "labels")}, manifest=manifest)
 
 
@@ -288,16 +287,15 @@ def set_env(cfg: GeneratedStatesConfig, env: EnvConfig, head: OrderHead | None) 
     return generation_env(env, cfg, beliefs=cfg.roll_in == "init" and head is not None and head.cfg.beliefs)
 
 
-def _read_manifest(root: Path) -> dict:
-    import json
+def _rebuild_hint(root: Path) -> str:
+    return f"delete {root}; the next BC run that reads it (e.g. --config-name bc_generated) builds it again"
 
+
+def _read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {root}: the generated-state set is missing or unfinished")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+    return read_json_checked(path, _rebuild_hint(root))
 
 
 def _utility_stats(util: torch.Tensor) -> dict:
@@ -325,14 +323,14 @@ def build_generated_states(cfg: GeneratedStatesConfig, bb: Backbone, env: EnvCon
                                        show_progress)
     seconds = time.time() - t0
     forwards = int(rec.pop("forwards"))
-    atomic_torch_save(rec, root / STATES_FILE)
+    atomic_torch_save(rec, root / STATES_FILE, checksum=True)
     S = len(rec["image_index"])
     manifest = {"identity": identity, "file": STATES_FILE, "sha256": sha256_file(root / STATES_FILE),
                 "counts": {"images": int(cfg.num_images), "states": S},
                 "utility": _utility_stats(rec["utilities"]),
                 "build": {"seconds": seconds, "seconds_per_state": seconds / max(S, 1),
                           "forwards": forwards, "forwards_per_state": forwards / max(S, 1)}}
-    atomic_write_json(root / MANIFEST, manifest)  # last: its presence means the set is complete
+    atomic_write_json(root / MANIFEST, manifest, checksum=True)  # last: its presence means the set is complete
     print(f"generated states: {S} states of {cfg.num_images} generated images in {seconds:.1f}s "
           f"({seconds / max(S, 1):.3f} s/state, {forwards / max(S, 1):.1f} forwards/state) -> {root}")
     return manifest

@@ -20,6 +20,10 @@ with the GPT weights by sha256; a rerun against a directory built differently (k
 seed, states_per_image, backbone weights, data, ...) raises ValueError naming the differing fields
 instead of mixing two data sets, and so does a BC run reading it (`orderplan.train.bc`).
 
+Every shard, progress file and the manifest carries a checksum record (`orderplan.infra.integrity`)
+and is checked before it is read: a damaged shard is refused by name (`OracleDataset`) and rebuilt,
+from the same images and seed, by the next build_oracle run on the directory.
+
 Under torchrun, rank r builds images[r::world] (its own shards and progress file); rank 0 checks
 that every image is covered exactly once and writes the manifest after a barrier.
 
@@ -29,7 +33,6 @@ Randomness (random behaviour, the subset of states kept) is drawn from a generat
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,11 +42,12 @@ from typing import get_args
 import torch
 
 from orderplan.infra.checkpoint import atomic_torch_save, atomic_write_json, check_identity, load_torch_checkpoint, sha256_file
+from orderplan.infra.integrity import IntegrityError, read_json_checked, remove_with_record, verify_file
 from orderplan.config.common import BackboneConfig
 from orderplan.infra.paths import resolve_path
 from orderplan.model.loading import check_backbone_config
 from orderplan.oracle.future_loss import UtilityKind, WeightKind
-from orderplan.infra.run_utils import console_log
+from orderplan.infra.run_utils import job_dir
 from orderplan.infra.validation import check_choice, check_int
 from orderplan.train.features import check_replay_core, replay_states
 from orderplan.env.actions import random_valid_action  # its plain rule is exactly this data set's draw
@@ -187,11 +191,15 @@ def _shard_name(rank: int, chunk: int) -> str:
     return f"shard_{rank:03d}_{chunk:05d}.pt"
 
 
+def rebuild_hint(out_dir: Path) -> str:
+    """How to rebuild a damaged file of the oracle set in `out_dir` (for integrity errors)."""
+    return (f"rerun `python scripts/build_oracle.py out_dir={out_dir}` with the settings it was built with: it "
+            f"rebuilds damaged shards and the manifest (a damaged progress file: delete {out_dir} and rebuild)")
+
+
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path}: {e}") from e
+    """A progress file or the manifest, after its checksum is checked."""
+    return read_json_checked(path, rebuild_hint(path.parent))
 
 
 def _read_progress(out_dir: Path) -> dict[int, dict]:
@@ -204,14 +212,19 @@ def _read_progress(out_dir: Path) -> dict[int, dict]:
 
 
 def _write_progress(path: Path, progress: dict) -> None:
-    atomic_write_json(path, progress)
+    atomic_write_json(path, progress, checksum=True)
 
 
 def check_out_dir(out_dir: str | Path, identity: dict) -> None:
     """Raise ValueError if out_dir holds (part of) a build with a different identity."""
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).is_file():
-        _check_identity(_read_json(out_dir / MANIFEST)["identity"], identity, out_dir / MANIFEST)
+        try:
+            saved = _read_json(out_dir / MANIFEST)
+        except IntegrityError as e:  # rebuilt from the progress files and shards at the end of the build
+            print(f"{e}\n(the manifest is written again at the end of this build)")
+        else:
+            _check_identity(saved["identity"], identity, out_dir / MANIFEST)
     for rank, prog in _read_progress(out_dir).items():
         _check_identity(prog["identity"], identity, _progress_path(out_dir, rank))
 
@@ -239,24 +252,40 @@ def build_shards(core, out_dir: str | Path, image_index: torch.Tensor, identity:
     listed = {c["file"] for c in mine["chunks"]}
     for orphan in out_dir.glob(f"shard_{rank:03d}_*.pt"):
         if orphan.name not in listed:
-            orphan.unlink()
+            remove_with_record(orphan)
     share = [int(i) for i in torch.as_tensor(image_index).long()[rank::world].tolist()]
     todo = [i for i in share if i not in done]
     chunks = [todo[i:i + chunk_images] for i in range(0, len(todo), chunk_images)]
     bar = progress_bar(total=len(share), initial=len(share) - len(todo), disable=not show_progress or rank != 0,
                        desc=f"oracle[{rank}/{world}]" if world > 1 else "oracle", unit="img")
     states, t0 = 0, time.time()
-    for images in chunks:
+
+    def build_chunk(images: list[int], name: str) -> int:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + images[0])
         rec = collect_states(core, behaviour, torch.tensor(images), kind, weight, states_per_image, gen)
-        name = _shard_name(rank, len(mine["chunks"]))
         shard = {"image_index": rec["image_index"], "prefix": rec["prefix"].to(torch.int16),
                  "length": rec["length"].to(torch.int16), "utilities": rec["utilities"],
                  "images": torch.tensor(images), "kind": kind}
-        atomic_torch_save(shard, out_dir / name)
-        mine["chunks"].append({"file": name, "images": images, "states": len(rec["image_index"])})
+        atomic_torch_save(shard, out_dir / name, checksum=True)
+        return len(rec["image_index"])
+
+    # finished chunks whose shard is damaged or gone are rebuilt in place: the same images and seed give
+    # the same records, so the progress file and the other shards stay valid
+    for c in mine["chunks"]:
+        try:
+            verify_file(out_dir / c["file"], rebuild_hint(out_dir))
+        except (IntegrityError, FileNotFoundError) as e:
+            print(f"{e}\nrebuilding {c['file']} ({len(c['images'])} images)")
+            n = build_chunk(c["images"], c["file"])
+            if n != c["states"]:
+                raise RuntimeError(f"{out_dir / c['file']}: rebuilt with {n} states, the progress file says "
+                                   f"{c['states']}: the build is not reproducible here; delete {out_dir} and rebuild")
+    for images in chunks:
+        name = _shard_name(rank, len(mine["chunks"]))
+        n = build_chunk(images, name)
+        mine["chunks"].append({"file": name, "images": images, "states": n})
         _write_progress(_progress_path(out_dir, rank), mine)  # the chunk counts only from here on
-        states += len(rec["image_index"])
+        states += n
         bar.update(len(images))
     bar.close()
     return {"rank": rank, "images_built": len(todo), "images_skipped": len(share) - len(todo), "states_built": states,
@@ -282,7 +311,7 @@ def write_manifest(out_dir: str | Path, image_index: torch.Tensor, identity: dic
         raise RuntimeError(f"{out_dir}: images covered more than once {dup[:10]} or never {lost[:10]}")
     n_states, max_sum, hist = 0, 0.0, None
     for c in chunks:
-        shard = load_torch_checkpoint(out_dir / c["file"])
+        shard = load_torch_checkpoint(out_dir / c["file"], rebuild_hint(out_dir), required=True)
         u = shard["utilities"]
         if len(u) != c["states"]:
             raise RuntimeError(f"{out_dir / c['file']}: {len(u)} states, progress says {c['states']}")
@@ -305,7 +334,7 @@ def write_manifest(out_dir: str | Path, image_index: torch.Tensor, identity: dic
                     "argmax_histogram": hist.tolist() if hist is not None else []},
     }
     if write:
-        atomic_write_json(out_dir / MANIFEST, manifest)
+        atomic_write_json(out_dir / MANIFEST, manifest, checksum=True)
     return manifest
 
 
@@ -329,7 +358,7 @@ class OracleDataset:
         self.kind: str = self.manifest["kind"]
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in RECORD_KEYS}
         for name in self.manifest["shards"]:
-            shard = load_torch_checkpoint(self.root / name)
+            shard = load_torch_checkpoint(self.root / name, rebuild_hint(self.root), required=True)
             for k in RECORD_KEYS:
                 parts[k].append(shard[k])
         N = int(self.manifest["identity"]["num_blocks"])
@@ -458,7 +487,7 @@ def build_identity(run: BuildOracleRun) -> dict:
                            **({"gpt_random_weights": tag} if (tag := random_weights_tag(run.backbone)) else {}))
 
 
-@console_log("build_oracle", dir_field="out_dir")
+@job_dir("build_oracle", dir_field="out_dir")
 def build_oracle(run: BuildOracleRun) -> dict:
     """Build (or resume) the oracle data set of `run` in `run.out_dir`; under torchrun each rank
     builds its share. Returns the summary written to out_dir/summary.json (rank 0; {} elsewhere)."""
@@ -513,10 +542,10 @@ def build_oracle(run: BuildOracleRun) -> dict:
             "images_per_s": built / max(max(s["seconds"] for s in gathered), 1e-9),
             "config": asdict(run),
         }
-        atomic_write_json(out_dir / "summary.json", summary)
+        atomic_write_json(out_dir / "summary.json", summary, checksum=True)
         # the manifest last: it marks the set finished, so a crash before it (even while the summary
         # is written) makes the next run finish the build and write both
-        atomic_write_json(out_dir / MANIFEST, manifest)
+        atomic_write_json(out_dir / MANIFEST, manifest, checksum=True)
         print(f"{manifest['counts']['states']} states of {manifest['counts']['images']} images in "
               f"{manifest['counts']['shards']} shards ({built} images built in {wall:.1f}s); "
               f"wrote {out_dir / MANIFEST}")

@@ -25,7 +25,6 @@ env seed (src/orderplan/train/ppo.py) also reseeds the core's sampler generator.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,13 +37,14 @@ from orderplan.eval.rollouts import balanced_images, index_batches
 from orderplan.planner.orderhead import OrderHead, load_orderhead
 from orderplan.planner.policies import BlockPolicy, OrderHeadPolicy
 from orderplan.train.ppo import PPOConfig, check_ppo_config, check_ppo_sizes, smdp_env_gamma, train_ppo
+from orderplan.infra.integrity import read_json_checked
 from orderplan.infra.checkpoint import atomic_write_json
 from orderplan.config.common import BackboneConfig, RunConfig, check_run_config
 from orderplan.infra.paths import resolve_path
 from orderplan.model.loading import check_backbone_config
 from orderplan.oracle.future_loss import UtilityKind
 from orderplan.infra.distributed import close_distributed, init_distributed
-from orderplan.infra.run_utils import Logger, console_log, dist_info
+from orderplan.infra.run_utils import Logger, job_dir, dist_info
 from orderplan.infra.seeding import isolated_rng
 from orderplan.infra.validation import check_budgets, check_choice, check_int, check_path_exists
 from orderplan.env.core import EnvConfig, OrderPlanningCore, check_env_config
@@ -173,7 +173,7 @@ def heldout_budgets(core: OrderPlanningCore, ev: EvalSpec, model: OrderHead, rou
     return budget_summary(chosen_budgets(core, policy, balanced_images(core.labels, ev.num_images)), router_budgets)
 
 
-@console_log("ppo")
+@job_dir("ppo")
 def run_ppo(run: PPORun) -> dict:
     """Fine-tune, evaluate on held-out images, write run_dir/{orderhead.safetensors, summary.json}
     (and what it prints to run_dir/ppo.log).
@@ -232,7 +232,7 @@ def run_ppo(run: PPORun) -> dict:
                              **heldout_budgets(core, run.eval, model, budgets)}
     bc_summary = init.parent / "summary.json"
     if bc_summary.is_file():  # the BC numbers under the same images, reward and gamma, for comparison
-        bc = json.loads(bc_summary.read_text())
+        bc = read_json_checked(bc_summary, required=False)
         if all(bc.get(k) == report[k] for k in ("gamma", "num_images", "reward")):
             summary["bc_return"] = bc["returns"].get("learned")
             if budgets is not None and summary["bc_return"]:
@@ -245,7 +245,7 @@ def run_ppo(run: PPORun) -> dict:
                   f"{bc.get('num_images')} images, this report {report['reward']} with eval.gamma={report['gamma']} "
                   f"on {report['num_images']}")
     if ctx.main:
-        atomic_write_json(Path(run.run_dir) / "summary.json", summary)
+        atomic_write_json(Path(run.run_dir) / "summary.json", summary, checksum=True)
         print_report(summary)
         if "router" in summary:
             r = summary["router"]

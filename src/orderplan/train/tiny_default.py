@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from orderplan.infra.integrity import read_json_checked
 from orderplan.infra.checkpoint import atomic_write_json, sha256_file
 from orderplan.config.common import TrainBackboneRun, compose, to_typed
 from orderplan.infra.paths import PACKAGE_ROOT
@@ -30,9 +31,7 @@ def build_tiny_default(work_dir: str | Path = "runs/tiny_default", out_dir: str 
     t0 = time.time()
     vq_dir, gpt_dir = work / "vq", work / "gpt"
     if (vq_dir / "summary.json").exists() and (vq_dir / "vq.safetensors").exists():
-        import json
-
-        vq_summary = json.loads((vq_dir / "summary.json").read_text())
+        vq_summary = read_json_checked(vq_dir / "summary.json", required=False)
         print(f"reusing the trained VQ in {vq_dir}")
     else:
         vq_cfg = to_typed(compose("train_vq", [f"run_dir={vq_dir}", *(vq_overrides or [])]), TrainVQConfig)

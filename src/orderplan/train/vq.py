@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from orderplan.infra.run_utils import console_log, progress
+from orderplan.infra.run_utils import job_dir, progress
 
 from orderplan.infra.checkpoint import atomic_write_json
 from orderplan.data.datasets import embedded_mnist_sha256, images_to_model, load_embedded_mnist
@@ -157,7 +157,7 @@ def _restart_dead_codes(model: VQModel, counts: torch.Tensor, z: torch.Tensor, g
     return int(dead.numel())
 
 
-@console_log("train_vq")
+@job_dir("train_vq")
 def train_vq(cfg: TrainVQConfig) -> dict:
     """Train, evaluate on the held-out split, write run_dir/{vq.safetensors, summary.json}.
     Returns the summary dict."""
@@ -248,7 +248,7 @@ def train_vq(cfg: TrainVQConfig) -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
-    atomic_write_json(run_dir / "summary.json", summary)
+    atomic_write_json(run_dir / "summary.json", summary, checksum=True)
     print(f"[train_vq] held-out mse={metrics['mse']:.5f} psnr={metrics['psnr_db']:.2f} dB "
           f"usage={metrics['codebook_usage']:.3f} ppl={metrics['perplexity']:.1f} "
           f"train_time={train_time:.0f}s -> {weights}")
