@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from orderplan.infra.integrity import IntegrityError, sha256_file
+from orderplan.infra.integrity import IntegrityError, sha256_file, stat_key
 
 __all__ = ["MANIFEST_NAME", "ArtifactMismatchError", "NonFiniteWeightsError", "manifest_entry",
            "verify_artifact", "check_finite"]
@@ -45,13 +45,8 @@ class NonFiniteWeightsError(ValueError):
     """A state dict holds nan or inf values."""
 
 
-def _stat_key(path: Path) -> tuple[str, int, int, int]:
-    st = path.stat()
-    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def _read_manifest(manifest_path: Path) -> dict:
-    key = _stat_key(manifest_path)
+    key = stat_key(manifest_path)
     if key not in _MANIFEST_CACHE:
         try:
             manifest = json.loads(manifest_path.read_text())

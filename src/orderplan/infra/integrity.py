@@ -91,7 +91,8 @@ def command_line() -> str:
 
 
 # ---------------------------------------------------------------------------- hashing
-def _stat_key(path: Path) -> tuple[str, int, int, int]:
+def stat_key(path: Path) -> tuple[str, int, int, int]:
+    """(resolved path, inode, size, mtime_ns): a cache key that changes when the file is replaced or edited."""
     st = path.stat()
     return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
 
@@ -100,7 +101,7 @@ def sha256_file(path: PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks; computed once per process per (resolved path,
     inode, size, mtime)."""
     path = Path(path)
-    key = _stat_key(path)
+    key = stat_key(path)
     if key not in _HASH_CACHE:
         t0 = time.perf_counter()
         h = hashlib.sha256()
