@@ -256,5 +256,17 @@ def test_unknown_order_name_lists_valid_names():
 
 def test_order_names_constant():
     assert ORDER_NAMES == (
-        "raster", "random", "zigzag", "diagonal", "spiral", "center_spiral", "column_major", "reverse"
+        "raster", "random", "zigzag", "diagonal", "spiral", "center_spiral", "column_major", "reverse", "halton"
     )
+
+
+def test_halton_is_a_fixed_spread_permutation():
+    for bh, bw in ((4, 4), (8, 8), (16, 16)):
+        geom = BlockGeometry(bh, bw, 1)
+        a, b = block_order("halton", geom), block_order("halton", geom, batch=3)
+        assert torch.equal(a.sort().values, torch.arange(bh * bw))  # every block exactly once
+        assert torch.equal(b, a.expand(3, -1))  # the same order for every row and call
+    # its first four blocks on a 4x4 grid lie in four different quadrants (raster's lie in one row)
+    first = block_order("halton", BlockGeometry(4, 4, 1))[:4]
+    quadrants = {(int(i) // 4 // 2, int(i) % 4 // 2) for i in first}
+    assert len(quadrants) == 4

@@ -21,6 +21,8 @@ Three ways to run it, each an explicit method (no behaviour switch on `self.trai
   lengths.
 * `query`: `log p(x_j | x_S)` for many unseen positions j in one forward: each query row is the
   pending token carrying `ta(j)` and attends to the cache and to itself only.
+* `decode_step` / `append_query`: a commit and query rows in ONE forward (parallel decoding: a
+  decision that samples many tokens costs one forward, whatever their number).
 
 Host-device synchronisation: by default the cached methods check their inputs against the state and
 size the attention window to the longest cache exactly, which reads device tensors (on a GPU each
@@ -314,6 +316,19 @@ class DecodeState:
         self.cond[rows] = cond
 
 
+@dataclass
+class _QueryRows:
+    """Query rows run in the same forward as a commit: token `tok` at `pos` [B] carrying ta(`ta`)
+    [B, Q] (-1: no target-aware term). `skip_last`: the token is the commit's last input (committed
+    there with another target), so the rows must not see that cache entry; otherwise the token is
+    not in the cache at all (it stays pending) and the rows see everything committed."""
+
+    tok: torch.Tensor
+    pos: torch.Tensor
+    ta: torch.Tensor
+    skip_last: bool
+
+
 class _CacheContext:
     """What one cached forward needs in every layer: where to write, what to attend to, the mask."""
 
@@ -324,10 +339,17 @@ class _CacheContext:
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         kc, vc = self.state.k[layer], self.state.v[layer]
         if self.mode == "append":
+            # inputs past write_idx's width are query rows: attended to (their own key) but never cached
+            T = self.write_idx.shape[1]
             idx = self.write_idx[:, None, :, None].expand(-1, kc.shape[1], -1, kc.shape[3])
-            kc.scatter_(2, idx, k.to(kc.dtype))
-            vc.scatter_(2, idx, v.to(vc.dtype))
-            return kc[:, :, : self.kmax], vc[:, :, : self.kmax]
+            if T == k.shape[2]:
+                kc.scatter_(2, idx, k.to(kc.dtype))
+                vc.scatter_(2, idx, v.to(vc.dtype))
+                return kc[:, :, : self.kmax], vc[:, :, : self.kmax]
+            kc.scatter_(2, idx, k[:, :, :T].to(kc.dtype))
+            vc.scatter_(2, idx, v[:, :, :T].to(vc.dtype))
+            return (torch.cat([kc[:, :, : self.kmax], k[:, :, T:].to(kc.dtype)], 2),
+                    torch.cat([vc[:, :, : self.kmax], v[:, :, T:].to(vc.dtype)], 2))
         # query rows: the cached prefix plus each row's own key
         return (torch.cat([kc[:, :, : self.kmax], k.to(kc.dtype)], 2),
                 torch.cat([vc[:, :, : self.kmax], v.to(vc.dtype)], 2))
@@ -457,10 +479,14 @@ class GPT(nn.Module):
         )
 
     def _commit(self, state: DecodeState, tok: torch.Tensor, pos: torch.Tensor, ta_pos: torch.Tensor,
-                active: torch.Tensor | None, validate: bool, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                active: torch.Tensor | None, validate: bool, window: int | None,
+                query: "_QueryRows | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run inputs [B, T] causally after the cache, write their keys/values and advance `length`
         on active rows. Inactive rows write into the scratch slot and keep their state. The window
-        (cache slots attended) is `window`, else exact when validating, else from `kmax_bound`."""
+        (cache slots attended) is `window`, else exact when validating, else from `kmax_bound`.
+
+        `query` adds Q query rows to the same forward (see `_QueryRows`): they are never cached and
+        their outputs follow the T committed ones, so the result is [B, T + Q, V] and [B, T + Q, D]."""
         B, T = tok.shape
         dev = tok.device
         act = torch.ones(B, dtype=torch.bool, device=dev) if active is None else active.to(dev)
@@ -483,8 +509,21 @@ class GPT(nn.Module):
         # row b, input t sees cache slots < length + t + 1 (itself included); inactive: slot 0 only
         visible = torch.where(act[:, None], state.length[:, None] + steps + 1, 1)  # [B, T]
         mask = (kpos[None, None, :] < visible[:, :, None])[:, None]  # [B, 1, T, kmax]
-        ctx = _CacheContext(state, "append", write_idx, kmax, mask)
         x, rope = self._embed(state.cond, tok, pos, ta_pos)
+        if query is not None and query.ta.shape[1] > 0:
+            Q = query.ta.shape[1]
+            # a query row sees the cache before its own token (minus the last committed input when that
+            # input is its token, committed there with another target) and itself, never the others
+            seen = state.length + T - (1 if query.skip_last else 0)
+            q_vis = kpos[None, :] < torch.where(act, seen, 1)[:, None]  # [B, kmax]
+            eye = torch.eye(Q, dtype=torch.bool, device=dev)
+            mask = torch.cat([
+                torch.cat([mask, mask.new_zeros(B, 1, T, Q)], 3),
+                torch.cat([q_vis[:, None, None, :].expand(B, 1, Q, kmax), eye.expand(B, 1, Q, Q)], 3)], 2)
+            qx, qrope = self._embed(state.cond, query.tok[:, None].expand(B, Q), query.pos[:, None].expand(B, Q),
+                                    query.ta)
+            x, rope = torch.cat([x, qx], 1), torch.cat([rope, qrope], 1)
+        ctx = _CacheContext(state, "append", write_idx, kmax, mask)
         h = x
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, ctx, i)
@@ -548,6 +587,61 @@ class GPT(nn.Module):
         state.pending_tok = torch.where(act, token, state.pending_tok)
         state.pending_pos = torch.where(act, position, state.pending_pos)
         state.has_pending = state.has_pending | act
+
+    def decode_step(self, state: DecodeState, targets: torch.Tensor, tokens: torch.Tensor | None = None,
+                    positions: torch.Tensor | None = None, *, validate: bool = True,
+                    window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One parallel-decoding decision in ONE forward: commit the pending token and `tokens` at
+        `positions` [B, T] (the rest of the previous decision's tokens, T may be 0), then predict
+        every target of `targets` [B, Q] given all of them.
+
+        The last committed input carries ta(targets[:, 0]), so its output predicts targets[:, 0]
+        exactly as `advance` would; targets[:, 1:] are query rows of that same input carrying their
+        own target (it attends to the cache before it and to itself, as `query` rows do). Returns
+        logits [B, Q, V] and hidden [B, Q, D]; afterwards no token is pending: `feed` the first
+        sampled token and pass the others as the next call's `tokens`. With T = 0 and Q = 1 this is
+        `advance` itself (the same forward, bit for bit), so one token per decision is today's decode."""
+        if validate:
+            if not bool(state.has_pending.all()):
+                raise ValueError("decode_step() needs a pending token on every row (feed() the first sampled token)")
+            self._check_positions(targets, "decode_step() targets", allow_none=False)
+        if targets.dim() != 2 or targets.shape[0] != state.batch_size or targets.shape[1] == 0:
+            raise ValueError(f"decode_step() targets must be [B={state.batch_size}, Q >= 1], got {tuple(targets.shape)}")
+        tok, pos = state.pending_tok[:, None], state.pending_pos[:, None]
+        if tokens is not None and tokens.shape[-1] > 0:
+            self._check_rows(state, tokens, positions, validate)
+            tok, pos = torch.cat([tok, tokens], 1), torch.cat([pos, positions], 1)
+        ta = torch.cat([pos[:, 1:], targets[:, :1]], 1)
+        query = _QueryRows(tok[:, -1], pos[:, -1], targets[:, 1:], skip_last=True)
+        logits, h = self._commit(state, tok, pos, ta, None, validate, window, query)
+        state.has_pending = torch.zeros_like(state.has_pending)
+        T = tok.shape[1]
+        return logits[:, T - 1:], h[:, T - 1:]
+
+    def append_query(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                     active: torch.Tensor | None = None, *, validate: bool = True,
+                     window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`append(tokens, positions)` then `query(targets)` in ONE forward: the same state after it
+        and the same outputs up to float summation order. tokens, positions [B, T]; targets [B, Q]
+        (-1: the target-free row). Returns the append's logits [B, T, V] and hidden [B, T, D], then the
+        query's logits [B, Q, V] and hidden [B, Q, D]. `active`, `validate`, `window`: as in `append`
+        (`window` must cover the longest cache after the append)."""
+        self._check_rows(state, tokens, positions, validate)
+        act = torch.ones_like(state.has_pending) if active is None else active.to(torch.bool)
+        if validate:
+            if bool((act & ~state.has_pending).any()):
+                raise ValueError("append_query() needs a pending token on every active row")
+            self._check_positions(targets, "append_query() targets", allow_none=True)
+        if targets.dim() != 2 or targets.shape[0] != state.batch_size:
+            raise ValueError(f"append_query() targets must be [B={state.batch_size}, Q], got {tuple(targets.shape)}")
+        tok = torch.cat([state.pending_tok[:, None], tokens[:, :-1]], 1)
+        pos = torch.cat([state.pending_pos[:, None], positions[:, :-1]], 1)
+        query = _QueryRows(tokens[:, -1], positions[:, -1], targets, skip_last=False)
+        logits, h = self._commit(state, tok, pos, positions, act, validate, window, query)
+        state.pending_tok = torch.where(act, tokens[:, -1], state.pending_tok)
+        state.pending_pos = torch.where(act, positions[:, -1], state.pending_pos)
+        T = tokens.shape[1]
+        return logits[:, :T], h[:, :T], logits[:, T:], h[:, T:]
 
     def query(self, state: DecodeState, targets: torch.Tensor, *, validate: bool = True,
               window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,10 @@ token positions. With ``block=1`` the orders are the token-level orders of the s
   and walks clockwise with legs 1, 1, 2, 2, 3, 3, ... (right, down, left, up, ...), skipping
   cells outside the grid. On a square grid every ring around the centre is completed before
   the next one starts.
+- halton: the 2D Halton sequence (bases 2 and 3) mapped onto the grid, point i to cell
+  (floor(h_2(i) * blocks_h), floor(h_3(i) * blocks_w)) for i = 1, 2, ..., each cell kept the first
+  time it is hit: a low-discrepancy order, every prefix spread over the image (Besnier et al.,
+  "Halton Scheduler for Masked Generative Image Transformer", ICLR 2025).
 - random: an independent uniform permutation per row, drawn from ``generator``."""
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ ORDER_NAMES: tuple[str, ...] = (
     "center_spiral",
     "column_major",
     "reverse",
+    "halton",
 )
 
 # Clockwise in image coordinates (row grows downward): right, down, left, up.
@@ -99,6 +104,33 @@ def _center_spiral(bh: int, bw: int) -> list[int]:
     return out
 
 
+def _radical_inverse(i: int, base: int) -> float:
+    """The van der Corput radical inverse of i in `base`: digits of i mirrored after the point."""
+    out, f = 0.0, 1.0 / base
+    while i > 0:
+        i, d = divmod(i, base)
+        out += d * f
+        f /= base
+    return out
+
+
+def _halton(bh: int, bw: int) -> list[int]:
+    """Cells in order of first visit by the 2D Halton sequence (bases 2, 3), starting at i = 1.
+    The sequence is dense in [0, 1)^2, so every cell is reached; the loop bound only guards it."""
+    out: list[int] = []
+    seen: set[int] = set()
+    i = 1
+    while len(out) < bh * bw:
+        cell = int(_radical_inverse(i, 2) * bh) * bw + int(_radical_inverse(i, 3) * bw)
+        if cell not in seen:
+            seen.add(cell)
+            out.append(cell)
+        i += 1
+        if i > 1000 * bh * bw + 1000:
+            raise RuntimeError("the Halton sequence failed to cover the grid")  # cannot happen
+    return out
+
+
 _DETERMINISTIC = {
     "raster": _raster,
     "reverse": _reverse,
@@ -107,6 +139,7 @@ _DETERMINISTIC = {
     "diagonal": _diagonal,
     "spiral": _spiral,
     "center_spiral": _center_spiral,
+    "halton": _halton,
 }
 assert set(_DETERMINISTIC) | {"random"} == set(ORDER_NAMES)
 
