@@ -76,13 +76,13 @@ def test_decode_step_and_append_query_match_explicit_forwards():
 def test_tokens_of_a_decision_follow_the_query_and_are_independent():
     """Chi-square goodness of fit on a vocabulary of 5 codes: two tokens sampled in one decision
     have the query's marginals, and their pair table is the product of them (fixed seed)."""
-    model = randomized_gpt(seed=5, vocab_size=5).requires_grad_(False)
-    n, L = 20000, 64
+    model = randomized_gpt(seed=5, vocab_size=5, grid_h=2, grid_w=2).requires_grad_(False)
+    n, L = 20000, 4
     cond = torch.full((n,), 2)
     order = torch.arange(L).expand(n, -1)
-    out = generate_parallel(model, cond, [2, 62], "order", order, SamplingConfig(), torch.Generator().manual_seed(0))
+    out = generate_parallel(model, cond, [2, 2], "order", order, SamplingConfig(), torch.Generator().manual_seed(0))
     p = torch.softmax(model.query(model.init_state(cond[:1]), torch.tensor([[0, 1]]))[0][0].double(), -1)  # [2, 5]
-    assert float(p.max()) < 0.6  # far from uniform, and every cell of the pair table is testable
+    assert 0.3 < float(p.max()) < 0.9  # far from uniform, not degenerate
     a, b = out.tokens[:, 0], out.tokens[:, 1]
     for tok, prob in ((a, p[0]), (b, p[1])):
         obs = torch.bincount(tok, minlength=5).double()
