@@ -312,3 +312,28 @@ def test_a_planner_of_a_jointly_tuned_backbone_needs_that_backbone(tmp_path):
     (ppo.parent / "summary.json").write_text(json.dumps({"bc_tuned_backbone": str(ckpt.parent / "gpt.safetensors")}))
     with pytest.raises(ValueError, match="jointly tuned"):
         _check_same_backbone("ppo", ppo, BackboneConfig())
+
+
+def test_parallel_schedules_in_the_generation_table(tmp_path):
+    """Schedules `<order>@<S>[c]` generate in S forwards per image (counted), rows report forwards and
+    samples/s, and fid_vs_steps.png is drawn; a token-by-token order reports its L forwards."""
+    from orderplan.eval.evaluate import EvaluateRun, run_evaluation
+
+    pols = ["raster", "confident_first", "raster@64", "random@16", "halton@8", "confident@4", "spread_confident@16c"]
+    overrides = [f"run_dir={tmp_path}", f"policies=[{','.join(pols)}]", "eval.num_samples=8", "eval.num_images=0",
+                 "eval.gen_batch_size=4", "eval.seed_samples=4", "eval.sampler_seeds=[0,1]", "eval.fid_curve=[8]",
+                 "stats.bootstrap=3", "stats.kid_subsets=2", "plots.snapshot_samples=2", "plots.column_rows=2"]
+    res = run_evaluation(to_typed(compose("evaluate", overrides), EvaluateRun))
+    rows = res["policies"]
+    for name in pols[2:]:
+        assert rows[name]["generation_path"] == "parallel"
+        assert rows[name]["forward_passes_per_image"] == int(name.split("@")[1].rstrip("c"))
+        assert rows[name]["decisions_per_sample"] == rows[name]["forward_passes_per_image"]
+        assert rows[name]["samples_per_s"] > 0 and math.isfinite(rows[name]["fid"])
+    assert rows["raster"]["forward_passes_per_image"] == 64  # one advance per token
+    # the env path counts its forwards: per block T = 4 advances and one query, plus the reset's query
+    assert rows["confident_first"]["forward_passes_per_image"] == 1 + 16 * (4 + 1)
+    assert (tmp_path / "fid_vs_steps.png").stat().st_size > 1000
+    assert "forwards / image" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match="schedule"):
+        run_evaluation(to_typed(compose("evaluate", [*overrides, "policies=[raster@5x]"]), EvaluateRun))

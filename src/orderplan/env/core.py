@@ -184,6 +184,9 @@ class OrderPlanningCore:
         self.steps = torch.zeros(B, dtype=torch.long, device=dev)
         # k of each row's last decision (blocks it revealed; 0 after a reset): the SMDP discount is gamma^k
         self.decision_blocks = torch.zeros(B, dtype=torch.long, device=dev)
+        # sequential backbone forwards each row's episode has cost so far (the reset's query included;
+        # the unconditional CFG half runs beside the conditional one and is not counted apart)
+        self.forward_passes = torch.zeros(B, dtype=torch.long, device=dev)
         self.hidden_tok = torch.zeros(B, self.L, self.D, dtype=self.dtype, device=dev)
         self.token_loss = torch.zeros(B, self.L, dtype=torch.float32, device=dev)
         # the model's beliefs about the unseen tokens, from the same query rows as token_loss
@@ -291,6 +294,7 @@ class OrderPlanningCore:
         self.history[rows] = -1
         self.steps[rows] = 0
         self.decision_blocks[rows] = 0
+        self.forward_passes[rows] = 1  # the query below
         self.hidden_tok[rows] = 0
         self.state.reset_rows_(rows, self.label[rows])
         if self.ustate is not None:
@@ -385,7 +389,16 @@ class OrderPlanningCore:
         reward = self._step_smdp(blocks, plan) if self.smdp else self._step_decision(blocks, k, plan)
         self.steps += k
         self.decision_blocks = torch.where(k > 0, k, self.decision_blocks)  # inactive rows keep their state
+        self.forward_passes += self._passes(k)
         return torch.where(k > 0, reward, 0.0), self.done
+
+    def _passes(self, k: torch.Tensor) -> torch.Tensor:
+        """Backbone forwards [B] of a decision revealing k [B] blocks: per block one append (teacher
+        forced) or T advances (generation: one per sampled token), then one query per decision (per
+        block with semi-MDP rewards)."""
+        per_block = self.T if self.cfg.mode == "generate" else 1
+        queries = k if self.smdp else (k > 0).long()
+        return k * per_block + queries
 
     def _step_decision(self, blocks: torch.Tensor, k: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
         """Reveal blocks [B, K] (-1 = none), then one query: reward [B] of the whole decision (nats)."""

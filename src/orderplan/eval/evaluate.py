@@ -57,6 +57,7 @@ from orderplan.eval.sample_metrics import (class_logprob, fid_curve, fid_with_in
                                               mean_interval, paired_fid_delta, precision_recall)
 from orderplan.eval.sharding import SampleSet, figure_indices, generate_sharded, orders_sharded
 from orderplan.planner.orderhead import load_orderhead
+from orderplan.model.parallel import ParallelSchedule
 from orderplan.planner.policies import BELIEF_POLICIES, FIXED_ORDERS, BlockPolicy, FixedOrderPolicy, make_policy
 from orderplan.infra.integrity import read_json_checked
 from orderplan.infra.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_cache, sha256_file
@@ -176,6 +177,7 @@ class PolicySpec:
     ground_truth: bool = False  # oracles: generation mode replays a same-class held-out image's order
     source: str = ""
     beliefs: bool = False  # a planner that reads the env's belief features (its cores get env.beliefs=true)
+    schedule: ParallelSchedule | None = None  # a parallel-decoding schedule (generation only)
 
 
 def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySpec:
@@ -183,6 +185,10 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
     `checkpoints` (bc, ppo, ...) or a path to an OrderHead .safetensors file."""
     if entry in FIXED_ORDERS:
         return PolicySpec(entry, lambda core: make_policy(entry, core), source="fixed order")
+    schedule = ParallelSchedule.parse(entry)
+    if schedule is not None:  # generation only: a schedule samples tokens, it has no teacher-forced row
+        return PolicySpec(entry, lambda core: make_policy(entry, core, seed=run.seed), schedule=schedule,
+                          source=f"parallel decoding, {schedule.steps} forwards ({schedule.kind} sizes)")
     if entry == "random":
         return PolicySpec(entry, lambda core: make_policy("random", core, seed=run.seed), source=f"seed {run.seed}")
     if entry in BELIEF_POLICIES:  # the model's own beliefs: no ground truth, so generation plays them live
@@ -346,6 +352,8 @@ def _teacher_forced_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes:
     orders [n_orders or n_tf, N] the policy played, the remaining-loss curve). `played`: the
     (orders, decisions) of a ground-truth policy on the first n_orders images, already played."""
     ev = run.eval
+    if spec.schedule is not None:  # samples tokens, not blocks: nothing to replay teacher-forced
+        return {}, torch.zeros(0, bb.geometry.num_blocks, dtype=torch.long), []
     env_tf, tf_env = _teacher_forced_envs(spec, run)
     n_play = n_orders if spec.ground_truth else n_tf
     if n_play == 0:
@@ -407,7 +415,11 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
     row: dict = {"num_samples": n, "fid": fid, "fid_ci": [lo, hi], "fid_reference": primary,
                  "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": kid_size,
                  "generation_path": samples.path,
-                 "decisions_per_sample": float(samples.decisions.double().mean())}
+                 "decisions_per_sample": float(samples.decisions.double().mean()),
+                 # sequential backbone forwards per image, and images per second of generation wall time
+                 # (the slowest rank's, decoding to pixels included, features not), measured in this run
+                 "forward_passes_per_image": float(samples.forwards.mean()),
+                 "samples_per_s": n / max(samples.seconds, 1e-9)}
     for name, other in list(refs.items())[1:]:
         row[f"fid_{name}"] = frechet_from_features(other, fake)
     pr = precision_recall(real, fake, fs.pr_k)
@@ -581,6 +593,9 @@ def _evaluate_teacher_forced(run: EvaluateRun, ctx: DistContext) -> dict:
     specs = [resolve_policy(p, run, bb) for p in run.policies]
     if len({s.name for s in specs}) != len(specs):
         raise ValueError(f"policy names must be unique, got {[s.name for s in specs]}")
+    sched = [s.name for s in specs if s.schedule is not None]
+    if sched:
+        raise ValueError(f"{sched} are parallel-decoding schedules, measured in generation only: set eval.num_samples > 0")
     n_tf = min(ev.num_images, len(images))
     n_agree = min(ev.agreement_images, n_tf)
     results: dict = {"num_samples": 0, "generation": "off (eval.num_samples=0)", "num_images_teacher_forced": n_tf,
@@ -690,6 +705,7 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
                                      gen_labels).items():
         results["policies"][name].update(extra)
     results["verdict"] = verdict(results, specs)
+    results["steps_verdict"] = steps_verdict(results)
     _figures(run, run_dir, bb, codes, images, gen_labels, generated, orders_for_heatmap, curves, results)
     results["seconds"] = round(time.time() - t_start, 1)
     atomic_write_json(run_dir / "results.json", results)
@@ -729,6 +745,10 @@ def _figures(run: EvaluateRun, run_dir: Path, bb: Backbone, codes: torch.Tensor,
                                   gen_labels[:rows], rows, "the same labels and sampler seeds, one column per policy")
     eval_plots.fid_vs_n(run_dir / "fid_vs_n.png", {n: r["fid_curve"] for n, r in results["policies"].items()},
                         f"FID against the number of samples (reference: {results['fid_reference']})")
+    if any("@" in n for n in results["policies"]):  # parallel-decoding schedules: quality against cost
+        eval_plots.fid_vs_steps(run_dir / "fid_vs_steps.png", results["policies"],
+                                f"FID against forward passes (reference: {results['fid_reference']}, "
+                                f"95% bootstrap intervals)")
     eval_plots.reveal_time_heatmaps(run_dir / "reveal_time_heatmaps.png", {n: g.orders for n, g in generated.items()},
                                     bb.geometry, "mean reveal step of each block while generating (0 = first)")
     # teacher-forced orders on held-out images (none without eval.num_images, except the oracles')
@@ -832,10 +852,47 @@ def results_markdown(results: dict) -> str:
         lines += ["", f"**Best learned planner: {v['best_learned']}** (FID {v['fid']:.3f}). Its FID is "
                   + "; ".join(f"{w['says']} {b}'s (dFID {w['dfid']:+.2f}, 95% CI {_ci(w['ci'])}, N = {w['n']})"
                               for b, w in v["vs"].items()) + "."]
+    lines += cost_table(results)
     if results["num_images_teacher_forced"]:
         lines += teacher_forced_table(results)
     lines.append("")
     return "\n".join(lines)
+
+
+def steps_verdict(results: dict, passes: int = 16, reference: str = "raster") -> dict | None:
+    """Target 1 of parallel decoding: the best schedule at `passes` forwards per image against the
+    token-by-token `reference`'s fid_seeds spread [min, max]. None without both."""
+    pol = results["policies"]
+    at = {n: r for n, r in pol.items() if "@" in n and r.get("forward_passes_per_image") == passes}
+    if not at or reference not in pol:
+        return None
+    best = min(at, key=lambda n: at[n]["fid"])
+    lo, hi = min(pol[reference]["fid_seeds"]), max(pol[reference]["fid_seeds"])
+    fid = at[best]["fid"]
+    says = "better than" if fid < lo else ("within" if fid <= hi else "worse than")
+    return {"passes": passes, "best": best, "fid": fid, "reference": reference, "spread": [lo, hi],
+            "reference_passes": pol[reference].get("forward_passes_per_image"), "says": says}
+
+
+def cost_table(results: dict) -> list[str]:
+    """Forwards per image and generation speed of every policy (markdown lines, a blank line first)."""
+    pol = results["policies"]
+    if not any("forward_passes_per_image" in r for r in pol.values()):
+        return []
+    lines = ["", "Cost: sequential backbone forwards per image, and images per second of generation (wall time of "
+             "the slowest process, decoding to pixels included, features not) measured in this run. Schedules "
+             "`<order>@<S>` decode S forwards per image, each sampling many tokens (`c`: cosine sizes).", "",
+             "| policy | forwards / image | samples/s | FID [95% CI] | dFID vs raster [95% CI] |", "|---|---|---|---|---|"]
+    for name, r in pol.items():
+        d = f"{r['dfid_vs_raster']:+.2f} {_ci(r['dfid_vs_raster_ci'])}" if "dfid_vs_raster" in r else "n/a"
+        lines.append(f"| {name} | {_fmt(r.get('forward_passes_per_image'), 1)} | {_fmt(r.get('samples_per_s'), 1)} | "
+                     f"{r['fid']:.3f} {_ci(r['fid_ci'])} | {d} |")
+    v = results.get("steps_verdict")
+    if v:
+        lines += ["", f"At {v['passes']} forwards per image the best schedule is **{v['best']}** (FID {v['fid']:.3f}), "
+                  f"{v['says']} token-by-token {v['reference']}'s fid_seeds spread [{v['spread'][0]:.3f}, "
+                  f"{v['spread'][1]:.3f}] ({_fmt(v['reference_passes'], 0)} forwards)."]
+    return lines
 
 
 def teacher_forced_table(results: dict) -> list[str]:

@@ -180,6 +180,38 @@ def fid_vs_n(path: str | Path, curves: Mapping[str, Sequence[dict]], title: str,
     return _save(fig, Path(path))
 
 
+def fid_vs_steps(path: str | Path, rows: Mapping[str, Mapping], title: str) -> Path:
+    """FID with its interval against sequential backbone forwards per image (log x axis). Rows named
+    `<schedule>@<S>[c]` (parallel-decoding schedules) join one line per schedule; every other row
+    (token-by-token orders, planners) is one labelled point. rows[name] needs `fid`, `fid_ci` and
+    `forward_passes_per_image`."""
+    lines: dict[str, list[tuple[float, float, float, float]]] = {}
+    points: dict[str, tuple[float, float, float, float]] = {}
+    for name, r in rows.items():
+        pt = (float(r["forward_passes_per_image"]), float(r["fid"]), float(r["fid_ci"][0]), float(r["fid_ci"][1]))
+        if "@" in name:
+            base, _, steps = name.partition("@")
+            lines.setdefault(base + (" (cosine)" if steps.endswith("c") else ""), []).append(pt)
+        else:
+            points[name] = pt
+    if not lines and not points:
+        raise ValueError("fid_vs_steps needs at least one row")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in sorted(lines.items()):
+        pts.sort()
+        x, y, lo, hi = (np.array(v) for v in zip(*pts))
+        ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", markersize=3, capsize=2, label=name)
+    for name, (x, y, lo, hi) in points.items():
+        ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], marker="s", markersize=4, capsize=2, linestyle="none", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("backbone forwards per image")
+    ax.set_ylabel("FID")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, Path(path))
+
+
 def _mean_reveal_steps(orders: torch.Tensor, geometry: BlockGeometry) -> torch.Tensor:
     """Mean reveal step (0 = first) of each block over reveal sequences orders [S, N], as the block
     grid [blocks_h, blocks_w] float64 (row-major block ids)."""

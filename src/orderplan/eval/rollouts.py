@@ -26,9 +26,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from orderplan.planner.policies import BlockPolicy, run_episodes
+import time
+
+from orderplan.planner.policies import BlockPolicy, ScheduledDecoder, run_episodes
 from orderplan.data.datasets import class_interleaved_order
 from orderplan.model.loading import Backbone
+from orderplan.model.parallel import generate_parallel, step_sizes
 from orderplan.model.sampling import generate
 from orderplan.env.core import EnvConfig, OrderPlanningCore
 from orderplan.env.episodes import Decision, play_episodes
@@ -162,7 +165,9 @@ class Samples:
     snapshots: torch.Tensor  # [R, Q, C, H, W]: the first R samples after each fraction in `fractions`
     snapshot_masks: torch.Tensor  # [R, Q, N] bool: blocks revealed at each snapshot
     fractions: tuple[float, ...]
-    path: str = "env"  # env (the policy stepped the env) | decode (a planned order decoded in one KV pass)
+    path: str = "env"  # env (the policy stepped the env) | decode (a planned order decoded in one KV pass) | parallel
+    forwards: torch.Tensor | None = None  # [S] sequential backbone forwards per sample (float)
+    seconds: float = 0.0  # wall seconds of generation (decoding to images included; no features)
 
 
 def _generation_core(backbone: Backbone, labels: torch.Tensor, env: EnvConfig, batch_size: int, seed: int,
@@ -209,25 +214,42 @@ def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tens
         raise ValueError(f"first_index ({first_index}) must be a multiple of batch_size ({batch_size})")
     batches = list(index_batches(torch.arange(S), batch_size))
     path = "env"
+    forwards = []
+    t0 = time.perf_counter()
     for j, (idx, real) in enumerate(progress_bar(batches) if progress_bar else batches):
         batch_seed = seed + first_index // batch_size + j
         core.seed(batch_seed)
         policy.reseed(batch_seed + POLICY_SEED_OFFSET)
         policy.set_real_rows(real)  # the padding rows of a last, partial batch are never read
+        if isinstance(policy, ScheduledDecoder):
+            path = "parallel"
+            x, order, count, total, passes = _decode_parallel(core, labels[idx].to(core.device), policy)
+            _snapshots_from_orders(core, x, order, idx, real, thresholds, snaps, snap_masks)
+            images.append(_decode(core, x)[:real].cpu())
+            tokens.append(x[:real].cpu())
+            blocks.append(order[:real].cpu())
+            decisions.append(count[:real])
+            ent.append(total[:real])
+            forwards.append(passes[:real])
+            continue
         orders = policy.planned_orders(idx.to(core.device)) if fast and not rewards else None
         if orders is not None:
             path = "decode"
             x, order, count, total = _decode_planned(core, labels[idx].to(core.device), orders.to(core.device))
             _snapshots_from_orders(core, x, order, idx, real, thresholds, snaps, snap_masks)
+            passes = torch.full((core.B,), float(core.L))  # one advance per token
         else:
             x, order, count, total = _play_generation(core, policy, idx, real, thresholds, snaps, snap_masks)
+            passes = core.forward_passes.double().cpu()
         images.append(_decode(core, x)[:real].cpu())
         tokens.append(x[:real].cpu())
         blocks.append(order[:real].cpu())
         decisions.append(count[:real])
         ent.append(total[:real])
+        forwards.append(passes[:real])
     return Samples(torch.cat(images), torch.cat(tokens), labels.long().cpu(), torch.cat(blocks), torch.cat(decisions),
-                   torch.cat(ent) if rewards else None, snaps, snap_masks, tuple(fractions), path)
+                   torch.cat(ent) if rewards else None, snaps, snap_masks, tuple(fractions), path,
+                   torch.cat(forwards).double(), time.perf_counter() - t0)
 
 
 def _play_generation(core: OrderPlanningCore, policy: BlockPolicy, idx: torch.Tensor, real: int,
@@ -255,6 +277,24 @@ def _decode_planned(core: OrderPlanningCore, labels: torch.Tensor, orders: torch
     x = generate(core.gpt, labels, token_order, core.sc, core.sample_generator, core.row_key)
     n = torch.full((core.B,), core.N, dtype=torch.long)
     return x, orders, n, torch.full((core.B,), float("nan"), dtype=torch.float64)
+
+
+def _decode_parallel(core: OrderPlanningCore, labels: torch.Tensor, policy: ScheduledDecoder):
+    """Parallel decoding of a fixed schedule with the core's sampler stream (or its rows' noise keys);
+    returns grids [B, L], block orders [B, N] (blocks by the step that sampled their first token, ties
+    by raster id), decisions [B] (= S), a nan return and forwards [B] (= S)."""
+    sched = policy.schedule
+    g = core.gpt.cfg
+    order = sched.token_orders(core.B, g.grid_h, g.grid_w, policy.generator)
+    out = generate_parallel(core.gpt, labels, step_sizes(core.L, sched.steps, sched.kind), sched.rule,
+                            None if order is None else order.to(core.device), core.sc, core.sample_generator,
+                            core.row_key)
+    first = torch.full((core.B, core.N), core.L, dtype=torch.long, device=core.device)
+    first = first.scatter_reduce(1, core.token_block.expand(core.B, -1), out.step_of, "amin")
+    blocks = (first * core.N + torch.arange(core.N, device=core.device)).argsort(-1)
+    n = torch.full((core.B,), sched.steps, dtype=torch.long)
+    return (out.tokens, blocks, n, torch.full((core.B,), float("nan"), dtype=torch.float64),
+            torch.full((core.B,), float(out.forwards)))
 
 
 def _decode(core: OrderPlanningCore, x: torch.Tensor) -> torch.Tensor:

@@ -84,6 +84,8 @@ class SampleSet:
     snapshot_masks: torch.Tensor  # [R, Q, N] bool
     fractions: tuple[float, ...]
     uint8: np.ndarray | None  # [n, H, W, 3] (only when asked for: eval.npz)
+    forwards: torch.Tensor | None = None  # [n] sequential backbone forwards per sample
+    seconds: float = 0.0  # generation wall seconds of the slowest rank (features excluded)
 
     def image_rows(self, rows: int) -> torch.Tensor:
         """Images [min(rows, n), C, H, W] of samples 0..rows-1 (always among `shown`)."""
@@ -111,7 +113,8 @@ def generate_sharded(make_at: Callable[[int], PolicyFactory], backbone: Backbone
         part = {"features": batch_features(extractor, s.images, batch_size, feature_batch, ctx.device),
                 "blocks": s.blocks, "decisions": s.decisions, "entropy_return": s.entropy_return, "path": s.path,
                 "images": s.images[mine], "snapshots": s.snapshots, "snapshot_masks": s.snapshot_masks,
-                "fractions": s.fractions, "uint8": to_uint8_nhwc(s.images) if npz else None}
+                "fractions": s.fractions, "uint8": to_uint8_nhwc(s.images) if npz else None,
+                "forwards": s.forwards, "seconds": s.seconds}
     parts = gather_objects(part, ctx)
     if parts is None:
         return None
@@ -126,4 +129,5 @@ def generate_sharded(make_at: Callable[[int], PolicyFactory], backbone: Backbone
                      entropy_return=None if first["entropy_return"] is None else cat("entropy_return"),
                      path=first["path"], shown=shown, images=cat("images"), snapshots=cat("snapshots"),
                      snapshot_masks=cat("snapshot_masks"), fractions=first["fractions"],
-                     uint8=np.concatenate([p["uint8"] for p in parts]) if npz else None)
+                     uint8=np.concatenate([p["uint8"] for p in parts]) if npz else None,
+                     forwards=cat("forwards"), seconds=max(p["seconds"] for p in parts))

@@ -34,7 +34,9 @@ from typing import Sequence
 
 import torch
 
+from orderplan.model.blocks import BlockGeometry
 from orderplan.model.gpt import GPT
+from orderplan.model.orders import block_order
 from orderplan.model.sampling import SamplingConfig, _with_null, guided, sample_logits
 
 RULES = ("order", "confident", "spread_confident")
@@ -168,3 +170,50 @@ def generate_parallel(model: GPT, cond: torch.Tensor, sizes: Sequence[int], rule
             model.feed(state, tok[:, 0].repeat(rep), targets[:, 0].repeat(rep), validate=False)
             rest_tok, rest_pos = tok[:, 1:].repeat(rep, 1), targets[:, 1:].repeat(rep, 1)
     return ParallelSamples(out, torch.cat(entered, 1), step_of, len(sizes))
+
+
+# -- named schedules (the baselines of the FID-against-steps table) ---------------------------------
+
+SCHEDULE_ORDERS = ("raster", "random", "halton")  # token-level orders of rule `order`
+SCHEDULE_NAMES = (*SCHEDULE_ORDERS, "confident", "spread_confident")
+
+
+@dataclass(frozen=True)
+class ParallelSchedule:
+    """A fixed parallel-decoding schedule, named `<name>@<S>` (equal sizes) or `<name>@<S>c` (cosine):
+    S forwards per image. name: raster | random | halton (token-level orders: row-major, a uniform
+    permutation per image, the 2D Halton order of `orderplan.model.orders` on the token grid) |
+    confident | spread_confident (the rules of the module doc)."""
+
+    name: str
+    steps: int
+    kind: str = "equal"
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}@{self.steps}{'c' if self.kind == 'cosine' else ''}"
+
+    @property
+    def rule(self) -> str:
+        return "order" if self.name in SCHEDULE_ORDERS else self.name
+
+    @classmethod
+    def parse(cls, entry: str) -> "ParallelSchedule | None":
+        """`raster@16` -> ParallelSchedule("raster", 16); `confident@8c` -> cosine sizes; None when
+        `entry` has no `@` (not a schedule). A bad name or step count raises ValueError."""
+        if "@" not in entry:
+            return None
+        name, _, rest = entry.partition("@")
+        kind = "cosine" if rest.endswith("c") else "equal"
+        digits = rest[:-1] if kind == "cosine" else rest
+        if name not in SCHEDULE_NAMES or not digits.isdigit() or int(digits) < 1:
+            raise ValueError(f"schedule {entry!r}: expected <name>@<steps>[c] with name in {SCHEDULE_NAMES}, "
+                             f"steps >= 1 (c: cosine sizes), e.g. raster@16 or confident@8c")
+        return cls(name, int(digits), kind)
+
+    def token_orders(self, batch: int, grid_h: int, grid_w: int, generator: torch.Generator | None) -> torch.Tensor | None:
+        """[batch, L] token orders of rule `order` (None for the confidence rules)."""
+        if self.rule != "order":
+            return None
+        geom = BlockGeometry(grid_h, grid_w, 1)
+        return block_order(self.name, geom, batch=batch, generator=generator)

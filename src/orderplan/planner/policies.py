@@ -46,6 +46,7 @@ from tensordict.nn import TensorDictModuleBase
 from orderplan.planner.orderhead import OrderHead, load_orderhead
 from orderplan.model.blocks import BlockGeometry
 from orderplan.model.orders import ORDER_NAMES, block_order
+from orderplan.model.parallel import ParallelSchedule
 from orderplan.env.actions import random_valid_action
 from orderplan.env.core import OrderPlanningCore
 from orderplan.env.episodes import Decision, play_episodes
@@ -61,6 +62,7 @@ __all__ = [
     "EntropyOrderPolicy",
     "ExpectedOraclePolicy",
     "GymPolicy",
+    "ScheduledDecoder",
     "POLICY_NAMES",
     "FIXED_ORDERS",
     "make_policy",
@@ -258,6 +260,23 @@ class RandomPolicy(BlockPolicy):
         return torch.rand(image_index.shape[0], self.num_blocks, generator=self.generator).argsort(-1)
 
 
+class ScheduledDecoder(BlockPolicy):
+    """A fixed parallel-decoding schedule (`orderplan.model.parallel.ParallelSchedule`, names like
+    `raster@16` or `confident@8c`): S forwards per image, each sampling many tokens. It is decoded
+    directly by `orderplan.model.parallel.generate_parallel` (evaluation's generation), never by
+    stepping the env, whose decisions reveal whole blocks; `act` refuses. Its own generator draws the
+    random token orders (`random@S`), reseeded per generation batch like RandomPolicy's."""
+
+    def __init__(self, schedule: ParallelSchedule, seed: int = 0):
+        super().__init__([])
+        self.schedule = schedule
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
+        raise ValueError(f"{self.schedule.label} is a parallel-decoding schedule: it samples tokens, not blocks, "
+                         "and runs only in evaluation's generation (orderplan.model.parallel.generate_parallel)")
+
+
 class OraclePolicy(BlockPolicy):
     """argmax of `core.oracle_utilities(kind, weight)` (ties -> lowest block id; router mode: the K
     blocks of highest utility, with a fixed budget). Reads the core's current state, so it must act on
@@ -363,13 +382,17 @@ class OrderHeadPolicy(BlockPolicy):
 def make_policy(name: str, core: OrderPlanningCore, **kwargs: Any) -> BlockPolicy:
     """A policy for `core` (plain or router actions as the core's env.budget says).
 
-    name: raster | random | zigzag | diagonal | spiral | center_spiral | column_major | reverse |
-    confident_first | uncertain_first | expected_oracle | oracle | oracle_extrapolative | orderhead.
+    name: raster | random | zigzag | diagonal | spiral | center_spiral | column_major | reverse | halton |
+    confident_first | uncertain_first | expected_oracle | oracle | oracle_extrapolative | orderhead, or a
+    parallel-decoding schedule `<raster|random|halton|confident|spread_confident>@<S>[c]` (ScheduledDecoder).
     kwargs: `budget=` (fixed orders, belief policies, oracles), `seed=` (random, sampled orderhead),
     `weight=` (oracles), `K=` (expected_oracle; default env.belief_samples), and for orderhead
     exactly one of `checkpoint=path` / `model=OrderHead`, plus `greedy=`, `R=`.
     """
     budgets = core.cfg.budget
+    schedule = ParallelSchedule.parse(name)
+    if schedule is not None:
+        return ScheduledDecoder(schedule, **kwargs)
     if name in FIXED_ORDERS:
         return FixedOrderPolicy(name, core.geom, budgets, **kwargs).to(core.device)
     if name == "random":
