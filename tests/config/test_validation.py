@@ -84,6 +84,7 @@ def _schemas():
         "build_oracle": (BuildOracleRun, check_build_oracle_run),
         "compare_orders": (CompareRun, check_compare_run),
         "evaluate": (EvaluateRun, check_evaluate_run), "evaluate_generation": (EvaluateRun, check_evaluate_run),
+        "evaluate_steps": (EvaluateRun, check_evaluate_run),
         "extract_codes": (ExtractCodesConfig, check_extract_codes),
         "make_env": (EnvRun, check_env_run),
         "power": (PowerRun, check_power_run),

@@ -21,6 +21,7 @@ SCHEMAS: dict[str, str] = {
     "compare_orders": "orderplan.train.compare_orders:CompareRun",
     "evaluate": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_generation": "orderplan.eval.evaluate:EvaluateRun",
+    "evaluate_steps": "orderplan.eval.evaluate:EvaluateRun",
     "extract_codes": "orderplan.data.extract:ExtractCodesConfig",
     "make_env": "orderplan.env.factory:EnvRun",
     "power": "orderplan.eval.power:PowerRun",
