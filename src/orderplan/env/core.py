@@ -80,6 +80,17 @@ class QueryResult(NamedTuple):
     entropy: torch.Tensor  # [B, L] float32 H_j(S) (nats), 0 on revealed tokens
     query_hidden: torch.Tensor | None  # [B, N, D] block means of the query rows (env.beliefs only)
     pending_hidden: torch.Tensor  # [B, D] the pending token's target-free hidden state
+    proposal: torch.Tensor | None = None  # [B, L] long: a token drawn for every unseen position (env.parallel)
+
+
+class _Commit(NamedTuple):
+    """Tokens a parallel step commits in the forward of its query (`GPT.append_query`)."""
+
+    tokens: torch.Tensor  # [B, K*T] the decision's tokens, blocks in order, padded past counts
+    positions: torch.Tensor  # [B, K*T] their raster positions
+    counts: torch.Tensor  # [B] tokens committed per row (k * T, >= 1)
+    active: torch.Tensor  # [B] bool rows that decided
+    in_pos: torch.Tensor  # [B, K*T] positions of the committed inputs (pending first; -1 = padding)
 
 
 @dataclass
@@ -108,6 +119,9 @@ class EnvConfig:
     # full: query every unseen token each step (rewards, beliefs) | pending: only the pending token's
     # target-free row (generation without rewards or beliefs: what decoding alone costs, reward nan)
     query: str = "full"
+    # generation mode: a decision's tokens (all its blocks) are sampled in parallel from the previous
+    # step's query and committed with the next query in ONE forward (module doc, "Parallel decoding")
+    parallel: bool = False
 
 
 def check_env_config(cfg: EnvConfig, num_blocks: int | None = None) -> None:
@@ -136,6 +150,9 @@ def check_env_config(cfg: EnvConfig, num_blocks: int | None = None) -> None:
     check_sampling(cfg.sampling, "env.sampling")
     if cfg.query not in ("full", "pending"):
         raise ValueError(f"env.query must be full or pending, got {cfg.query!r}")
+    if cfg.parallel and (cfg.mode != "generate" or cfg.query != "full"):
+        raise ValueError("env.parallel samples a decision's tokens from the step's query over the unseen tokens: "
+                         "it needs env.mode=generate and env.query=full")
     if cfg.query == "pending" and (cfg.mode != "generate" or cfg.beliefs):
         raise ValueError("env.query=pending skips the per-token query that rewards and belief features come "
                          "from: it needs env.mode=generate and env.beliefs=false")
@@ -189,6 +206,8 @@ class OrderPlanningCore:
         self.forward_passes = torch.zeros(B, dtype=torch.long, device=dev)
         self.hidden_tok = torch.zeros(B, self.L, self.D, dtype=self.dtype, device=dev)
         self.token_loss = torch.zeros(B, self.L, dtype=torch.float32, device=dev)
+        # env.parallel: the token each unseen position would get, drawn from the last query
+        self.proposal = torch.zeros(B, self.L, dtype=torch.long, device=dev)
         # the model's beliefs about the unseen tokens, from the same query rows as token_loss
         self.token_entropy = torch.zeros(B, self.L, dtype=torch.float32, device=dev)  # H_j(S), nats
         self.query_hidden = torch.zeros(B, self.N, self.D, dtype=self.dtype, device=dev)  # block means of query rows
@@ -386,7 +405,10 @@ class OrderPlanningCore:
         each active row revealed are in `decision_blocks` [B] (inactive rows keep theirs).
         Invalid actions raise ValueError before anything changes."""
         blocks, k, plan = self._parse_action(action, active)  # the step's only read of the device
-        reward = self._step_smdp(blocks, plan) if self.smdp else self._step_decision(blocks, k, plan)
+        if self.cfg.parallel:
+            reward = self._step_parallel(blocks, k, plan)
+        else:
+            reward = self._step_smdp(blocks, plan) if self.smdp else self._step_decision(blocks, k, plan)
         self.steps += k
         self.decision_blocks = torch.where(k > 0, k, self.decision_blocks)  # inactive rows keep their state
         self.forward_passes += self._passes(k)
@@ -396,6 +418,8 @@ class OrderPlanningCore:
         """Backbone forwards [B] of a decision revealing k [B] blocks: per block one append (teacher
         forced) or T advances (generation: one per sampled token), then one query per decision (per
         block with semi-MDP rewards)."""
+        if self.cfg.parallel:  # the commit of all k blocks rides in the query's forward
+            return (k > 0).long()
         per_block = self.T if self.cfg.mode == "generate" else 1
         queries = k if self.smdp else (k > 0).long()
         return k * per_block + queries
@@ -438,6 +462,45 @@ class OrderPlanningCore:
         total = discounted_return(torch.stack(per_block, 1), float(self.cfg.gamma))
         return decision_reward(total, self.cfg.decision_cost)
 
+    def _step_parallel(self, blocks: torch.Tensor, k: torch.Tensor, plan: _StepPlan) -> torch.Tensor:
+        """env.parallel: the decision's k blocks take the tokens the last query drew for them
+        (`proposal`: each token from p(x_j | S), independently), then ONE forward commits them all and
+        queries the unseen tokens (`GPT.append_query`, rows of different k padded). Returns the
+        decision's reward [B] (nats; with env.gamma the whole decision's, undiscounted inside it:
+        its blocks share one query, so there are no per-block rewards)."""
+        unseen_before, loss_before = self.unseen, self.token_loss
+        K, T, B = blocks.shape[1], self.T, self.B
+        act = k > 0
+        pos = self.block_tokens[blocks.clamp(min=0)].flatten(1)  # [B, K*T], blocks in decision order
+        counts = k * T
+        valid = torch.arange(K * T, device=self.device)[None, :] < counts[:, None]
+        tokens = self.proposal.gather(1, pos)
+        # padding entries write into an extra column, never onto a real token
+        grid = torch.cat([self.x, self.x.new_zeros(B, 1)], 1)
+        grid.scatter_(1, torch.where(valid, pos, self.L), tokens)
+        self.x = grid[:, :self.L]
+        for i in range(K):
+            if plan.first[i] < 0:
+                break
+            self._mark_revealed(blocks[:, i], blocks[:, i] >= 0, i)
+        in_pos = torch.cat([self.state.pending_pos[:, None], pos[:, :-1]], 1)
+        commit = _Commit(tokens, pos, counts.clamp(min=1), act, torch.where(valid, in_pos, -1))
+        q = self._query_losses(HostSizes(plan.length[-1], plan.unseen[-1]), commit)
+        self._store_pending_hidden(q.pending_hidden, act)
+        reward = self._reward(blocks, k, unseen_before, loss_before, self.unseen, q.loss,
+                              torch.zeros(B, device=self.device))
+        self._keep_query(q, act)
+        return reward
+
+    def _mark_revealed(self, block: torch.Tensor, active: torch.Tensor, i: int) -> None:
+        """Book block [B] (the i-th of this decision) as revealed on active rows [B] bool."""
+        blk = block.clamp(min=0)
+        # one index per row with where() instead of boolean-mask indexing, which reads the device
+        rows = torch.arange(self.B, device=self.device)
+        self.revealed[rows, blk] = self.revealed[rows, blk] | active
+        col = torch.where(active, self.steps + i, 0)  # inactive rows rewrite their own slot 0
+        self.history[rows, col] = torch.where(active, blk, self.history[rows, col])
+
     def _reveal_block(self, block: torch.Tensor, active: torch.Tensor, i: int, first: int) -> torch.Tensor:
         """Reveal block [B] (the i-th of this decision) on active rows [B] bool, whose longest cache
         is `first` entries (host int, from the step plan); returns its teacher-forced
@@ -449,11 +512,7 @@ class OrderPlanningCore:
         else:
             self._reveal_generated(positions, active, first)
             loglik = torch.zeros(self.B, device=self.device)
-        # one index per row with where() instead of boolean-mask indexing, which reads the device
-        rows = torch.arange(self.B, device=self.device)
-        self.revealed[rows, blk] = self.revealed[rows, blk] | active
-        col = torch.where(active, self.steps + i, 0)  # inactive rows rewrite their own slot 0
-        self.history[rows, col] = torch.where(active, blk, self.history[rows, col])
+        self._mark_revealed(block, active, i)
         return loglik
 
     def _store_pending_hidden(self, hid: torch.Tensor, rows: torch.Tensor) -> None:
@@ -510,7 +569,7 @@ class OrderPlanningCore:
         value = torch.where(ok[..., None], hidden, torch.where(has[..., None], twin, self.hidden_tok[rows, slot]))
         self.hidden_tok[rows, slot] = value
 
-    def _query_losses(self, sizes: HostSizes | None = None) -> QueryResult:
+    def _query_losses(self, sizes: HostSizes | None = None, commit: _Commit | None = None) -> QueryResult:
         """One query over every unseen token plus one target-free row per image: per-token losses
         l_j(S) (H_j(S) in generation mode), entropies H_j(S), the block-pooled query hidden states
         (with env.beliefs) and the pending token's hidden state; see `QueryResult`.
@@ -534,9 +593,19 @@ class OrderPlanningCore:
         targets = key.sort(-1).values[:, :Q]
         targets = torch.cat([torch.where(targets < self.L, targets, -1),
                              torch.full((self.B, 1), -1, device=self.device, dtype=torch.long)], 1)
-        logits, hid = self.gpt.query(self.state, targets, validate=False, window=window)
-        if self.ustate is not None and self.cfg.guided_beliefs:
-            ulogits, _ = self.gpt.query(self.ustate, targets, validate=False, window=window)
+        logits, hid = self._forward_query(self.state, targets, window, commit, store=True)
+        ulogits = None
+        if self.ustate is not None and (self.cfg.guided_beliefs or self.cfg.parallel):
+            ulogits, _ = self._forward_query(self.ustate, targets, window, commit, store=False)
+        proposal = None
+        if self.cfg.parallel and Q > 0:  # a token for every unseen position, from the sampler's (guided) distribution
+            draw = logits if ulogits is None else guided(torch.cat([logits[:, :Q], ulogits[:, :Q]]), self.sc.cfg_scale)
+            flat = sample_logits(draw[:, :Q].reshape(self.B * Q, -1), self.sc, self.sample_generator,
+                                 self.row_key[:, None].expand(-1, Q).reshape(-1),
+                                 targets[:, :Q].clamp(min=0).reshape(-1)).view(self.B, Q)
+            slots = torch.where(targets[:, :Q] >= 0, targets[:, :Q], self.L)
+            proposal = torch.cat([self.proposal, self.proposal.new_zeros(self.B, 1)], 1).scatter(1, slots, flat)[:, :self.L]
+        if ulogits is not None and self.cfg.guided_beliefs:
             logits = ulogits + self.sc.cfg_scale * (logits - ulogits)
         # every loss, entropy and reward is float32 whatever the backbone dtype (bf16 on GPU): the GPT's
         # head returns float32 logits (`GPT._head`), and the log-softmax over V codes and the per-token
@@ -560,10 +629,25 @@ class OrderPlanningCore:
             idx = torch.where(valid, targets[:, :Q], self.L)[..., None].expand(-1, -1, self.D)
             tok = hid.new_zeros(self.B, self.L + 1, self.D).scatter_(1, idx, hid[:, :Q])[:, :self.L]
             query_hidden = self.geom.pool_blocks(tok)
-        return QueryResult(losses, entropy, query_hidden, hid[:, -1])
+        return QueryResult(losses, entropy, query_hidden, hid[:, -1], proposal)
+
+    def _forward_query(self, state, targets: torch.Tensor, window: int, commit: _Commit | None,
+                       store: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query's forward on `state`: a plain query, or (env.parallel) the commit of a decision's
+        tokens and the query in one forward, whose committed inputs' hidden states are stored when
+        `store` (the conditional state)."""
+        if commit is None:
+            return self.gpt.query(state, targets, validate=False, window=window)
+        _, chid, logits, hid = self.gpt.append_query(state, commit.tokens, commit.positions, targets, commit.active,
+                                                     counts=commit.counts, validate=False, window=window)
+        if store:
+            self._store_hidden(commit.in_pos, chid, commit.active)
+        return logits, hid
 
     def _keep_query(self, q: QueryResult, rows: torch.Tensor) -> None:
         """Store a query's per-token losses and beliefs on rows [B] bool (the others keep theirs)."""
+        if q.proposal is not None:
+            self.proposal = torch.where(rows[:, None], q.proposal, self.proposal)
         self.token_loss = torch.where(rows[:, None], q.loss, self.token_loss)
         self.token_entropy = torch.where(rows[:, None], q.entropy, self.token_entropy)
         if q.query_hidden is not None:

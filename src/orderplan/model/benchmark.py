@@ -126,3 +126,46 @@ def decode_overhead(model: GPT, geom: BlockGeometry, batch: int, repeats: int = 
     # the cache holds 1 .. L entries over the image (plus the row's own key): mean (L + 1) / 2 + 1
     flops = decode_step_flops(model, batch, (L + 1) / 2 + 1)
     return StepOverhead(t / L, flops, matmul_flops_per_s(dev, model.output.weight.dtype))
+
+
+@dataclass
+class ParallelTimes:
+    """Images per second of token-by-token KV decoding (`generate`, L forwards) and of parallel
+    decoding (`generate_parallel`, S forwards), same model, batch, order and sampler, one run."""
+
+    token_by_token: float
+    parallel: float
+    confident: float  # parallel decoding with rule `confident` (its forwards query every unseen token)
+    steps: int
+
+    @property
+    def ratio(self) -> float:
+        return self.parallel / self.token_by_token
+
+
+@torch.no_grad()
+def time_parallel(model: GPT, batch: int, steps: int = 16, repeats: int = 3, sc: SamplingConfig | None = None,
+                  seed: int = 0) -> ParallelTimes:
+    """Best-of-`repeats` images/s, interleaved so that load from other processes hits every sampler
+    alike: token-by-token raster, raster in `steps` equal decisions, and confident in `steps`."""
+    from orderplan.model.parallel import generate_parallel, step_sizes
+
+    sc = sc or SamplingConfig(cfg_scale=2.0)
+    dev = model.output.weight.device
+    L = model.cfg.num_tokens
+    cond = torch.arange(batch, device=dev) % model.cfg.num_classes
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    order = torch.arange(L, device=dev).expand(batch, -1)
+    sizes = step_sizes(L, steps)
+    runs = {
+        "token": lambda: generate(model, cond, order, sc, gen),
+        "parallel": lambda: generate_parallel(model, cond, sizes, "order", order, sc, gen),
+        "confident": lambda: generate_parallel(model, cond, sizes, "confident", None, sc, gen),
+    }
+    for fn in runs.values():  # warm-up (allocator, kernels)
+        fn()
+    best = {k: float("inf") for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            best[k] = min(best[k], best_time(fn, 1, dev)[0])
+    return ParallelTimes(batch / best["token"], batch / best["parallel"], batch / best["confident"], steps)

@@ -480,17 +480,20 @@ class GPT(nn.Module):
 
     def _commit(self, state: DecodeState, tok: torch.Tensor, pos: torch.Tensor, ta_pos: torch.Tensor,
                 active: torch.Tensor | None, validate: bool, window: int | None,
-                query: "_QueryRows | None" = None) -> tuple[torch.Tensor, torch.Tensor]:
+                query: "_QueryRows | None" = None, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run inputs [B, T] causally after the cache, write their keys/values and advance `length`
         on active rows. Inactive rows write into the scratch slot and keep their state. The window
         (cache slots attended) is `window`, else exact when validating, else from `kmax_bound`.
 
         `query` adds Q query rows to the same forward (see `_QueryRows`): they are never cached and
-        their outputs follow the T committed ones, so the result is [B, T + Q, V] and [B, T + Q, D]."""
+        their outputs follow the T committed ones, so the result is [B, T + Q, V] and [B, T + Q, D].
+        `counts` [B] (<= T): only the first counts[b] inputs of row b are committed (a ragged batch;
+        the rest is padding, written to the scratch slot, its outputs meaningless)."""
         B, T = tok.shape
         dev = tok.device
         act = torch.ones(B, dtype=torch.bool, device=dev) if active is None else active.to(dev)
-        end = state.length + T
+        n_in = torch.full((B,), T, dtype=torch.long, device=dev) if counts is None else counts.to(dev).long()
+        end = state.length + n_in
         if validate:
             if bool((act & (end > state.capacity - 1)).any()):
                 bad = torch.nonzero(act & (end > state.capacity - 1)).flatten().tolist()
@@ -504,7 +507,8 @@ class GPT(nn.Module):
             kmax = state.kmax_bound + T if window is None else window
         kmax = min(kmax, state.capacity - 1)  # past that lies only the scratch slot, which no row sees
         steps = torch.arange(T, device=dev)
-        write_idx = torch.where(act[:, None], state.length[:, None] + steps, state.capacity - 1)
+        write_idx = torch.where(act[:, None] & (steps[None, :] < n_in[:, None]), state.length[:, None] + steps,
+                                state.capacity - 1)
         kpos = torch.arange(kmax, device=dev)
         # row b, input t sees cache slots < length + t + 1 (itself included); inactive: slot 0 only
         visible = torch.where(act[:, None], state.length[:, None] + steps + 1, 1)  # [B, T]
@@ -514,7 +518,7 @@ class GPT(nn.Module):
             Q = query.ta.shape[1]
             # a query row sees the cache before its own token (minus the last committed input when that
             # input is its token, committed there with another target) and itself, never the others
-            seen = state.length + T - (1 if query.skip_last else 0)
+            seen = state.length + n_in - (1 if query.skip_last else 0)
             q_vis = kpos[None, :] < torch.where(act, seen, 1)[:, None]  # [B, kmax]
             eye = torch.eye(Q, dtype=torch.bool, device=dev)
             mask = torch.cat([
@@ -619,13 +623,15 @@ class GPT(nn.Module):
         return logits[:, T - 1:], h[:, T - 1:]
 
     def append_query(self, state: DecodeState, tokens: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                     active: torch.Tensor | None = None, *, validate: bool = True,
+                     active: torch.Tensor | None = None, *, counts: torch.Tensor | None = None, validate: bool = True,
                      window: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """`append(tokens, positions)` then `query(targets)` in ONE forward: the same state after it
         and the same outputs up to float summation order. tokens, positions [B, T]; targets [B, Q]
         (-1: the target-free row). Returns the append's logits [B, T, V] and hidden [B, T, D], then the
         query's logits [B, Q, V] and hidden [B, Q, D]. `active`, `validate`, `window`: as in `append`
-        (`window` must cover the longest cache after the append)."""
+        (`window` must cover the longest cache after the append). `counts` [B] (1..T): row b appends
+        only its first counts[b] tokens (the rest is padding: any valid ids; its outputs are
+        meaningless), so rows may append different numbers of tokens in the one forward."""
         self._check_rows(state, tokens, positions, validate)
         act = torch.ones_like(state.has_pending) if active is None else active.to(torch.bool)
         if validate:
@@ -634,13 +640,21 @@ class GPT(nn.Module):
             self._check_positions(targets, "append_query() targets", allow_none=True)
         if targets.dim() != 2 or targets.shape[0] != state.batch_size:
             raise ValueError(f"append_query() targets must be [B={state.batch_size}, Q], got {tuple(targets.shape)}")
+        T = tokens.shape[1]
+        if counts is None:
+            last_tok, last_pos = tokens[:, -1], positions[:, -1]
+        else:
+            counts = counts.to(tokens.device).long()
+            if validate and bool((act & ((counts < 1) | (counts > T))).any()):
+                raise ValueError(f"append_query() counts must lie in [1, {T}] on active rows")
+            i = (counts.clamp(1, T) - 1)[:, None]
+            last_tok, last_pos = tokens.gather(1, i)[:, 0], positions.gather(1, i)[:, 0]
         tok = torch.cat([state.pending_tok[:, None], tokens[:, :-1]], 1)
         pos = torch.cat([state.pending_pos[:, None], positions[:, :-1]], 1)
-        query = _QueryRows(tokens[:, -1], positions[:, -1], targets, skip_last=False)
-        logits, h = self._commit(state, tok, pos, positions, act, validate, window, query)
-        state.pending_tok = torch.where(act, tokens[:, -1], state.pending_tok)
-        state.pending_pos = torch.where(act, positions[:, -1], state.pending_pos)
-        T = tokens.shape[1]
+        query = _QueryRows(last_tok, last_pos, targets, skip_last=False)
+        logits, h = self._commit(state, tok, pos, positions, act, validate, window, query, counts)
+        state.pending_tok = torch.where(act, last_tok, state.pending_tok)
+        state.pending_pos = torch.where(act, last_pos, state.pending_pos)
         return logits[:, :T], h[:, :T], logits[:, T:], h[:, T:]
 
     def query(self, state: DecodeState, targets: torch.Tensor, *, validate: bool = True,
