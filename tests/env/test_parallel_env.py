@@ -102,3 +102,27 @@ def test_proposals_are_the_revealed_tokens():
     for b, blk in enumerate([5, 0, 15]):
         pos = core.block_tokens[blk]
         assert torch.equal(core.x[b, pos], before[b, pos])
+
+
+def test_coherence_is_what_the_tokens_tell_each_other():
+    """The coherence of a first decision equals an explicit computation: sum_t log p(x_t | x_<t) of
+    its tokens in cache order minus sum_t log p(x_t | nothing); a one-token decision has none."""
+    core = _core(budget=[1, 2, 4], parallel=True, coherence=1.0, **GEN)
+    core.reset(image_index=torch.arange(3))
+    core.step(torch.tensor([[2, 0, 5, 10, 15]] * 3))
+    pos = core.block_tokens[torch.tensor([0, 5, 10, 15])].flatten()  # [16] in cache order
+    tok = core.x[:, pos]
+    with torch.no_grad():
+        seq, _ = core.gpt.forward_sequence(core.label, tok[:, :-1], pos[:-1].expand(3, -1), pos.expand(3, -1))
+        joint = torch.log_softmax(seq, -1).gather(-1, tok[..., None])[..., 0].sum(-1)
+        alone, _ = core.gpt.query(core.gpt.init_state(core.label), pos.expand(3, -1))
+        marginal = torch.log_softmax(alone, -1).gather(-1, tok[..., None])[..., 0].sum(-1)
+    torch.testing.assert_close(core.coherence, joint - marginal, atol=1e-4, rtol=1e-4)
+    assert bool((core.coherence != 0).all())
+    one = _core(block=1, parallel=True, coherence=1.0, **GEN)
+    one.reset(image_index=torch.arange(3))
+    for b in (0, 9, 63):
+        one.step(torch.full((3,), b))
+        torch.testing.assert_close(one.coherence, torch.zeros(3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="coherence"):
+        check_env_config(EnvConfig(coherence=1.0, **GEN))

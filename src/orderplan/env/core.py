@@ -43,6 +43,16 @@ per decision) instead of one per decision. With gamma=None a decision's reward c
 as above (the undiscounted sum over its blocks for future_loss); plain actions (k = 1) are the same
 either way.
 
+Parallel decoding (env.parallel, generation mode). Every query also draws a token for each unseen
+position (`proposal`, from the sampler's distribution: CFG, temperature, top-k / top-p, either noise).
+A decision's k blocks take their proposed tokens, all sampled from the state before the decision,
+each independently; then ONE forward commits them (rows of different k padded) and queries the
+unseen tokens (`GPT.append_query`). So a decision costs one forward whatever k is
+(`forward_passes` counts them per row; the unconditional CFG half runs beside it). The reward is
+the decision's entropy drop (undiscounted inside it, even with env.gamma: its blocks share one
+query) plus env.coherence times its coherence (orderplan.env.rewards.coherence_reward), minus the
+decision cost. With one token per decision this generates what token-by-token decoding does.
+
 Shapes: B batch rows, L tokens, N blocks, T tokens per block, K max blocks per decision, D model dim."""
 
 from __future__ import annotations
@@ -58,7 +68,7 @@ from orderplan.oracle.future_loss import HostSizes, WeightKind, _scatter_targets
 from orderplan.model.loading import Backbone
 from orderplan.model.sampling import SamplingConfig, check_sampling, guided, row_keys, sample_logits
 from orderplan.infra.validation import check_budgets, check_choice, check_gamma, check_int, check_range
-from orderplan.env.rewards import REWARDS, decision_reward, discounted_return, information_reward
+from orderplan.env.rewards import REWARDS, coherence_reward, decision_reward, discounted_return, information_reward
 
 MODES = ("teacher_forced", "generate")
 
@@ -81,6 +91,7 @@ class QueryResult(NamedTuple):
     query_hidden: torch.Tensor | None  # [B, N, D] block means of the query rows (env.beliefs only)
     pending_hidden: torch.Tensor  # [B, D] the pending token's target-free hidden state
     proposal: torch.Tensor | None = None  # [B, L] long: a token drawn for every unseen position (env.parallel)
+    proposal_logp: torch.Tensor | None = None  # [B, L] float32 log p(proposal_j | S), the conditional model
 
 
 class _Commit(NamedTuple):
@@ -122,6 +133,9 @@ class EnvConfig:
     # generation mode: a decision's tokens (all its blocks) are sampled in parallel from the previous
     # step's query and committed with the next query in ONE forward (module doc, "Parallel decoding")
     parallel: bool = False
+    # env.parallel: weight of the coherence term added to each decision's reward (orderplan.env.rewards,
+    # coherence_reward: what sampling a decision's tokens together cost, nats; 0 = off)
+    coherence: float = 0.0
 
 
 def check_env_config(cfg: EnvConfig, num_blocks: int | None = None) -> None:
@@ -153,6 +167,9 @@ def check_env_config(cfg: EnvConfig, num_blocks: int | None = None) -> None:
     if cfg.parallel and (cfg.mode != "generate" or cfg.query != "full"):
         raise ValueError("env.parallel samples a decision's tokens from the step's query over the unseen tokens: "
                          "it needs env.mode=generate and env.query=full")
+    check_range("env.coherence", cfg.coherence, 0.0, note=" (weight of the parallel-decoding coherence reward)")
+    if cfg.coherence > 0 and not cfg.parallel:
+        raise ValueError("env.coherence weighs the coherence of tokens sampled together: it needs env.parallel=true")
     if cfg.query == "pending" and (cfg.mode != "generate" or cfg.beliefs):
         raise ValueError("env.query=pending skips the per-token query that rewards and belief features come "
                          "from: it needs env.mode=generate and env.beliefs=false")
@@ -204,10 +221,13 @@ class OrderPlanningCore:
         # sequential backbone forwards each row's episode has cost so far (the reset's query included;
         # the unconditional CFG half runs beside the conditional one and is not counted apart)
         self.forward_passes = torch.zeros(B, dtype=torch.long, device=dev)
+        # env.parallel: the coherence (nats, orderplan.env.rewards.coherence_reward) of each row's last decision
+        self.coherence = torch.zeros(B, dtype=torch.float32, device=dev)
         self.hidden_tok = torch.zeros(B, self.L, self.D, dtype=self.dtype, device=dev)
         self.token_loss = torch.zeros(B, self.L, dtype=torch.float32, device=dev)
         # env.parallel: the token each unseen position would get, drawn from the last query
         self.proposal = torch.zeros(B, self.L, dtype=torch.long, device=dev)
+        self.proposal_logp = torch.zeros(B, self.L, dtype=torch.float32, device=dev)
         # the model's beliefs about the unseen tokens, from the same query rows as token_loss
         self.token_entropy = torch.zeros(B, self.L, dtype=torch.float32, device=dev)  # H_j(S), nats
         self.query_hidden = torch.zeros(B, self.N, self.D, dtype=self.dtype, device=dev)  # block means of query rows
@@ -483,12 +503,16 @@ class OrderPlanningCore:
             if plan.first[i] < 0:
                 break
             self._mark_revealed(blocks[:, i], blocks[:, i] >= 0, i)
+        marginal = self.proposal_logp.gather(1, pos)  # log p(x_t | S), from the query the tokens came from
         in_pos = torch.cat([self.state.pending_pos[:, None], pos[:, :-1]], 1)
         commit = _Commit(tokens, pos, counts.clamp(min=1), act, torch.where(valid, in_pos, -1))
         q = self._query_losses(HostSizes(plan.length[-1], plan.unseen[-1]), commit)
         self._store_pending_hidden(q.pending_hidden, act)
+        self.coherence = torch.where(act, coherence_reward(self._commit_logp, marginal, valid), 0.0)
         reward = self._reward(blocks, k, unseen_before, loss_before, self.unseen, q.loss,
                               torch.zeros(B, device=self.device))
+        if self.cfg.coherence > 0:
+            reward = reward + self.cfg.coherence * self.coherence
         self._keep_query(q, act)
         return reward
 
@@ -597,7 +621,7 @@ class OrderPlanningCore:
         ulogits = None
         if self.ustate is not None and (self.cfg.guided_beliefs or self.cfg.parallel):
             ulogits, _ = self._forward_query(self.ustate, targets, window, commit, store=False)
-        proposal = None
+        proposal = proposal_logp = None
         if self.cfg.parallel and Q > 0:  # a token for every unseen position, from the sampler's (guided) distribution
             draw = logits if ulogits is None else guided(torch.cat([logits[:, :Q], ulogits[:, :Q]]), self.sc.cfg_scale)
             flat = sample_logits(draw[:, :Q].reshape(self.B * Q, -1), self.sc, self.sample_generator,
@@ -605,6 +629,9 @@ class OrderPlanningCore:
                                  targets[:, :Q].clamp(min=0).reshape(-1)).view(self.B, Q)
             slots = torch.where(targets[:, :Q] >= 0, targets[:, :Q], self.L)
             proposal = torch.cat([self.proposal, self.proposal.new_zeros(self.B, 1)], 1).scatter(1, slots, flat)[:, :self.L]
+            lp = torch.log_softmax(logits[:, :Q].float(), -1).gather(-1, flat[..., None])[..., 0]  # conditional model
+            proposal_logp = torch.cat([self.proposal_logp, self.proposal_logp.new_zeros(self.B, 1)], 1).scatter(
+                1, slots, lp)[:, :self.L]
         if ulogits is not None and self.cfg.guided_beliefs:
             logits = ulogits + self.sc.cfg_scale * (logits - ulogits)
         # every loss, entropy and reward is float32 whatever the backbone dtype (bf16 on GPU): the GPT's
@@ -629,7 +656,7 @@ class OrderPlanningCore:
             idx = torch.where(valid, targets[:, :Q], self.L)[..., None].expand(-1, -1, self.D)
             tok = hid.new_zeros(self.B, self.L + 1, self.D).scatter_(1, idx, hid[:, :Q])[:, :self.L]
             query_hidden = self.geom.pool_blocks(tok)
-        return QueryResult(losses, entropy, query_hidden, hid[:, -1], proposal)
+        return QueryResult(losses, entropy, query_hidden, hid[:, -1], proposal, proposal_logp)
 
     def _forward_query(self, state, targets: torch.Tensor, window: int, commit: _Commit | None,
                        store: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -638,16 +665,20 @@ class OrderPlanningCore:
         `store` (the conditional state)."""
         if commit is None:
             return self.gpt.query(state, targets, validate=False, window=window)
-        _, chid, logits, hid = self.gpt.append_query(state, commit.tokens, commit.positions, targets, commit.active,
-                                                     counts=commit.counts, validate=False, window=window)
+        clogits, chid, logits, hid = self.gpt.append_query(state, commit.tokens, commit.positions, targets,
+                                                           commit.active, counts=commit.counts, validate=False,
+                                                           window=window)
         if store:
             self._store_hidden(commit.in_pos, chid, commit.active)
+            # input t's output predicts the decision's token t given S and tokens < t: its coherence
+            self._commit_logp = torch.log_softmax(clogits.float(), -1).gather(-1, commit.tokens[..., None])[..., 0]
         return logits, hid
 
     def _keep_query(self, q: QueryResult, rows: torch.Tensor) -> None:
         """Store a query's per-token losses and beliefs on rows [B] bool (the others keep theirs)."""
         if q.proposal is not None:
             self.proposal = torch.where(rows[:, None], q.proposal, self.proposal)
+            self.proposal_logp = torch.where(rows[:, None], q.proposal_logp, self.proposal_logp)
         self.token_loss = torch.where(rows[:, None], q.loss, self.token_loss)
         self.token_entropy = torch.where(rows[:, None], q.entropy, self.token_entropy)
         if q.query_hidden is not None:

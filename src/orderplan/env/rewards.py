@@ -16,13 +16,21 @@ Rewards (nats per decision; `env.reward=`):
 * likelihood:    log p(revealed blocks | S_t), teacher-forced (the return is the image
                  log-likelihood under the chosen order).
 * entropy:       H_rest(S_t) - H_rest(S_t+1), the reward of generation mode (no ground truth).
-Every decision also costs `decision_cost` (`decision_reward`)."""
+Every decision also costs `decision_cost` (`decision_reward`).
+
+Parallel decoding (env.parallel) adds, with weight `env.coherence`, the coherence of a decision's
+tokens (`coherence_reward`): sum over its tokens t of log p(x_t | S, x_<t) - log p(x_t | S), the
+tokens in the order they enter the cache. The tokens were drawn independently from p(x_t | S), so
+its expectation is minus the expected KL(p(x_t | S) || p(x_t | S, x_<t)): 0 for a decision of one
+token, and the more negative the more the tokens sampled together should have seen each other. The
+entropy reward cannot see that loss (it pays the same whether tokens come together or one by one)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["REWARDS", "information_reward", "decision_reward", "discount_factors", "discounted_return"]
+__all__ = ["REWARDS", "information_reward", "coherence_reward", "decision_reward", "discount_factors",
+           "discounted_return"]
 
 REWARDS = ("future_loss", "extrapolative", "anytime", "likelihood", "entropy")
 
@@ -49,6 +57,13 @@ def information_reward(kind: str, blocks: torch.Tensor, k: torch.Tensor, unseen_
     if kind == "likelihood":
         return loglik
     raise ValueError(f"unknown reward {kind!r}; use one of {REWARDS}")
+
+
+def coherence_reward(logp_joint: torch.Tensor, logp_marginal: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Coherence [B] (nats) of a parallel decision (module doc): logp_joint [B, T] = log p(x_t | S,
+    x_<t) (the commit's outputs), logp_marginal [B, T] = log p(x_t | S) (the query the tokens were
+    drawn from), summed over valid [B, T] entries."""
+    return torch.where(valid, logp_joint - logp_marginal, 0.0).sum(-1)
 
 
 # The project's one discount, per decision (per block in semi-MDP mode): the default of PPO's
