@@ -89,6 +89,7 @@ def _schemas():
         "make_env": (EnvRun, check_env_run),
         "power": (PowerRun, check_power_run),
         "ppo": (PPORun, check_ppo_run), "ppo_generated": (PPORun, check_ppo_run),
+        "ppo_parallel": (PPORun, check_ppo_run),
         "train_backbone": (TrainBackboneRun, check_train_backbone_run),
         "train_classifier": (ClassifierRun, lambda run, check_paths: check_classifier_run(run)),
         "train_vq": (TrainVQConfig, lambda run, check_paths: check_train_vq(run)),
@@ -96,7 +97,7 @@ def _schemas():
 
 
 # Defaults that name another job's output (a BC head): their paths exist only after that job ran.
-NEEDS_EARLIER_RUN = {"bc_generated", "ppo", "ppo_generated"}
+NEEDS_EARLIER_RUN = {"bc_generated", "ppo", "ppo_generated", "ppo_parallel"}
 
 
 def test_every_config_has_a_validation():

@@ -27,6 +27,7 @@ SCHEMAS: dict[str, str] = {
     "power": "orderplan.eval.power:PowerRun",
     "ppo": "orderplan.train.ppo_run:PPORun",
     "ppo_generated": "orderplan.train.ppo_run:PPORun",
+    "ppo_parallel": "orderplan.train.ppo_run:PPORun",
     "train_backbone": "orderplan.config.common:TrainBackboneRun",
     "train_classifier": "orderplan.eval.classifier_training:ClassifierRun",
     "train_vq": "orderplan.train.vq:TrainVQConfig",

@@ -178,6 +178,7 @@ class PolicySpec:
     source: str = ""
     beliefs: bool = False  # a planner that reads the env's belief features (its cores get env.beliefs=true)
     schedule: ParallelSchedule | None = None  # a parallel-decoding schedule (generation only)
+    parallel: bool = False  # a planner trained with env.parallel: it generates with parallel decoding too
 
 
 def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySpec:
@@ -211,17 +212,22 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
                            backbone=run.backbone)
     name = entry if entry in run.checkpoints else (path.parent.name if path.stem == "orderhead" else path.stem)
     budgets = list(model.cfg.budgets) if model.has_router else None
+    summary = path.parent / "summary.json"
+    parallel = bool(read_json_checked(summary, required=False).get("train_parallel", False)) if summary.is_file() else False
 
     def make(core: OrderPlanningCore) -> BlockPolicy:
         return make_policy("orderhead", core, model=model, R=run.eval.R, greedy=run.eval.greedy, seed=run.seed)
 
-    return PolicySpec(name, make, budgets=budgets, source=str(path), beliefs=model.cfg.beliefs)
+    return PolicySpec(name, make, budgets=budgets, source=str(path) + (" (parallel decoding)" if parallel else ""),
+                      beliefs=model.cfg.beliefs, parallel=parallel)
 
 
 def generation_env(spec: PolicySpec, run: EvaluateRun) -> EnvConfig:
-    """The env a policy generates in: the run's env with eval.sampling, the policy's budgets and,
-    for planners that read them, the belief features."""
-    return replace(run.env, sampling=run.eval.sampling, budget=spec.budgets, beliefs=run.env.beliefs or spec.beliefs)
+    """The env a policy generates in: the run's env with eval.sampling, the policy's budgets,
+    for planners that read them the belief features, and for planners trained with env.parallel
+    parallel decoding (a decision's tokens sampled together, one forward per decision)."""
+    env = replace(run.env, sampling=run.eval.sampling, budget=spec.budgets, beliefs=run.env.beliefs or spec.beliefs)
+    return replace(env, parallel=True, query="full") if spec.parallel else env
 
 
 def generation_labels(labels: torch.Tensor, images: torch.Tensor, n: int) -> torch.Tensor:

@@ -199,7 +199,7 @@ def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tens
     the policy steps the env; the env's per-step query over every unseen token runs only when something
     reads it: `rewards` (the entropy-drop return), belief features (env.beliefs) or a policy that ranks
     token entropies (`needs_query`); else env.query=pending. `entropy_return` is None unless `rewards`."""
-    query = "full" if rewards or env.beliefs else "pending"
+    query = "full" if rewards or env.beliefs or env.parallel else "pending"
     core = _generation_core(backbone, labels, env, batch_size, seed, query)
     policy = make(core)
     if query == "pending" and getattr(policy, "needs_query", False):

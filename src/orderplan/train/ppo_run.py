@@ -129,16 +129,19 @@ def report_env_config(run: PPORun) -> EnvConfig:
     reward and the reward of BC's report, so its returns compare with BC's and the planner's.
     Router runs discount per block with eval.gamma (the report's yardstick)."""
     env = run.env
-    if env.mode == "generate":
-        env = replace(env, mode="teacher_forced", reward="future_loss")
+    if env.mode == "generate":  # (parallel decoding is a way of generating: the report reveals ground truth)
+        env = replace(env, mode="teacher_forced", reward="future_loss", parallel=False, coherence=0.0)
     return replace(env, gamma=run.eval.gamma if run.agent.router else env.gamma)
 
 
 def training_description(env: EnvConfig) -> dict:
-    """summary.json's record of what PPO trained on: train_mode, train_reward and, in generation
-    mode, train_sampling (the sampler's knobs; None when teacher-forced)."""
+    """summary.json's record of what PPO trained on: train_mode, train_reward, in generation mode
+    train_sampling (the sampler's knobs; None when teacher-forced), train_parallel and
+    train_coherence (env.parallel, env.coherence)."""
     return {"train_mode": env.mode, "train_reward": env.reward,
-            "train_sampling": asdict(env.sampling) if env.mode == "generate" else None}
+            "train_sampling": asdict(env.sampling) if env.mode == "generate" else None,
+            # parallel decoding (env.parallel): evaluation generates with the planner the same way
+            "train_parallel": env.parallel, "train_coherence": env.coherence}
 
 
 def chosen_budgets(core: OrderPlanningCore, policy: BlockPolicy, image_index: torch.Tensor) -> torch.Tensor:
