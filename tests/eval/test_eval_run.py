@@ -337,3 +337,15 @@ def test_parallel_schedules_in_the_generation_table(tmp_path):
     assert "forwards / image" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match="schedule"):
         run_evaluation(to_typed(compose("evaluate", [*overrides, "policies=[raster@5x]"]), EvaluateRun))
+
+
+@pytest.mark.parametrize("sched, policy", [("raster@64", "raster"), ("confident@64", "confident_first")])
+def test_a_schedule_of_one_token_per_forward_is_the_token_by_token_policy(tiny, sched, policy):
+    """raster@64 is the raster row's decode, bit for bit; confident@64 chooses each next block by
+    mean entropy at the block boundary as the env's confident_first does: the same samples."""
+    bb, _, labels = tiny
+    env = EnvConfig(sampling=SamplingConfig(cfg_scale=2.0, noise="position"))
+    a = generate_samples(lambda core: make_policy(sched, core), bb, labels[:6], env, batch_size=3, seed=5)
+    b = generate_samples(lambda core: make_policy(policy, core), bb, labels[:6], env, batch_size=3, seed=5)
+    assert a.path == "parallel" and torch.equal(a.tokens, b.tokens) and torch.equal(a.blocks, b.blocks)
+    assert a.forwards.tolist() == [64.0] * 6

@@ -33,18 +33,22 @@ def test_one_token_per_decision_is_todays_sampler_bit_for_bit(sc):
 
 
 @pytest.mark.parametrize("rule", ["order", "confident", "spread_confident"])
-@pytest.mark.parametrize("steps", [4, 16])
+@pytest.mark.parametrize("steps", [4, 16, 32])
 def test_a_decision_is_one_forward_whatever_its_size(rule, steps):
     model = randomized_gpt(seed=2)
     calls = []
     model.layers[0].register_forward_hook(lambda *a: calls.append(1))  # one call per backbone forward
     sizes = step_sizes(64, steps, "cosine")
-    out = generate_parallel(model, torch.tensor([1, 2]), sizes, rule, _orders(2), SamplingConfig(cfg_scale=2.0))
+    out = generate_parallel(model, torch.tensor([1, 2]), sizes, rule, _orders(2), SamplingConfig(cfg_scale=2.0),
+                            geometry=GEOM)
     assert len(calls) == steps == out.forwards
-    # every token sampled exactly once, by the step the schedule says
+    # every token sampled exactly once, by the step the schedule says, whole blocks in raster order
     assert torch.equal(out.order.sort(-1).values, torch.arange(64).expand(2, -1))
     counts = torch.stack([torch.bincount(r, minlength=steps) for r in out.step_of])
     assert torch.equal(counts, torch.tensor(sizes).expand(2, -1))
+    blocks = GEOM.token_block[out.order].view(2, 16, 4)
+    assert bool((blocks == blocks[..., :1]).all())  # the order is blocks, each whole
+    assert torch.equal(out.order, GEOM.token_order(blocks[..., 0]))
 
 
 def test_decode_step_and_append_query_match_explicit_forwards():
@@ -99,16 +103,20 @@ def test_tokens_of_a_decision_follow_the_query_and_are_independent():
     assert float(((obs - n * wrong) ** 2 / (n * wrong)).sum()) > chi2.ppf(0.999, df=4)
 
 
-def test_confident_takes_the_lowest_entropy_tokens_first():
+def test_confident_takes_the_blocks_of_lowest_mean_entropy_first():
     model = randomized_gpt(seed=6)
     cond = torch.tensor([1, 7])
-    out = generate_parallel(model, cond, step_sizes(64, 8), "confident")
+    out = generate_parallel(model, cond, step_sizes(64, 8), "confident", geometry=GEOM)  # 2 blocks per step
     logits, _ = model.query(model.init_state(cond), torch.arange(64).expand(2, -1))
     logp = torch.log_softmax(logits, -1)
-    ent = -(logp.exp() * logp).sum(-1)
-    first = ent.argsort(dim=-1, stable=True)[:, :8]
-    for b in range(2):
-        assert set(torch.nonzero(out.step_of[b] == 0).flatten().tolist()) == set(first[b].tolist())
+    ent = GEOM.pool_blocks((-(logp.exp() * logp).sum(-1))[..., None])[..., 0]  # [2, N]
+    first = ent.argsort(dim=-1, stable=True)[:, :2]
+    assert torch.equal(GEOM.token_block[out.order[:, :8]].view(2, 2, 4)[..., 0], first)
+    # S = L: confident_first decoded token by token (a block chosen at each block boundary)
+    spread = generate_parallel(model, cond, step_sizes(64, 4), "spread_confident", geometry=GEOM)
+    for b in range(2):  # the 4 blocks of the first step are pairwise not 8-adjacent on the 4x4 block grid
+        blk = GEOM.token_block[spread.order[b, :16]].view(4, 4)[:, 0]
+        assert not bool((chebyshev_near(blk, 4) & ~torch.eye(4, dtype=torch.bool)).any())
 
 
 def test_spread_pick_avoids_neighbours_and_falls_back_when_it_must():
@@ -147,3 +155,5 @@ def test_bad_orders_and_sizes_are_refused():
         generate_parallel(model, cond, [4] * 16, "order", torch.zeros(1, 64, dtype=torch.long))
     with pytest.raises(ValueError, match="rule"):
         generate_parallel(model, cond, [4] * 16, "zigzag")
+    with pytest.raises(ValueError, match="geometry"):
+        generate_parallel(model, cond, [4] * 16, "confident")

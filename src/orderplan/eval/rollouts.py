@@ -284,11 +284,10 @@ def _decode_parallel(core: OrderPlanningCore, labels: torch.Tensor, policy: Sche
     returns grids [B, L], block orders [B, N] (blocks by the step that sampled their first token, ties
     by raster id), decisions [B] (= S), a nan return and forwards [B] (= S)."""
     sched = policy.schedule
-    g = core.gpt.cfg
-    order = sched.token_orders(core.B, g.grid_h, g.grid_w, policy.generator)
+    order = sched.token_orders(core.B, core.geom, policy.generator)
     out = generate_parallel(core.gpt, labels, step_sizes(core.L, sched.steps, sched.kind), sched.rule,
                             None if order is None else order.to(core.device), core.sc, core.sample_generator,
-                            core.row_key)
+                            core.row_key, core.geom)
     first = torch.full((core.B, core.N), core.L, dtype=torch.long, device=core.device)
     first = first.scatter_reduce(1, core.token_block.expand(core.B, -1), out.step_of, "amin")
     blocks = (first * core.N + torch.arange(core.N, device=core.device)).argsort(-1)

@@ -6,25 +6,30 @@ decision (p(x_j | x_S) for each chosen j, the target-aware query rows). The m to
 independently from those conditionals with LlamaGen's sampler (CFG, temperature, top-k, top-p, and
 either noise of `orderplan.model.sampling`). So an image costs S forwards, whatever the sizes m_s.
 
-A schedule is the sizes m_1..m_S (sum L) and a rule that picks which unseen tokens the next m_s are:
+A schedule is the sizes m_1..m_S (sum L) and a rule for the token order, which is always blocks in
+some order with the tokens of a block in raster order, as the env reveals them (the backbone is
+trained on such orders: a token-level raster or random order is out of its distribution). Step s
+samples the next m_s tokens of that order, so with S = N one block per forward, with S < N several
+blocks, with S > N part of a block. Rules:
 
-* `order`: the next m_s tokens of a given token order [B, L] (raster, random or halton block
-  orders, tokens of a block in raster order, as the env reveals them). Targets are known before the
-  forward, so it queries only them.
-* `confident`: the m_s unseen tokens of lowest predictive entropy H_j(S) (nats, the conditional
-  model's, as the env's confident_first ranks blocks), MaskGIT's rule at token level. The forward
-  queries every unseen token to rank them (the same single forward, wider).
-* `spread_confident`: confident, but spread within the step (LPD's lesson: tokens sampled together
-  should not be neighbours, since each is drawn without seeing the others). Greedily, m_s times:
-  the unseen, not yet chosen token of lowest entropy among those at Chebyshev distance >= 2 (not
-  8-adjacent) from every token already chosen in this step; when no such token is left, the
-  lowest-entropy remaining one.
+* `order`: a block order fixed in advance (raster, random, halton), given as its token order [B, L].
+  Targets are known before the forward, so it queries only them.
+* `confident`: whenever the step needs tokens of blocks not yet chosen, it chooses the blocks of
+  lowest mean predictive entropy H_j(S) over their tokens (nats, the conditional model's, as the env's
+  confident_first), most confident first. Such a step's forward queries every unseen token to rank
+  the blocks (the same single forward, wider: the last sampled token stays pending and carries each
+  unseen target, as the env's query does); a step inside already chosen blocks queries only them.
+  With S = L this is the env's confident_first, sample for sample (tests/eval/test_eval_run.py).
+* `spread_confident`: confident, but the blocks chosen together are spread (LPD's lesson: tokens
+  sampled together should not be neighbours, since each is drawn without seeing the others).
+  Greedily, one block at a time: the unchosen block of lowest mean entropy among those at
+  Chebyshev distance >= 2 on the block grid (not 8-adjacent) from every block chosen in this step;
+  when no such block is left, the lowest-entropy remaining one.
 
-Within a decision the chosen tokens enter the cache in ascending raster position (rule `order`:
-in the order's order). With m_s = 1 for every step and rule `order`, this is `generate` bit for bit
-(`decode_step` with one target is `advance`).
+With m_s = 1 for every step and rule `order`, this is `generate` bit for bit (`decode_step` with one
+target is `advance`).
 
-Shapes: B images, L tokens, V codes, S steps, m_s tokens at step s."""
+Shapes: B images, L tokens, N blocks of T tokens, V codes, S steps, m_s tokens at step s."""
 
 from __future__ import annotations
 
@@ -65,15 +70,16 @@ def step_sizes(L: int, steps: int, kind: str = "equal") -> list[int]:
     return [a - b for a, b in zip(hidden, hidden[1:])]
 
 
-def chebyshev_near(positions: torch.Tensor, grid_w: int) -> torch.Tensor:
-    """[..., P, P] bool: positions (raster ids [..., P]) at Chebyshev distance <= 1 (8-adjacent or equal)."""
-    r, c = positions // grid_w, positions % grid_w
+def chebyshev_near(cells: torch.Tensor, grid_w: int) -> torch.Tensor:
+    """[..., P, P] bool: grid cells (row-major ids [..., P] on a grid grid_w wide) at Chebyshev
+    distance <= 1 (8-adjacent or equal)."""
+    r, c = cells // grid_w, cells % grid_w
     return ((r[..., :, None] - r[..., None, :]).abs() <= 1) & ((c[..., :, None] - c[..., None, :]).abs() <= 1)
 
 
 def spread_pick(entropy: torch.Tensor, candidates: torch.Tensor, m: int, grid_w: int) -> torch.Tensor:
-    """The `spread_confident` choice (module doc): indices [B, m] into candidates [B, U] (raster
-    positions) given their entropies [B, U]. Ties go to the lower index (candidates ascend)."""
+    """The `spread_confident` choice (module doc): indices [B, m] into candidates [B, U] (cell ids on
+    a grid grid_w wide) given their entropies [B, U] (inf: not available). Ties go to the lower index."""
     B, U = entropy.shape
     near = chebyshev_near(candidates, grid_w)  # [B, U, U]
     taken = torch.zeros(B, U, dtype=torch.bool, device=entropy.device)
@@ -92,6 +98,15 @@ def spread_pick(entropy: torch.Tensor, candidates: torch.Tensor, m: int, grid_w:
     return torch.stack(picks, 1)
 
 
+def choose_blocks(rule: str, block_entropy: torch.Tensor, n: int, blocks_w: int) -> torch.Tensor:
+    """The next n blocks [B, n] of rule confident / spread_confident, in choice order, from the mean
+    entropies block_entropy [B, N] (inf on blocks already chosen)."""
+    if rule == "confident":
+        return block_entropy.argsort(dim=-1, stable=True)[:, :n]
+    ids = torch.arange(block_entropy.shape[1], device=block_entropy.device).expand_as(block_entropy)
+    return spread_pick(block_entropy, ids, n, blocks_w)
+
+
 @dataclass
 class ParallelSamples:
     """What `generate_parallel` returns."""
@@ -106,13 +121,14 @@ class ParallelSamples:
 def generate_parallel(model: GPT, cond: torch.Tensor, sizes: Sequence[int], rule: str = "order",
                       order: torch.Tensor | None = None, sc: SamplingConfig | None = None,
                       generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
-                      grid_w: int | None = None) -> ParallelSamples:
+                      geometry: BlockGeometry | None = None) -> ParallelSamples:
     """Sample images [B, L] of classes cond [B] in len(sizes) forwards; see the module doc.
 
-    sizes: tokens per decision (`step_sizes`), summing to L. rule `order` needs `order` [B, L] (raster
-    positions, each row a permutation; checked once here). sc, generator, keys: as in
-    `orderplan.model.sampling.generate` (sc.noise = position draws each token's noise from its row key
-    and raster position, so a token's draw does not depend on which step sampled it)."""
+    sizes: tokens per decision (`step_sizes`), summing to L. Rule `order` needs `order` [B, L] (raster
+    positions, each row a permutation; checked once here); the confidence rules need the block
+    `geometry`. sc, generator, keys: as in `orderplan.model.sampling.generate` (sc.noise = position
+    draws each token's noise from its row key and raster position, so a token's draw does not depend
+    on which step sampled it)."""
     sc = SamplingConfig() if sc is None else sc
     L = model.cfg.num_tokens
     B, dev = cond.shape[0], cond.device
@@ -126,8 +142,15 @@ def generate_parallel(model: GPT, cond: torch.Tensor, sizes: Sequence[int], rule
             raise ValueError(f"rule 'order' needs a token order [B={B}, L={L}]")
         if not bool((order.sort(-1).values == torch.arange(L, device=order.device)).all()):
             raise ValueError("every row of order must be a permutation of the L raster positions")
-        order = order.to(dev)
-    grid_w = grid_w or model.cfg.grid_w
+        plan = order.to(dev)
+        planned = L
+    else:
+        if geometry is None or geometry.num_tokens != L:
+            raise ValueError(f"rule {rule!r} chooses blocks: it needs the block geometry of the {L}-token grid")
+        plan = torch.zeros(B, L, dtype=torch.long, device=dev)
+        planned = 0
+        block_tokens = geometry.block_tokens.to(dev)  # [N, T]
+        chosen = torch.zeros(B, geometry.num_blocks, dtype=torch.bool, device=dev)
     cond2 = _with_null(model, cond, sc)
     rep = cond2.shape[0] // B
     state = model.init_state(cond2)
@@ -135,55 +158,69 @@ def generate_parallel(model: GPT, cond: torch.Tensor, sizes: Sequence[int], rule
     out = torch.zeros(B, L, dtype=torch.long, device=dev)
     seen = torch.zeros(B, L, dtype=torch.bool, device=dev)
     step_of = torch.full((B, L), -1, dtype=torch.long, device=dev)
-    entered = []
     rest_tok = rest_pos = None
     done = 0
     for s, m in enumerate(sizes):
-        if rule == "order":
-            targets = order[:, done:done + m]
-        else:  # every unseen token, ascending (rows move in lockstep: the same count per row)
+        choose = planned < done + m  # this step needs blocks not chosen yet: rank them all
+        if choose:  # every unseen token, ascending (rows move in lockstep: the same count per row)
             key = torch.where(seen, L, torch.arange(L, device=dev))
             targets = key.sort(-1).values[:, :L - done]
-        rep_t = targets.repeat(rep, 1)
-        logits, _ = model.decode_step(state, rep_t, rest_tok, rest_pos, validate=False)
+            # the next token is not known yet, so the tail's last token cannot be committed (its target-aware
+            # embedding names the next position): it stays pending and queries every unseen token, while
+            # the rest of the tail is committed in the same forward
+            if rest_tok is None or rest_tok.shape[1] == 0:
+                logits, _ = model.query(state, targets.repeat(rep, 1), validate=False)
+            else:
+                _, _, logits, _ = model.append_query(state, rest_tok, rest_pos, targets.repeat(rep, 1), validate=False)
+        else:
+            targets = plan[:, done:done + m]
+            logits, _ = model.decode_step(state, targets.repeat(rep, 1), rest_tok, rest_pos, validate=False)
         cond_logits = logits[:B]
         logits = guided(logits, sc.cfg_scale) if rep == 2 else logits  # [B, Q, V]
-        if rule != "order":
+        if choose:
             logp = torch.log_softmax(cond_logits.float(), -1)
-            ent = -(logp.exp() * logp).sum(-1)  # [B, U] nats
-            if rule == "confident":
-                pick = ent.argsort(dim=-1, stable=True)[:, :m]
-            else:
-                pick = spread_pick(ent, targets, m, grid_w)
-            pick = pick.gather(1, targets.gather(1, pick).argsort(-1))  # cache order: ascending raster
-            targets = targets.gather(1, pick)
-            logits = logits.gather(1, pick[..., None].expand(-1, -1, logits.shape[-1]))
+            ent = torch.zeros(B, L + 1, device=dev).scatter(1, targets, -(logp.exp() * logp).sum(-1))[:, :L]
+            block_ent = geometry.pool_blocks(ent[..., None])[..., 0].masked_fill(chosen, float("inf"))
+            n_new = -(-(done + m - planned) // geometry.tokens_per_block)
+            new = choose_blocks(rule, block_ent, n_new, geometry.blocks_w)  # [B, n_new]
+            chosen[rows[:, None], new] = True
+            plan[:, planned:planned + n_new * geometry.tokens_per_block] = block_tokens[new].flatten(1)
+            planned += n_new * geometry.tokens_per_block
+            # the logits of this step's targets: rank of each target among the ascending unseen positions
+            want = plan[:, done:done + m]
+            idx = torch.searchsorted(targets.contiguous(), want.contiguous())
+            logits = logits.gather(1, idx[..., None].expand(-1, -1, logits.shape[-1]))
+            targets = want
         Q = targets.shape[1]
         flat_keys = None if keys is None else keys[:, None].expand(B, Q).reshape(-1)
         tok = sample_logits(logits.reshape(B * Q, -1), sc, generator, flat_keys, targets.reshape(-1)).view(B, Q)
         out[rows[:, None], targets] = tok
         seen[rows[:, None], targets] = True
         step_of[rows[:, None], targets] = s
-        entered.append(targets)
         done += m
-        if done < L:  # the last decision's tokens never need the cache
+        if done == L:  # the last decision's tokens never need the cache
+            break
+        # the tail (sampled, not yet committed) is the pending token and rest_tok; the next forward commits it
+        if choose:  # the pending token stayed: this step's tokens all follow it
+            rest_tok, rest_pos = tok.repeat(rep, 1), targets.repeat(rep, 1)
+        else:
             model.feed(state, tok[:, 0].repeat(rep), targets[:, 0].repeat(rep), validate=False)
             rest_tok, rest_pos = tok[:, 1:].repeat(rep, 1), targets[:, 1:].repeat(rep, 1)
-    return ParallelSamples(out, torch.cat(entered, 1), step_of, len(sizes))
+    return ParallelSamples(out, plan, step_of, len(sizes))
 
 
 # -- named schedules (the baselines of the FID-against-steps table) ---------------------------------
 
-SCHEDULE_ORDERS = ("raster", "random", "halton")  # token-level orders of rule `order`
+SCHEDULE_ORDERS = ("raster", "random", "halton")  # block orders of rule `order`
 SCHEDULE_NAMES = (*SCHEDULE_ORDERS, "confident", "spread_confident")
 
 
 @dataclass(frozen=True)
 class ParallelSchedule:
     """A fixed parallel-decoding schedule, named `<name>@<S>` (equal sizes) or `<name>@<S>c` (cosine):
-    S forwards per image. name: raster | random | halton (token-level orders: row-major, a uniform
-    permutation per image, the 2D Halton order of `orderplan.model.orders` on the token grid) |
-    confident | spread_confident (the rules of the module doc)."""
+    S forwards per image. name: raster | random | halton (block orders of `orderplan.model.orders`:
+    row-major, a uniform permutation per image, the 2D Halton order) | confident | spread_confident
+    (the rules of the module doc)."""
 
     name: str
     steps: int
@@ -211,9 +248,9 @@ class ParallelSchedule:
                              f"steps >= 1 (c: cosine sizes), e.g. raster@16 or confident@8c")
         return cls(name, int(digits), kind)
 
-    def token_orders(self, batch: int, grid_h: int, grid_w: int, generator: torch.Generator | None) -> torch.Tensor | None:
-        """[batch, L] token orders of rule `order` (None for the confidence rules)."""
+    def token_orders(self, batch: int, geometry: BlockGeometry, generator: torch.Generator | None) -> torch.Tensor | None:
+        """[batch, L] token orders of rule `order`: the named block order, tokens of a block in
+        raster order (None for the confidence rules, which choose blocks as they decode)."""
         if self.rule != "order":
             return None
-        geom = BlockGeometry(grid_h, grid_w, 1)
-        return block_order(self.name, geom, batch=batch, generator=generator)
+        return geometry.token_order(block_order(self.name, geometry, batch=batch, generator=generator))
