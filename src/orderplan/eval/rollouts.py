@@ -221,19 +221,13 @@ def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tens
         core.seed(batch_seed)
         policy.reseed(batch_seed + POLICY_SEED_OFFSET)
         policy.set_real_rows(real)  # the padding rows of a last, partial batch are never read
-        if isinstance(policy, ScheduledDecoder):
+        scheduled = isinstance(policy, ScheduledDecoder)
+        orders = policy.planned_orders(idx.to(core.device)) if fast and not rewards and not scheduled else None
+        if scheduled:
             path = "parallel"
             x, order, count, total, passes = _decode_parallel(core, labels[idx].to(core.device), policy)
             _snapshots_from_orders(core, x, order, idx, real, thresholds, snaps, snap_masks)
-            images.append(_decode(core, x)[:real].cpu())
-            tokens.append(x[:real].cpu())
-            blocks.append(order[:real].cpu())
-            decisions.append(count[:real])
-            ent.append(total[:real])
-            forwards.append(passes[:real])
-            continue
-        orders = policy.planned_orders(idx.to(core.device)) if fast and not rewards else None
-        if orders is not None:
+        elif orders is not None:
             path = "decode"
             x, order, count, total = _decode_planned(core, labels[idx].to(core.device), orders.to(core.device))
             _snapshots_from_orders(core, x, order, idx, real, thresholds, snaps, snap_masks)
