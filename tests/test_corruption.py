@@ -37,6 +37,7 @@ import pytest
 
 from orderplan.infra.paths import PACKAGE_ROOT
 from tests.support.corrupt import flip_payload_byte, still_parses
+from tests.support.volatile import strip_volatile
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_DEFAULT = (PACKAGE_ROOT / "artifacts/tiny_mnist/gpt.safetensors").exists()
@@ -170,14 +171,8 @@ def test_a_damaged_run_summary_is_refused(world, tmp_path):
     assert f"{bc / 'summary.json'}: sha256" in out and REFUSED in out
 
 
-def _numbers(path: Path, drop: tuple[str, ...] = ("seconds", "wall_time_s", "wall_s", "run_dir", "created")) -> object:
-    def strip(o):
-        if isinstance(o, dict):
-            return {k: strip(v) for k, v in o.items() if k not in drop}
-        if isinstance(o, list):
-            return [strip(v) for v in o]
-        return o
-    return strip(json.loads(path.read_text()))
+def _numbers(path: Path) -> object:
+    return strip_volatile(json.loads(path.read_text()))
 
 
 def test_a_damaged_evaluate_cache_is_recomputed_to_the_same_results(world, tmp_path):

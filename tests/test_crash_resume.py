@@ -47,6 +47,7 @@ import pytest
 import torch
 from orderplan.infra.integrity import verify_file
 from orderplan.infra.paths import PACKAGE_ROOT
+from tests.support.volatile import is_volatile
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_IN_WRITE = REPO / "tests" / "support" / "kill_in_write.py"
@@ -55,10 +56,6 @@ TEMP_NAME = re.compile(r"^\.(.+)\.\d+\.[0-9a-f]{8}\.tmp$")  # orderplan.infra.ch
 LAUNCH_TIMEOUT_S = 900
 HAVE_DEFAULT = (PACKAGE_ROOT / "artifacts/tiny_mnist/gpt.safetensors").exists()
 
-# numbers that describe the process rather than its result: wall-clock times, the resume itself
-VOLATILE_KEYS = {"wall_time_s", "seconds", "build_time_s", "images_per_s", "resumed_from",
-                 "images_built_this_run", "images_skipped_this_run", "states_built_this_run"}
-VOLATILE_PREFIXES = ("time/",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,7 +323,7 @@ def _leaves(obj: Any, path: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     if isinstance(obj, dict):
         for k, v in obj.items():
-            if k in VOLATILE_KEYS or str(k).startswith(VOLATILE_PREFIXES):
+            if is_volatile(k):
                 continue
             out.update(_leaves(v, f"{path}/{k}"))
     elif isinstance(obj, (list, tuple)):

@@ -16,6 +16,7 @@ import torch
 from orderplan.eval.sharding import batch_range, figure_indices
 from tests.support.dist_eval import evaluate_rank
 from tests.support.dist_launch import launch
+from tests.support.volatile import strip_volatile
 
 
 def test_batch_ranges_tile_the_set_in_whole_batches():
@@ -37,9 +38,7 @@ def test_figure_indices_hold_the_first_rows_and_each_class_s_first_samples():
 
 def _numbers(res: dict) -> dict:
     """results.json without wall-clock times."""
-    out = {k: v for k, v in res.items() if k != "seconds"}
-    out["policies"] = {n: {k: v for k, v in r.items() if k != "seconds"} for n, r in res["policies"].items()}
-    return out
+    return strip_volatile(res)
 
 
 def _files(written: list[str]) -> set[str]:
