@@ -1,6 +1,6 @@
 """The order comparison: BC and PPO over seeds, with and without belief features, next to raster,
 random, the heuristic orders, the model's own beliefs (confident_first, uncertain_first,
-expected_oracle) and the oracle, all on the same held-out images.
+spread_confident, confident_sampled, expected_oracle) and the oracle, all on the same held-out images.
 
     python scripts/compare_orders.py                     # embedded tiny default, CPU (about 2 hours on 2 cores)
     python scripts/compare_orders.py seeds=[0] router_seeds=[] R_values=[]    # one seed, no router, no ablation

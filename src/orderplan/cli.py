@@ -16,6 +16,7 @@
 | train_backbone   | train_backbone.yaml     | orderplan.train.backbone.train_backbone        |
 | train_vq         | train_vq.yaml           | orderplan.train.vq.train_vq                    |
 | train_classifier | train_classifier.yaml   | orderplan.eval.classifier_training.train_classifier |
+| train_autoencoder | train_autoencoder.yaml | orderplan.eval.autoencoder.train_autoencoder   |
 
 `--config-name` picks another preset of the same job (e.g. `evaluate --config-name
 evaluate_generation`), exactly as with `@hydra.main`."""
@@ -41,6 +42,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "train_backbone": ("train_backbone", "orderplan.train.backbone:train_backbone"),
     "train_vq": ("train_vq", "orderplan.train.vq:train_vq"),
     "train_classifier": ("train_classifier", "orderplan.eval.classifier_training:train_classifier"),
+    "train_autoencoder": ("train_autoencoder", "orderplan.eval.autoencoder:train_autoencoder"),
 }
 
 
@@ -91,6 +93,7 @@ extract_codes = _entry("extract_codes")
 train_backbone = _entry("train_backbone")
 train_vq = _entry("train_vq")
 train_classifier = _entry("train_classifier")
+train_autoencoder = _entry("train_autoencoder")
 
 
 def dispatch(argv: list[str] | None = None) -> None:

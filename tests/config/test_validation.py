@@ -66,6 +66,7 @@ def test_check_path_exists(tmp_path):
 
 
 def _schemas():
+    from orderplan.eval.autoencoder import AutoencoderRun, check_autoencoder_run
     from orderplan.eval.classifier_training import ClassifierRun, check_classifier_run
     from orderplan.eval.power import PowerRun, check_power_run
     from orderplan.eval.evaluate import EvaluateRun, check_evaluate_run
@@ -84,7 +85,7 @@ def _schemas():
         "build_oracle": (BuildOracleRun, check_build_oracle_run),
         "compare_orders": (CompareRun, check_compare_run),
         "evaluate": (EvaluateRun, check_evaluate_run), "evaluate_generation": (EvaluateRun, check_evaluate_run),
-        "evaluate_steps": (EvaluateRun, check_evaluate_run),
+        "evaluate_steps": (EvaluateRun, check_evaluate_run), "evaluate_spaces": (EvaluateRun, check_evaluate_run),
         "extract_codes": (ExtractCodesConfig, check_extract_codes),
         "make_env": (EnvRun, check_env_run),
         "power": (PowerRun, check_power_run),
@@ -92,6 +93,7 @@ def _schemas():
         "ppo_parallel": (PPORun, check_ppo_run),
         "train_backbone": (TrainBackboneRun, check_train_backbone_run),
         "train_classifier": (ClassifierRun, lambda run, check_paths: check_classifier_run(run)),
+        "train_autoencoder": (AutoencoderRun, lambda run, check_paths: check_autoencoder_run(run)),
         "train_vq": (TrainVQConfig, lambda run, check_paths: check_train_vq(run)),
     }
 
@@ -144,6 +146,7 @@ BAD = [  # (config, override, the key its error must name, a piece of the allowe
     ("train_backbone", "train.log_every=0", "train.log_every", ">= 1"),
     ("train_vq", "train.lr=-1", "train.lr", "> 0"),
     ("train_classifier", "epochs=0", "epochs", ">= 1"),
+    ("train_autoencoder", "max_shift=-1", "max_shift", ">= 0"),
     ("extract_codes", "batch_size=0", "batch_size", ">= 1"),
     ("make_env", "batch_size=-2", "batch_size", ">= 1"),
 ]
@@ -177,6 +180,7 @@ def test_missing_paths_name_the_key(tmp_path):
 
 
 def _runners():
+    from orderplan.eval.autoencoder import AutoencoderRun, train_autoencoder
     from orderplan.eval.classifier_training import ClassifierRun, train_classifier
     from orderplan.eval.power import PowerRun, run_power
     from orderplan.eval.evaluate import EvaluateRun, run_evaluation
@@ -196,6 +200,7 @@ def _runners():
             "train_backbone": (TrainBackboneRun, train_backbone, "run_dir"),
             "train_vq": (TrainVQConfig, train_vq, "run_dir"),
             "train_classifier": (ClassifierRun, train_classifier, "run_dir"),
+            "train_autoencoder": (AutoencoderRun, train_autoencoder, "run_dir"),
             "extract_codes": (ExtractCodesConfig, extract_codes, "out_dir")}
 
 
@@ -212,6 +217,7 @@ REFUSED = [
     ("train_backbone", ["train.lr=0"], "train.lr"),
     ("train_vq", ["train.batch_size=0"], "train.batch_size"),
     ("train_classifier", ["batch_size=-1"], "batch_size"),
+    ("train_autoencoder", ["epochs=0"], "epochs"),
     ("extract_codes", ["num_workers=-1"], "num_workers"),
 ]
 

@@ -216,6 +216,20 @@ def test_tiny_evaluation_writes_results(tmp_path):
     assert res["policies"]["confident_first"]["num_samples"] == 6
     assert res["policies"]["confident_first"]["dfid_vs_raster_n"] == 6 and res["policies"]["random"]["dfid_vs_raster_n"] == 12
     assert res["verdict"] is None  # no learned planner in the list
+    # every feature space: the primary's entry is the row's own numbers, and a policy's paired dFID
+    # with itself is exactly 0 in every space
+    fsp = res["feature_spaces"]
+    assert fsp["names"] == ["classifier", "autoencoder", "pixel_pca", "random_relu"] and fsp["held_out"] == "autoencoder"
+    for name, row in res["policies"].items():
+        assert row["spaces"]["classifier"]["fid"] == row["fid"] and row["spaces"]["classifier"]["recall"] == row["recall"]
+        assert row["spaces"]["classifier"]["dfid_vs_random_ci"] == row["dfid_vs_random_ci"]
+        for s in fsp["names"]:
+            assert math.isfinite(row["spaces"][s]["fid"]) and len(row["spaces"][s]["fid_seeds"]) == 2, (name, s)
+    for s in fsp["names"]:
+        assert res["policies"]["raster"]["spaces"][s]["dfid_vs_raster"] == 0.0
+        assert res["policies"]["raster"]["spaces"][s]["dfid_vs_raster_ci"] == [0.0, 0.0]
+    # the extra spaces differ from the primary: the FDs are not the classifier's
+    assert res["policies"]["random"]["spaces"]["pixel_pca"]["fid"] != res["policies"]["random"]["fid"]
     # real vs real: the train-split reference against the 500 held-out images
     from orderplan.eval.feature_net import make_feature_extractor
     from orderplan.eval.fid import extract_features, frechet_distance
@@ -233,8 +247,18 @@ def test_tiny_evaluation_writes_results(tmp_path):
     ref = extract_features(ext, images_to_model(load_embedded_mnist("train")[0])).double()
     row = res["policies"]["random"]
     for s in range(2):
-        assert row["fid_seeds"][s] == pytest.approx(frechet_from_features(ref, gen[6 * s:6 * (s + 1)]), rel=1e-6)
+        assert row["fid_seeds"][s] == pytest.approx(frechet_from_features(ref, gen[6 * s:6 * (s + 1), :64]), rel=1e-6)
     assert not torch.equal(gen[:6], gen[6:]) and row["fid_seeds"][0] != row["fid_seeds"][1]
+    # the stored features hold every space side by side; pixel PCA's FD is recomputed from a PCA
+    # fitted here on the train split, independently of the run
+    from orderplan.eval.feature_spaces import PixelPCA
+
+    assert gen.shape[1] == sum(fsp["widths"]) and fsp["widths"] == [64, 32, 32, 64]
+    train_images = images_to_model(load_embedded_mnist("train")[0])
+    pca = PixelPCA(32).fit(train_images)
+    at = sum(fsp["widths"][:2])
+    assert row["spaces"]["pixel_pca"]["fid"] == pytest.approx(
+        frechet_from_features(pca(train_images).double(), gen[:, at:at + 32]), rel=1e-6)
     # agreement is measured, not assumed: the oracle policy picks the oracle's argmax at every state
     # it visits; raster does not
     assert res["policies"]["oracle"]["oracle_agreement"] == 1.0
@@ -244,6 +268,7 @@ def test_tiny_evaluation_writes_results(tmp_path):
     assert res["policies"]["oracle"]["return"] > res["policies"]["raster"]["return"]
     md = (tmp_path / "results.md").read_text()
     assert "N = 12" in md and "| oracle |" in md and "dFID vs raster" in md
+    assert "Fréchet distance in every feature space" in md and "autoencoder (held out)" in md
     for png in ("samples_raster", "progressive_oracle", "order_heatmaps", "remaining_loss", "samples_side_by_side",
                 "fid_vs_n", "reveal_time_heatmaps"):
         assert (tmp_path / f"{png}.png").stat().st_size > 1000
@@ -262,7 +287,10 @@ def test_tiny_evaluation_writes_results(tmp_path):
     for name in ("raster", "oracle"):
         assert gen_only["policies"][name]["fid"] == res["policies"][name]["fid"] and "return" not in gen_only["policies"][name]
     def own(row: dict) -> dict:  # a policy's own numbers (its dFIDs depend on the other policies)
-        return {k: v for k, v in row.items() if not k.startswith(("dfid_vs_", "logprob_vs_"))}
+        paired = ("dfid_vs_", "logprob_vs_")
+        out = {k: v for k, v in row.items() if not k.startswith(paired)}
+        out["spaces"] = {s: {k: v for k, v in r.items() if not k.startswith(paired)} for s, r in row["spaces"].items()}
+        return out
 
     assert more["policies"]["random"]["num_samples"] == 8 and own(more["policies"]["raster"]) == own(res["policies"]["raster"])
     assert more["policies"]["raster"]["dfid_vs_random_n"] == 8

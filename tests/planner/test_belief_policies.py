@@ -1,9 +1,13 @@
-"""The ground-truth-free policies (confident_first, uncertain_first, expected_oracle) pick what a naive
+"""The ground-truth-free policies (confident_first, uncertain_first, spread_confident, confident_sampled,
+expected_oracle) pick what a naive
 computation says they should, never read the ground truth of unrevealed blocks, count their
 backbone forwards, and run through the registry, the TorchRL env and generation mode."""
 
+import math
+
 import pytest
 import torch
+from scipy.stats import chi2
 
 from orderplan.planner.orderhead import OrderHead, orderhead_config_for
 from orderplan.planner.policies import BELIEF_POLICIES, RandomPolicy, make_policy, run_episodes
@@ -171,3 +175,163 @@ def test_orderhead_reads_belief_features():
     assert make_policy("orderhead", core, model=plain).act(obs).shape == (2,)
     with pytest.raises(ValueError, match="without belief features"):
         plain.plan(obs["hidden"], obs["block_mask"], entropy=obs["entropy"], query_hidden=obs["query_hidden"])
+
+
+# -- spread_confident -----------------------------------------------------------------------------
+
+
+def naive_farthest(core, b: int) -> set[int]:
+    """The unrevealed blocks of row b at maximal distance (block centres, block-grid units) from the
+    nearest revealed block, by python loops over the blocks' (row, col); every unrevealed block when
+    nothing is revealed."""
+    bw = core.geom.blocks_w
+    rc = [(n // bw, n % bw) for n in range(core.N)]  # row-major block ids
+    revealed = [n for n in range(core.N) if core.revealed[b, n]]
+    d = {}
+    for j in range(core.N):
+        if core.revealed[b, j]:
+            continue
+        d[j] = min((math.hypot(rc[j][0] - rc[r][0], rc[j][1] - rc[r][1]) for r in revealed), default=math.inf)
+    top = max(d.values())
+    return {j for j, v in d.items() if v >= top - 1e-6}
+
+
+def test_spread_confident_starts_as_confident_first():
+    core = toy_core(3)
+    core.reset(None, IMAGES)
+    obs = core.observation()
+    assert torch.equal(make_policy("spread_confident", core).act(obs), make_policy("confident_first", core).act(obs))
+
+
+def test_spread_confident_picks_the_most_confident_of_the_farthest_blocks():
+    """Every decision of a full episode: the chosen block is at maximal distance from the revealed set
+    and has the lowest entropy among those blocks; the episode reveals every block once."""
+    core = toy_core(2)
+    core.reset(None, IMAGES[:2])
+    policy = make_policy("spread_confident", core)
+    conf = make_policy("confident_first", core)
+    differs = 0
+    for step in range(core.N):
+        obs = core.observation()
+        action = policy.act(obs)
+        ent = core.block_entropy()
+        for b in range(2):
+            far = naive_farthest(core, b)
+            a = int(action[b])
+            assert a in far, (step, b, a, far)
+            assert float(ent[b, a]) <= min(float(ent[b, j]) for j in far) + 1e-6
+            if len(far) > 1:  # several candidates: the most confident, ties to the lowest id
+                best = min(far, key=lambda j: (float(ent[b, j]), j))
+                assert a == best
+        differs += int((action != conf.act(obs)).sum())
+        core.step(action)
+    assert differs > 0  # the distance rule changed some choice: confident_first would fail this test
+    assert bool(core.done.all())
+    for b in range(2):
+        assert sorted(core.history[b].tolist()) == list(range(core.N))
+    assert policy.forwards_per_decision() == 1.0
+
+
+def test_spread_confident_router_first_block_follows_the_rule():
+    core = toy_core(2, budget=[1, 2, 4])
+    core.reset(None, IMAGES[:2])
+    walk = RandomPolicy(seed=1, budgets=core.cfg.budget)
+    for _ in range(2):
+        core.step(walk.act(core.observation()))
+    policy = make_policy("spread_confident", core, budget=2)
+    action = policy.act(core.observation())
+    assert action.shape == (2, 5) and bool((action[:, 0] == 1).all())  # budget index of 2
+    for b in range(2):
+        assert int(action[b, 1]) in naive_farthest(core, b)
+        blocks = action[b, 1:].tolist()
+        assert len(set(blocks)) == 4 and not bool(core.revealed[b, blocks].any())
+
+
+# -- confident_sampled ----------------------------------------------------------------------------
+
+
+def test_confident_sampled_log_probs_are_the_softmax_of_negative_entropy():
+    core = toy_core(2)
+    core.reset(None, IMAGES[:2])
+    _walk(core, 5)
+    tau = 0.05
+    policy = make_policy("confident_sampled", core, tau=tau)
+    lp = policy.log_probs(core.observation())
+    ent = core.block_entropy()
+    assert bool(lp[core.revealed].isneginf().all()) and bool(lp[~core.revealed].isfinite().all())
+    torch.testing.assert_close(lp.exp().sum(-1), torch.ones(2))
+    for b in range(2):  # naive softmax over the unrevealed blocks
+        free = [j for j in range(core.N) if not core.revealed[b, j]]
+        z = sum(math.exp(-float(ent[b, j]) / tau) for j in free)
+        for j in free:
+            assert abs(float(lp[b, j]) - (-float(ent[b, j]) / tau - math.log(z))) < 1e-4
+    # a finished row: -inf everywhere, no nan
+    run_episodes(policy, core, IMAGES[:2])
+    done = policy.log_probs(core.observation())
+    assert bool(done.isneginf().all())
+
+
+def test_confident_sampled_at_tiny_tau_is_confident_first():
+    core = toy_core(3)
+    core.reset(None, IMAGES)
+    _walk(core, 4)
+    ent = core.block_entropy()
+    free = ent[~ent.isnan()].view(3, -1).sort(-1).values
+    assert float((free[:, 1] - free[:, 0]).min()) > 1e-3  # a clear best block in every row
+    obs = core.observation()
+    conf = make_policy("confident_first", core).act(obs)
+    sampled = make_policy("confident_sampled", core, tau=1e-5)
+    for _ in range(20):
+        assert torch.equal(sampled.act(obs), conf)
+
+
+def test_confident_sampled_draws_from_its_log_probs():
+    """Chi-square test of 4000 draws on one state against exp(log_probs): accepted at level 1e-3
+    (the test is seeded, so it is deterministic), while the uniform law is rejected."""
+    core = toy_core(1)
+    core.reset(None, IMAGES[:1])
+    _walk(core, 3)
+    ent = core.block_entropy()[0]
+    tau = float(ent[~ent.isnan()].std())  # a temperature where the law is neither uniform nor one block
+    policy = make_policy("confident_sampled", core, tau=tau, seed=11)
+    obs = core.observation()
+    p = policy.log_probs(obs)[0].exp()
+    free = ~core.revealed[0]
+    assert float(p.max()) < 0.5 and float(p[free].min()) > 0.01
+    n = 4000
+    counts = torch.zeros(core.N)
+    for _ in range(n):
+        counts[int(policy.act(obs)[0])] += 1
+    assert float(counts[~free].sum()) == 0
+    df = int(free.sum()) - 1
+    crit = float(chi2.ppf(1 - 1e-3, df))
+    stat = float(((counts[free] - n * p[free]) ** 2 / (n * p[free])).sum())
+    assert stat < crit, (stat, crit)
+    uniform = n / int(free.sum())
+    assert float(((counts[free] - uniform) ** 2 / uniform).sum()) > crit  # the test can tell laws apart
+    assert float((counts / n - p).abs().max()) < 0.03
+
+
+def test_confident_sampled_seed_and_reseed():
+    core = toy_core(2)
+    core.reset(None, IMAGES[:2])
+    _walk(core, 2)
+    obs = core.observation()
+
+    def draws(policy, k=8):
+        return torch.stack([policy.act(obs) for _ in range(k)])
+
+    a = make_policy("confident_sampled", core, tau=1.0, seed=3)
+    b = make_policy("confident_sampled", core, tau=1.0, seed=3)
+    first = draws(a)
+    assert torch.equal(first, draws(b))  # same seed, same actions
+    assert not torch.equal(first, draws(a))  # the stream goes on
+    a.reseed(3)
+    assert torch.equal(first, draws(a))  # reseed restarts it
+    assert not torch.equal(first, draws(make_policy("confident_sampled", core, tau=1.0, seed=4)))
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.1, float("nan"), float("inf")])
+def test_confident_sampled_rejects_bad_tau(tau):
+    with pytest.raises(ValueError, match="tau"):
+        make_policy("confident_sampled", toy_core(1), tau=tau)

@@ -22,6 +22,7 @@ SCHEMAS: dict[str, str] = {
     "evaluate": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_generation": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_steps": "orderplan.eval.evaluate:EvaluateRun",
+    "evaluate_spaces": "orderplan.eval.evaluate:EvaluateRun",
     "extract_codes": "orderplan.data.extract:ExtractCodesConfig",
     "make_env": "orderplan.env.factory:EnvRun",
     "power": "orderplan.eval.power:PowerRun",
@@ -30,6 +31,7 @@ SCHEMAS: dict[str, str] = {
     "ppo_parallel": "orderplan.train.ppo_run:PPORun",
     "train_backbone": "orderplan.config.common:TrainBackboneRun",
     "train_classifier": "orderplan.eval.classifier_training:ClassifierRun",
+    "train_autoencoder": "orderplan.eval.autoencoder:AutoencoderRun",
     "train_vq": "orderplan.train.vq:TrainVQConfig",
 }
 # config group -> (the key it fills, its schema): group presets hold overrides of these defaults

@@ -52,6 +52,7 @@ import torch
 from orderplan.eval import plots as eval_plots
 from orderplan.eval.rollouts import balanced_images, order_of, teacher_forced_metrics
 from orderplan.eval.report import oracle_comparison
+from orderplan.eval.feature_spaces import FeatureSpaces, PixelPCA, build_space, check_spaces, default_spaces
 from orderplan.eval.fid import export_npz, extract_features, kernel_distance, load_npz_images, noise_floor
 from orderplan.eval.sample_metrics import (class_logprob, fid_curve, fid_with_interval, frechet_from_features,
                                               mean_interval, paired_fid_delta, precision_recall)
@@ -122,6 +123,16 @@ class FeatureSpec:
     reference_limit: int | None = None  # use at most this many reference images
     batch_size: int = 256
     pr_k: int = 3  # k of the k-NN manifolds behind precision / recall
+    # further feature spaces, each reported with FID, paired dFID, fid_seeds, precision and recall
+    # (src/orderplan/eval/feature_spaces.py): autoencoder | pixel_pca | random_relu; null = every one that
+    # fits the data (the digit autoencoder only with kind=classifier); [] = the primary space only
+    spaces: list[str] | None = None
+    # the space kept out of everything that is tuned (training, rewards, model selection): reported in
+    # the final table only, and named there (null = none)
+    held_out: str | None = "autoencoder"
+    autoencoder_path: str | None = "artifacts/tiny_mnist/autoencoder.safetensors"  # scripts/train_autoencoder.py
+    pca_components: int = 32  # pixel_pca: components fitted on the primary reference set
+    random_seed: int = 0  # random_relu: the seed its weights are drawn from
 
 
 @dataclass
@@ -193,7 +204,8 @@ def resolve_policy(entry: str, run: EvaluateRun, backbone: Backbone) -> PolicySp
     if entry == "random":
         return PolicySpec(entry, lambda core: make_policy("random", core, seed=run.seed), source=f"seed {run.seed}")
     if entry in BELIEF_POLICIES:  # the model's own beliefs: no ground truth, so generation plays them live
-        return PolicySpec(entry, lambda core: make_policy(entry, core), source="model beliefs")
+        kw = {"seed": run.seed} if entry == "confident_sampled" else {}  # the sampled one draws from run.seed
+        return PolicySpec(entry, lambda core: make_policy(entry, core, **kw), source="model beliefs")
     if entry in ORACLES:
         return PolicySpec(entry, lambda core: make_policy(entry, core), ground_truth=True,
                           source=f"argmax {ORACLES[entry]} utility")
@@ -285,6 +297,30 @@ def reference_name(ref: str) -> str:
     return ref if ref in ("train", "heldout") else Path(ref).stem
 
 
+def feature_space_names(fs: FeatureSpec) -> list[str]:
+    """The extra feature spaces of a run (`features.spaces`, null = every one that fits the data)."""
+    return default_spaces(fs.kind) if fs.spaces is None else list(fs.spaces)
+
+
+def build_feature_spaces(run: EvaluateRun, side: int, ctx: DistContext) -> tuple[FeatureSpaces, torch.Tensor | None]:
+    """Every rank's feature extractor: the primary network (features.kind) first, then the extra
+    spaces. pixel_pca is fitted on rank 0 from the primary reference set and broadcast, so every
+    rank extracts in the same space. Returns (the extractor in eval mode on ctx.device, the
+    reference images on rank 0 / None elsewhere)."""
+    from orderplan.eval.feature_net import make_feature_extractor  # torchmetrics' inception import is heavy
+
+    fs = run.features
+    names = feature_space_names(fs)
+    ref_images = reference_images(run, side) if ctx.main else None
+    pca = None
+    if "pixel_pca" in names:
+        pca = broadcast_object(PixelPCA(fs.pca_components).fit(ref_images).state() if ctx.main else None, ctx)
+    spaces = {fs.kind: make_feature_extractor(fs.kind, fs.classifier_path, fs.inception_weights)}
+    for name in names:
+        spaces[name] = build_space(name, autoencoder_path=fs.autoencoder_path, pca_state=pca, seed=fs.random_seed)
+    return FeatureSpaces(spaces).to(ctx.device).eval(), ref_images
+
+
 # -- one policy ----------------------------------------------------------------------------------
 
 
@@ -292,7 +328,7 @@ def reference_name(ref: str) -> str:
 class Generated:
     """What the run keeps of one policy's main sample set (sampler seed sampler_seeds[0])."""
 
-    features: torch.Tensor  # [N, F] float64 classifier / inception features
+    features: torch.Tensor  # [N, F] float64 features of every space side by side (FeatureSpaces.split)
     images: torch.Tensor  # [R, C, H, W] the first plots.column_rows samples
     orders: torch.Tensor  # [N, N_blocks] reveal orders
 
@@ -414,8 +450,9 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
         for s in ev.sampler_seeds[1:]]
     if samples is None:
         return None, None
-    primary, real = next(iter(refs.items()))
-    fake = samples.features
+    primary, real_all = next(iter(refs.items()))
+    real_by, fake_by = extractor.split(real_all), extractor.split(samples.features)
+    real, fake = real_by[extractor.primary], fake_by[extractor.primary]
     fid, lo, hi = fid_with_interval(real, fake, st.bootstrap, st.level, run.seed)
     kid_mean, kid_std, kid_size = kernel_distance(real, fake, st.kid_subsets, st.kid_subset_size, run.seed)
     row: dict = {"num_samples": n, "fid": fid, "fid_ci": [lo, hi], "fid_reference": primary,
@@ -427,12 +464,12 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
                  "forward_passes_per_image": float(samples.forwards.mean()),
                  "samples_per_s": n / max(samples.seconds, 1e-9)}
     for name, other in list(refs.items())[1:]:
-        row[f"fid_{name}"] = frechet_from_features(other, fake)
+        row[f"fid_{name}"] = frechet_from_features(extractor.split(other)[extractor.primary], fake)
     pr = precision_recall(real, fake, fs.pr_k)
     row.update(precision=pr.precision, recall=pr.recall, pr_k=pr.k,
                precision_ci=list(mean_interval(pr.in_real.double(), seed=run.seed)[1:]),
                recall_ci=list(mean_interval(pr.in_fake.double(), seed=run.seed)[1:]))
-    logits = sample_logits(extractor, fake)
+    logits = sample_logits(extractor, samples.features)
     if logits is not None:
         logp = class_logprob(logits, samples.labels)
         mean, lo, hi = mean_interval(logp, seed=run.seed)
@@ -442,11 +479,16 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
         row.update(class_acc=None, class_logprob=None, class_logprob_ci=None)
     row["fid_curve"] = fid_curve(real, fake, [m for m in ev.fid_curve if m <= n] or [n], st.bootstrap, st.level,
                                  run.seed)
-    sets = ([fake[s * n_seed:(s + 1) * n_seed] for s in range(len(ev.sampler_seeds))] if ev.seed_sets == "chunks"
-            else [fake[:n_seed]] + [e.features for e in extra])
-    seeds = [frechet_from_features(real, f) for f in sets]
+    sets_all = ([samples.features[s * n_seed:(s + 1) * n_seed] for s in range(len(ev.sampler_seeds))]
+                if ev.seed_sets == "chunks" else [samples.features[:n_seed]] + [e.features for e in extra])
+    sets_by = [extractor.split(f) for f in sets_all]
+    seeds = [frechet_from_features(real, f[extractor.primary]) for f in sets_by]
     row.update(fid_seeds=seeds, fid_seeds_n=n_seed, fid_seeds_sets=ev.seed_sets, fid_seeds_mean=float(np.mean(seeds)),
                fid_seeds_std=float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None)
+    # the primary space's entry repeats the row's own numbers; the others are computed alike
+    row["spaces"] = {space: ({k: row[k] for k in SPACE_KEYS} if space == extractor.primary else
+                             space_row(real_by[space], fake_by[space], [f[space] for f in sets_by], run))
+                     for space in extractor.names}
     if samples.entropy_return is not None:
         row["entropy_return"] = float(samples.entropy_return.mean())
     eval_plots.sample_grid(run_dir / f"samples_{spec.name}.png", samples.images, samples.labels[samples.shown],
@@ -456,7 +498,22 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
                                      f"{spec.name}: generation in progress")
     if ev.npz:
         export_npz(run_dir / f"samples_{spec.name}.npz", samples.uint8)
-    return row, Generated(fake, samples.image_rows(run.plots.column_rows), samples.blocks)
+    return row, Generated(samples.features, samples.image_rows(run.plots.column_rows), samples.blocks)
+
+
+SPACE_KEYS = ("fid", "fid_ci", "fid_seeds", "precision", "recall", "precision_ci", "recall_ci")
+
+
+def space_row(real: torch.Tensor, fake: torch.Tensor, seed_sets: list[torch.Tensor], run: EvaluateRun) -> dict:
+    """One policy in one feature space: FD with its bootstrap interval, fid_seeds over the same sets
+    as the primary's, precision and recall with intervals. real [M, F], fake [N, F]."""
+    st = run.stats
+    fid, lo, hi = fid_with_interval(real, fake, st.bootstrap, st.level, run.seed)
+    pr = precision_recall(real, fake, run.features.pr_k)
+    seeds = [frechet_from_features(real, f) for f in seed_sets]
+    return {"fid": fid, "fid_ci": [lo, hi], "fid_seeds": seeds, "precision": pr.precision, "recall": pr.recall,
+            "precision_ci": list(mean_interval(pr.in_real.double(), seed=run.seed)[1:]),
+            "recall_ci": list(mean_interval(pr.in_fake.double(), seed=run.seed)[1:])}
 
 
 def sample_logits(extractor, features: torch.Tensor) -> torch.Tensor | None:
@@ -467,26 +524,34 @@ def sample_logits(extractor, features: torch.Tensor) -> torch.Tensor | None:
 
 
 def paired_deltas(generated: dict[str, Generated], baselines: list[str], real: torch.Tensor, stats: StatsSpec,
-                  seed: int, extractor=None, labels: torch.Tensor | None = None) -> dict[str, dict]:
+                  seed: int, extractor: FeatureSpaces, labels: torch.Tensor | None = None) -> dict[str, dict]:
     """Every policy against every baseline present, paired on the first min(N_a, N_b) samples (they
-    share labels and sampler seeds): dFID with the paired bootstrap (the same sample indices in both
-    sets; negative = fewer FID points) and, with a classifier, the mean per-sample difference of
+    share labels and sampler seeds), in every feature space of `extractor` (real: the reference's
+    features of all spaces side by side): dFID with the paired bootstrap (the same sample indices in
+    both sets; negative = fewer FID points) and, with a classifier, the mean per-sample difference of
     log p(conditioning class | sample) (nats; positive = more recognisable). {policy: {dfid_vs_<b>,
-    dfid_vs_<b>_ci, dfid_vs_<b>_n, logprob_vs_<b>, logprob_vs_<b>_ci}}."""
-    out: dict[str, dict] = {name: {} for name in generated}
+    dfid_vs_<b>_ci, dfid_vs_<b>_n, logprob_vs_<b>, logprob_vs_<b>_ci} of the primary space, and
+    spaces: {space: {dfid_vs_<b>, dfid_vs_<b>_ci}}}."""
+    out: dict[str, dict] = {name: {"spaces": {s: {} for s in extractor.names}} for name in generated}
     logp = {}
-    if extractor is not None and labels is not None:
+    if labels is not None:
         for name, g in generated.items():
             logits = sample_logits(extractor, g.features)
             if logits is not None:
                 logp[name] = class_logprob(logits, labels[:len(g.features)])
+    real_by = extractor.split(real)
+    feats = {name: extractor.split(g.features) for name, g in generated.items()}
     for b in baselines:
         if b not in generated:
             continue
-        for name, g in generated.items():
-            n = min(len(g.features), len(generated[b].features))
-            d = paired_fid_delta(real, g.features[:n], generated[b].features[:n], stats.bootstrap, stats.level, seed)
-            out[name].update({f"dfid_vs_{b}": d.delta, f"dfid_vs_{b}_ci": [d.lo, d.hi], f"dfid_vs_{b}_n": n})
+        for name in generated:
+            n = min(len(generated[name].features), len(generated[b].features))
+            for space in extractor.names:
+                d = paired_fid_delta(real_by[space], feats[name][space][:n], feats[b][space][:n], stats.bootstrap,
+                                     stats.level, seed)
+                out[name]["spaces"][space].update({f"dfid_vs_{b}": d.delta, f"dfid_vs_{b}_ci": [d.lo, d.hi]})
+                if space == extractor.primary:
+                    out[name].update({f"dfid_vs_{b}": d.delta, f"dfid_vs_{b}_ci": [d.lo, d.hi], f"dfid_vs_{b}_n": n})
             if name in logp and b in logp:
                 mean, lo, hi = mean_interval(logp[name][:n] - logp[b][:n], level=stats.level, seed=seed)
                 out[name].update({f"logprob_vs_{b}": mean, f"logprob_vs_{b}_ci": [lo, hi]})
@@ -535,12 +600,20 @@ def _check_options(run: EvaluateRun, check_paths: bool = True) -> None:
     check_sampling(ev.sampling, "eval.sampling")
     check_int("eval.R", ev.R, 0, allow_none=True, note=" (null = the checkpoint's)")
     check_choice("features.kind", fs.kind, ("classifier", "inception"))
+    spaces = feature_space_names(fs)
+    check_spaces(spaces, fs.kind)
+    if fs.held_out is not None and fs.held_out not in (fs.kind, *spaces):
+        raise ValueError(f"features.held_out={fs.held_out!r} is not among the spaces {[fs.kind, *spaces]} (null = none)")
+    check_int("features.pca_components", fs.pca_components, 1)
     if check_paths and ev.num_samples:  # the feature files are read for generation only
         if fs.kind == "classifier":
             check_path_exists("features.classifier_path", fs.classifier_path, allow_none=True)
         else:
             check_path_exists("features.inception_weights", fs.inception_weights,
                               hint="download pt_inception-2015-12-05-6726825d.pth once; nothing downloads here")
+        if "autoencoder" in spaces:
+            check_path_exists("features.autoencoder_path", fs.autoencoder_path, allow_none=True,
+                              hint="python scripts/train_autoencoder.py update_manifest=true")
         for key, ref in (("features.reference", fs.reference), ("features.second_reference", fs.second_reference)):
             if ref not in ("train", "heldout"):
                 check_path_exists(key, ref, allow_none=key == "features.second_reference")
@@ -630,9 +703,8 @@ def _evaluate_teacher_forced(run: EvaluateRun, ctx: DistContext) -> dict:
 
 def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
     """`run_evaluation`'s body on one rank of `ctx` (the order of collectives is the same on every rank:
-    per policy, the skip flag, the oracles' orders, then one gather per sample set; last the results)."""
-    from orderplan.eval.feature_net import make_feature_extractor  # torchmetrics' inception import is heavy
-
+    the pixel PCA, then per policy, the skip flag, the oracles' orders, then one gather per sample set;
+    last the results)."""
     t_start = time.time()
     ev, device, run_dir = run.eval, ctx.device, Path(run.run_dir)
     if ctx.main:
@@ -652,8 +724,8 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
     n_orders = min(max(n_tf, n_max), len(images))  # orders the oracles replay in generation mode
     gen_labels = generation_labels(labels, images, n_max)
 
-    extractor = make_feature_extractor(run.features.kind, run.features.classifier_path, run.features.inception_weights)
-    extractor = extractor.to(device).eval()
+    side = bb.gpt.cfg.grid_h * (bb.vq.config.downsample_factor if bb.vq is not None else 1)
+    extractor, ref_images = build_feature_spaces(run, side, ctx)  # a collective (pixel_pca's fit)
     orders_for_heatmap, curves, generated = {}, {}, {}
     if not ctx.main:  # the other ranks only generate their batches of every policy rank 0 has not cached
         for spec in specs:
@@ -661,12 +733,13 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
                 _generate_policy(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders, gen_labels, {},
                                  extractor, ctx)
         return broadcast_object(None, ctx)
-    side = bb.gpt.cfg.grid_h * (bb.vq.config.downsample_factor if bb.vq is not None else 1)
-    refs = {reference_name(r): extract_features(extractor, reference_images(run, side, r), run.features.batch_size,
+    refs = {reference_name(r): extract_features(extractor, ref_images if r == run.features.reference
+                                                else reference_images(run, side, r), run.features.batch_size,
                                                 device).double()
             for r in dict.fromkeys([run.features.reference, run.features.second_reference]) if r}
-    real = next(iter(refs.values()))
-    second = list(refs.values())[1] if len(refs) > 1 else None
+    real_all = next(iter(refs.values()))
+    real = extractor.split(real_all)[extractor.primary]
+    second = extractor.split(list(refs.values())[1])[extractor.primary] if len(refs) > 1 else None
     floor = noise_floor(real, second, run.seed)
 
     results: dict = {"num_samples": ev.num_samples, "policy_samples": dict(ev.policy_samples),
@@ -676,7 +749,12 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
                      "fid_noise_floor_method": floor.method, "fid_noise_floor_description": floor.description,
                      "num_images_teacher_forced": n_tf, "num_images_agreement": n_agree, "gamma": ev.gamma,
                      "reward": ev.reward, "features": run.features.kind, "sampling": vars(ev.sampling),
-                     "backbone": run.backbone.name, "seed": run.seed, "policies": {}}
+                     "backbone": run.backbone.name, "seed": run.seed,
+                     "feature_spaces": {"names": extractor.names, "primary": extractor.primary,
+                                        "held_out": run.features.held_out, "widths": extractor.widths},
+                     "policies": {}}
+    if "pixel_pca" in extractor.names:
+        results["feature_spaces"]["pixel_pca_explained"] = float(extractor.spaces["pixel_pca"].explained.sum())
     for spec in specs:
         cache = run_dir / "policies" / f"{spec.name}.pt"
         identity = policy_identity(spec, run)
@@ -707,10 +785,14 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
               f"{', '.join(f'{f:.2f}' for f in row['fid_seeds'])} (N={row['fid_seeds_n']}), precision "
               f"{row['precision']:.3f}, recall {row['recall']:.3f} ({row['seconds']} s)", flush=True)
 
-    for name, extra in paired_deltas(generated, ev.dfid_baselines, real, run.stats, run.seed, extractor,
+    for name, extra in paired_deltas(generated, ev.dfid_baselines, real_all, run.stats, run.seed, extractor,
                                      gen_labels).items():
+        by_space = extra.pop("spaces")
         results["policies"][name].update(extra)
+        for space, d in by_space.items():
+            results["policies"][name]["spaces"][space].update(d)
     results["verdict"] = verdict(results, specs)
+    results["spaces_verdict"] = spaces_verdict(results)
     results["steps_verdict"] = steps_verdict(results)
     _figures(run, run_dir, bb, codes, images, gen_labels, generated, orders_for_heatmap, curves, results)
     results["seconds"] = round(time.time() - t_start, 1)
@@ -788,7 +870,48 @@ def verdict(results: dict, specs: list[PolicySpec]) -> dict | None:
         word = "below" if hi < 0 else "above" if lo > 0 else "not separated from"
         out["vs"][b] = {"dfid": pol[best][f"dfid_vs_{b}"], "ci": [lo, hi], "n": pol[best][f"dfid_vs_{b}_n"],
                         "says": word}
+        if "spaces" in pol[best]:
+            out["vs"][b].update(across_spaces(pol[best]["spaces"], b))
     return out
+
+
+def _side(ci: list[float]) -> str:
+    return "below" if ci[1] < 0 else "above" if ci[0] > 0 else "not separated"
+
+
+def across_spaces(spaces: dict[str, dict], baseline: str) -> dict:
+    """One policy against `baseline` in every feature space: {"per_space": {space: below | above |
+    not separated}, "robust": below (the paired interval is under 0 in every space) | above (over 0
+    in every space) | disagree (below in one space, above in another) | not separated}."""
+    per = {s: _side(r[f"dfid_vs_{baseline}_ci"]) for s, r in spaces.items() if f"dfid_vs_{baseline}_ci" in r}
+    words = set(per.values())
+    robust = ("below" if words == {"below"} else "above" if words == {"above"} else
+              "disagree" if {"below", "above"} <= words else "not separated")
+    return {"per_space": per, "robust": robust}
+
+
+# the fixed and belief orders of issue 23's robustness table (those present in a run are compared)
+ROBUST_CANDIDATES = ("raster", "random", "confident_first", "halton", "spread_confident", "confident_sampled")
+
+
+def spaces_verdict(results: dict, candidates: tuple[str, ...] = ROBUST_CANDIDATES) -> dict | None:
+    """Which order is best in each feature space, whether the spaces agree, and which ordered pairs
+    are separated the same way in every space (paired intervals; only pairs whose dFID was computed,
+    i.e. the second one is a dFID baseline). An order is `robust_best` when it is below every other
+    present candidate in every space. None with fewer than two spaces or candidates."""
+    pol = results["policies"]
+    present = [c for c in candidates if c in pol and "spaces" in pol[c]]
+    names = results.get("feature_spaces", {}).get("names", [])
+    if len(present) < 2 or len(names) < 2:
+        return None
+    best = {s: min(present, key=lambda n: pol[n]["spaces"][s]["fid"]) for s in names}
+    pairs = {a: {b: across_spaces(pol[a]["spaces"], b) for b in present
+                 if b != a and f"dfid_vs_{b}_ci" in pol[a]["spaces"][names[0]]} for a in present}
+    robust_best = [a for a in present
+                   if len(pairs[a]) == len(present) - 1 and all(p["robust"] == "below" for p in pairs[a].values())]
+    return {"spaces": names, "held_out": results["feature_spaces"].get("held_out"), "candidates": present,
+            "best": best, "agree": len(set(best.values())) == 1,
+            "robust_best": robust_best[0] if robust_best else None, "pairs": pairs}
 
 
 def _fmt(x: float | None, digits: int = 2) -> str:
@@ -857,12 +980,52 @@ def results_markdown(results: dict) -> str:
     if v:
         lines += ["", f"**Best learned planner: {v['best_learned']}** (FID {v['fid']:.3f}). Its FID is "
                   + "; ".join(f"{w['says']} {b}'s (dFID {w['dfid']:+.2f}, 95% CI {_ci(w['ci'])}, N = {w['n']})"
+                              + (f"; across the feature spaces: {w['robust']}" if "robust" in w else "")
                               for b, w in v["vs"].items()) + "."]
+    lines += spaces_table(results)
     lines += cost_table(results)
     if results["num_images_teacher_forced"]:
         lines += teacher_forced_table(results)
     lines.append("")
     return "\n".join(lines)
+
+
+def spaces_table(results: dict) -> list[str]:
+    """Every policy's Fréchet distance in every feature space, its paired dFID against each baseline
+    per space, and `spaces_verdict` in words (markdown lines, a blank line first; none with one space)."""
+    fsp = results.get("feature_spaces")
+    if not fsp or len(fsp["names"]) < 2:
+        return []
+    names, pol = fsp["names"], results["policies"]
+    held = fsp.get("held_out")
+    label = {s: s + (" (held out)" if s == held else "") for s in names}
+    lines = ["", f"Fréchet distance in every feature space (reference: {results['fid_reference']}; each space fitted or "
+             f"trained on the train split only, or on nothing: {', '.join(names)}). The held-out space "
+             f"({held or 'none'}) is used by nothing that is tuned. FD [95% CI] / recall:", "",
+             "| policy | " + " | ".join(label[s] for s in names) + " |", "|---" * (1 + len(names)) + "|"]
+    for name, r in pol.items():
+        lines.append(f"| {name} | " + " | ".join(
+            f"{r['spaces'][s]['fid']:.3f} {_ci(r['spaces'][s]['fid_ci'])} / {r['spaces'][s]['recall']:.3f}"
+            for s in names) + " |")
+    base = [k[len("dfid_vs_"):-len("_ci")] for k in next(iter(pol.values()))["spaces"][names[0]] if k.endswith("_ci")
+            and k.startswith("dfid_vs_")]
+    for b in base:
+        lines += ["", f"Paired dFID vs {b} in every space (95% CI; robust = the same side of 0 in every space):", "",
+                  "| policy | " + " | ".join(label[s] for s in names) + " | robust |", "|---" * (2 + len(names)) + "|"]
+        for name, r in pol.items():
+            sp = r["spaces"]
+            if f"dfid_vs_{b}" not in sp[names[0]] or name == b:
+                continue
+            lines.append(f"| {name} | " + " | ".join(f"{sp[s][f'dfid_vs_{b}']:+.3f} {_ci(sp[s][f'dfid_vs_{b}_ci'])}"
+                                                    for s in names) + f" | {across_spaces(sp, b)['robust']} |")
+    v = results.get("spaces_verdict")
+    if v:
+        agree = "the spaces agree" if v["agree"] else "the spaces disagree"
+        lines += ["", f"Best of {', '.join(v['candidates'])} per space: "
+                  + "; ".join(f"{s}: {b}" for s, b in v["best"].items()) + f" ({agree}). "
+                  + (f"**{v['robust_best']}** is below every other one in every space." if v["robust_best"] else
+                     "No order is below every other one in every space.")]
+    return lines
 
 
 def steps_verdict(results: dict, passes: int = 16, reference: str = "raster") -> dict | None:

@@ -16,14 +16,18 @@ Policies: `FixedOrderPolicy` (raster and the heuristic orders of `orderplan.mode
 order [N] or per-image orders [M, N]), `RandomPolicy` (`orderplan.env.actions.random_valid_action`),
 `OraclePolicy` (argmax of the core's oracle utilities: reads the ground truth), the ground-truth-free
 policies of the backbone's own beliefs, `EntropyOrderPolicy` (`confident_first`: lowest mean
-predictive entropy of the block's tokens, the MaskGIT / ordered-AR rule; `uncertain_first`: highest)
+predictive entropy of the block's tokens, the MaskGIT / ordered-AR rule; `uncertain_first`: highest),
+`SpreadConfidentPolicy` (`spread_confident`: confident_first among the unrevealed blocks farthest from
+the revealed ones, the sequential form of LPD's locality rule), `SampledConfidencePolicy`
+(`confident_sampled`: a block drawn from softmax(-H_j / tau), the stochastic confident_first)
 and `ExpectedOraclePolicy` (`expected_oracle`: argmax of the oracle utility with the unknown tokens
 replaced by K completions sampled from the model, `OrderPlanningCore.expected_utilities`), and
 `OrderHeadPolicy` (the learned planner).
 
 Cost. Every policy counts the backbone forwards it needs per decision (`forwards`, `decisions`;
 `forwards_per_decision`), in the unit of `orderplan.oracle.expected`: one causal pass over one branch
-of the state. Fixed orders and random: 0. confident_first / uncertain_first and the OrderHead: 1
+of the state. Fixed orders and random: 0. confident_first / uncertain_first / spread_confident /
+confident_sampled and the OrderHead: 1
 (the one query over the unseen tokens that the env runs each step anyway; it gives the entropies,
 the belief features and the last token's hidden state). oracle: 1 + C (C unrevealed blocks: one
 candidate pass each). expected_oracle: 1 + K * C.
@@ -60,6 +64,8 @@ __all__ = [
     "OraclePolicy",
     "OrderHeadPolicy",
     "EntropyOrderPolicy",
+    "SpreadConfidentPolicy",
+    "SampledConfidencePolicy",
     "ExpectedOraclePolicy",
     "GymPolicy",
     "ScheduledDecoder",
@@ -72,7 +78,8 @@ __all__ = [
 Obs = Mapping[str, torch.Tensor]  # a dict of tensors or a TensorDict, batch [B]
 
 FIXED_ORDERS: tuple[str, ...] = tuple(n for n in ORDER_NAMES if n != "random")
-BELIEF_POLICIES: tuple[str, ...] = ("confident_first", "uncertain_first", "expected_oracle")  # no ground truth
+BELIEF_POLICIES: tuple[str, ...] = ("confident_first", "uncertain_first", "spread_confident", "confident_sampled",
+                                     "expected_oracle")  # no ground truth
 POLICY_NAMES: tuple[str, ...] = (*ORDER_NAMES, *BELIEF_POLICIES, "oracle", "oracle_extrapolative", "orderhead")
 
 
@@ -322,6 +329,95 @@ class EntropyOrderPolicy(BlockPolicy):
         return (-ent if self.confident else ent), None
 
 
+class SpreadConfidentPolicy(BlockPolicy):
+    """spread_confident: confident_first restricted to the unrevealed blocks farthest from the revealed
+    ones (LPD, Locality-aware Parallel Decoding: a block far from every known one is the least
+    redundant with the context). No ground truth, both modes. Precisely, on the block grid of
+    `core.geom` (block n = br * blocks_w + bc, row-major):
+
+        dist(i, j) = Euclidean distance between the centres of blocks i and j, in blocks
+                     (`BlockGeometry.block_distance`: 1 for side neighbours, sqrt(2) diagonally)
+        d_j        = min over revealed blocks r of dist(j, r), for each unrevealed block j
+                     (+inf when nothing is revealed: the first decision is confident_first's)
+        candidates = the unrevealed blocks with d_j >= max_k d_k - 1e-6 (max over unrevealed k)
+        choice     = the candidate of lowest mean predictive entropy H_j(S) (`core.block_entropy()`,
+                     nats/token), ties to the lowest block id
+
+    Scores: -H_j for candidates; -H_j - (max_k H_k + 1) for the other unrevealed blocks, so each of
+    them is strictly below every candidate and they keep confidence order among themselves.
+    Router mode (K blocks, fixed budget): the top K of those scores, i.e. the candidates by confidence,
+    then the other blocks by confidence; only the first block follows the distance rule exactly (the
+    distances are not updated with the blocks chosen in the same decision).
+
+    Not `orderplan.model.parallel`'s `spread_confident` rule: that one decodes many tokens per forward
+    and spreads the blocks chosen *together in one step* (not 8-adjacent to each other), measured from
+    nothing revealed; this is the sequential policy (one block per decision, one query each), spread
+    from the blocks *already revealed*."""
+
+    forwards_per_row = 1
+    needs_query = True
+    TOL = 1e-6  # distances within TOL of the maximum count as maximal (exact ties of the grid)
+
+    def __init__(self, core: OrderPlanningCore, budget: int | None = None):
+        super().__init__([], core.cfg.budget, budget)
+        self.core = core
+        self.register_buffer("distance", core.geom.block_distance.to(core.device).float(), persistent=False)
+
+    def min_distance(self, revealed: torch.Tensor) -> torch.Tensor:
+        """d [B, N]: distance of each block to the nearest revealed block of revealed [B, N] bool
+        (+inf on rows with nothing revealed)."""
+        dist = self.distance.to(revealed.device)[None].expand(revealed.shape[0], -1, -1)  # [B, N, N]
+        return dist.masked_fill(~revealed[:, None, :], float("inf")).amin(-1)
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
+        _check_current(self, obs)
+        revealed = self.core.revealed
+        ent = self.core.block_entropy().nan_to_num(0.0)  # revealed blocks are masked by act()
+        d = self.min_distance(revealed).masked_fill(revealed, float("-inf"))
+        far = d >= d.amax(-1, keepdim=True) - self.TOL  # inf >= inf when nothing is revealed
+        candidate = far & ~revealed
+        below = ent.masked_fill(revealed, 0.0).amax(-1, keepdim=True) + 1.0
+        return torch.where(candidate, -ent, -ent - below), None
+
+
+class SampledConfidencePolicy(BlockPolicy):
+    """confident_sampled: the stochastic confident_first. The unrevealed block j is drawn with
+    probability softmax_j(-H_j / tau) (H_j = `core.block_entropy()`, mean predictive entropy of the
+    block's tokens in nats/token; tau > 0, a temperature in nats: tau -> 0 is confident_first,
+    tau -> inf uniform). `log_probs(obs)` gives that distribution [B, N] (the anchor of a KL penalty
+    for an RL planner); `act` draws exactly from it by Gumbel-max (scores = log_probs + Gumbel noise
+    from the policy's own CPU generator, seeded with `seed` and restarted by `reseed` per generation
+    batch, like RandomPolicy's). Router mode (K blocks, fixed budget): Gumbel-top-K, K distinct blocks
+    drawn without replacement from the same softmax (Plackett-Luce). No ground truth, both modes."""
+
+    forwards_per_row = 1
+    needs_query = True
+
+    def __init__(self, core: OrderPlanningCore, tau: float = 0.1, seed: int = 0, budget: int | None = None):
+        tau = float(tau)
+        if not (tau > 0 and math.isfinite(tau)):
+            raise ValueError(f"confident_sampled: tau must be a finite temperature > 0 (nats), got {tau}")
+        super().__init__([], core.cfg.budget, budget)
+        self.core, self.tau = core, tau
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def log_probs(self, obs: Obs) -> torch.Tensor:
+        """[B, N] log-probabilities of each block under the policy at obs (the current state of its
+        core): log softmax(-H / tau) over the unrevealed blocks, -inf on revealed ones (every entry of
+        a finished row)."""
+        _check_current(self, obs)
+        legal = ~self.core.revealed
+        logits = (-self.core.block_entropy() / self.tau).masked_fill(~legal, float("-inf"))
+        lp = logits - logits.logsumexp(-1, keepdim=True)
+        return lp.masked_fill(~legal, float("-inf"))  # a finished row: -inf, not nan
+
+    def decide(self, obs: Obs) -> tuple[torch.Tensor, None]:
+        lp = self.log_probs(obs)
+        u = torch.rand(lp.shape, generator=self.generator, dtype=torch.float64)
+        gumbel = -torch.log(-torch.log(u.clamp_min_(torch.finfo(torch.float64).tiny)))
+        return lp.double() + gumbel.to(lp.device), None
+
+
 class ExpectedOraclePolicy(BlockPolicy):
     """expected_oracle: argmax of û(a|S), the future-loss oracle utility with the unknown tokens
     replaced by the model's beliefs (K completions of each candidate block sampled from the model;
@@ -383,10 +479,11 @@ def make_policy(name: str, core: OrderPlanningCore, **kwargs: Any) -> BlockPolic
     """A policy for `core` (plain or router actions as the core's env.budget says).
 
     name: raster | random | zigzag | diagonal | spiral | center_spiral | column_major | reverse | halton |
-    confident_first | uncertain_first | expected_oracle | oracle | oracle_extrapolative | orderhead, or a
+    confident_first | uncertain_first | spread_confident | confident_sampled | expected_oracle | oracle |
+    oracle_extrapolative | orderhead, or a
     parallel-decoding schedule `<raster|random|halton|confident|spread_confident>@<S>[c]` (ScheduledDecoder).
-    kwargs: `budget=` (fixed orders, belief policies, oracles), `seed=` (random, sampled orderhead),
-    `weight=` (oracles), `K=` (expected_oracle; default env.belief_samples), and for orderhead
+    kwargs: `budget=` (fixed orders, belief policies, oracles), `seed=` (random, confident_sampled,
+    sampled orderhead), `tau=` (confident_sampled, nats; default 0.1), `weight=` (oracles), `K=` (expected_oracle; default env.belief_samples), and for orderhead
     exactly one of `checkpoint=path` / `model=OrderHead`, plus `greedy=`, `R=`.
     """
     budgets = core.cfg.budget
@@ -399,6 +496,10 @@ def make_policy(name: str, core: OrderPlanningCore, **kwargs: Any) -> BlockPolic
         return RandomPolicy(budgets=budgets, num_blocks=core.N, **kwargs)
     if name in ("confident_first", "uncertain_first"):
         return EntropyOrderPolicy(core, name == "confident_first", **kwargs)
+    if name == "spread_confident":
+        return SpreadConfidentPolicy(core, **kwargs)
+    if name == "confident_sampled":
+        return SampledConfidencePolicy(core, **kwargs)
     if name == "expected_oracle":
         return ExpectedOraclePolicy(core, **kwargs)
     if name in ("oracle", "oracle_extrapolative"):

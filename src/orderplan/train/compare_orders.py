@@ -16,9 +16,9 @@ what produced it (policy or checkpoint sha256, images, gamma, agreement images, 
 backbone) and reused by a rerun with the same identity (`stage=score` re-makes the table).
 
 Table rows (results.json, results.md): raster, random, the six heuristic orders, confident_first,
-uncertain_first, expected_oracle, oracle, then BC and PPO per observation (seeds pooled), the R
-ablation (the same BC and PPO checkpoints of `ablation_observation` at each R of `R_values`) and
-the router. Columns: return with a 95% interval over images and seeds, gap closed, oracle agreement,
+uncertain_first, spread_confident, confident_sampled, expected_oracle, oracle, then BC and PPO per
+observation (seeds pooled), the R ablation (the same BC and PPO checkpoints of `ablation_observation`
+at each R of `R_values`) and the router. Columns: return with a 95% interval over images and seeds, gap closed, oracle agreement,
 regret, backbone forwards per decision, wall time of the scoring (and of the training, per run)."""
 
 from __future__ import annotations
@@ -222,7 +222,7 @@ def score_all(run: CompareRun) -> list[PolicyScores]:
         return out
 
     for name in ev.baselines:
-        kwargs = {"seed": run.seed} if name == "random" else {}
+        kwargs = {"seed": run.seed} if name in ("random", "confident_sampled") else {}
         scores.append(score(name, lambda c, n=name, k=kwargs: make_policy(n, c, **k), "baseline"))
 
     def learned(prefix: str, obs: str, R: int | None = None, seeds=run.seeds, c=core) -> PolicyScores | None:

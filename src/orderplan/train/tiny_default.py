@@ -74,6 +74,10 @@ def build_tiny_default(work_dir: str | Path = "runs/tiny_default", out_dir: str 
     # read from the training run's copy: out/ still holds the old manifest, whose sha256 the new file fails
     manifest["gpt"]["gpt_config"] = load_gpt(gpt_dir / "gpt.safetensors").cfg.to_dict()
     print(f"built in {time.time() - t0:.0f} s")
+    # the feature networks' entries belong to their own scripts (train_classifier, train_autoencoder)
+    if (out / "manifest.json").is_file():
+        kept = read_json_checked(out / "manifest.json", required=False)
+        manifest = {**{k: kept[k] for k in ("classifier", "autoencoder") if k in kept}, **manifest}
     atomic_write_json(out / "manifest.json", manifest)
     print(f"wrote {out}: held-out bits/token raster {bits['raster']:.4f}, random block order "
           f"{bits['random_block_order']:.4f} ({100 * manifest['gpt']['heldout_bits_per_token']['relative_gap']:+.1f}%)")
