@@ -41,6 +41,7 @@ from orderplan.infra.artifacts import verify_artifact
 from orderplan.infra.checkpoint import (atomic_write_bytes, atomic_write_json, load_safetensors, load_state_dict_checked,
                                         save_safetensors, sha256_file)
 from orderplan.infra.paths import resolve_path
+from orderplan.infra.roles import refuse_in_training
 from orderplan.infra.run_utils import Logger, job_dir, progress, setup_device
 from orderplan.infra.validation import check_int, check_positive, check_range
 
@@ -140,6 +141,7 @@ def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Di
     """Rebuild a DigitAutoencoder from `save_autoencoder`'s file, in eval mode. Raises
     FileNotFoundError, CheckpointCorruptError or ValueError (not an autoencoder file; missing,
     mis-shaped or non-finite tensors; a sha256 other than its manifest's), each naming the file."""
+    refuse_in_training(path)  # the held-out feature space: evaluation only (orderplan.infra.roles)
     if Path(path).is_file():
         verify_artifact(path)
     state, meta = load_safetensors(path, rebuild="python scripts/train_autoencoder.py update_manifest=true")

@@ -32,6 +32,7 @@ from torch import nn
 from orderplan.infra.artifacts import verify_artifact
 from orderplan.infra.checkpoint import load_safetensors, load_state_dict_checked, save_safetensors
 from orderplan.infra.paths import resolve_path
+from orderplan.infra.roles import refuse_in_training
 from orderplan.data.datasets import MNIST_IMAGE_SIZE, MNIST_NUM_CLASSES
 
 __all__ = [
@@ -187,6 +188,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Dig
     Raises FileNotFoundError (no file), CheckpointCorruptError (not a readable safetensors file) or
     ValueError (not a classifier file; missing, unexpected, mis-shaped or non-finite tensors, each
     named; a sha256 other than the one a manifest.json next to the file records)."""
+    refuse_in_training(path)  # the FID network: evaluation only (orderplan.infra.roles)
     if Path(path).is_file():
         verify_artifact(path)  # the committed classifier must match artifacts/tiny_mnist/manifest.json
     state, meta = load_safetensors(path)

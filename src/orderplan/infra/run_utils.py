@@ -235,7 +235,9 @@ def job_dir(job: str, dir_field: str = "run_dir") -> Callable[[F], F]:
     """Decorate a job's entry function `fn(run, ...)`: it holds the writer lock of
     `run.<dir_field>` (`orderplan.infra.run_lock.hold_run_dir`; a second run on the directory is
     refused before it writes anything, not even to the log) and logs its console there
-    (`console_log`)."""
+    (`console_log`). Training jobs (`orderplan.infra.roles.TRAINING_JOBS`) run inside `training_job`,
+    where the evaluation-only feature networks refuse to load."""
+    from orderplan.infra.roles import TRAINING_JOBS, training_job
     from orderplan.infra.run_lock import hold_run_dir
 
     def wrap(fn: F) -> F:
@@ -245,7 +247,10 @@ def job_dir(job: str, dir_field: str = "run_dir") -> Callable[[F], F]:
         def held(*args: Any, **kwargs: Any) -> Any:
             run = args[0] if args else next(iter(kwargs.values()))
             with hold_run_dir(Path(str(getattr(run, dir_field))), job, rank=dist_info()[0]):
-                return logged(*args, **kwargs)
+                if job not in TRAINING_JOBS:
+                    return logged(*args, **kwargs)
+                with training_job(job):  # the evaluation-only networks refuse to load in here
+                    return logged(*args, **kwargs)
 
         return held  # type: ignore[return-value]
 
