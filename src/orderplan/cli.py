@@ -17,6 +17,7 @@
 | train_vq         | train_vq.yaml           | orderplan.train.vq.train_vq                    |
 | train_classifier | train_classifier.yaml   | orderplan.eval.classifier_training.train_classifier |
 | train_autoencoder | train_autoencoder.yaml | orderplan.eval.autoencoder.train_autoencoder   |
+| reward_alignment | reward_alignment.yaml   | orderplan.eval.alignment.reward_alignment      |
 
 `--config-name` picks another preset of the same job (e.g. `evaluate --config-name
 evaluate_generation`), exactly as with `@hydra.main`."""
@@ -43,6 +44,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "train_vq": ("train_vq", "orderplan.train.vq:train_vq"),
     "train_classifier": ("train_classifier", "orderplan.eval.classifier_training:train_classifier"),
     "train_autoencoder": ("train_autoencoder", "orderplan.eval.autoencoder:train_autoencoder"),
+    "reward_alignment": ("reward_alignment", "orderplan.eval.alignment:reward_alignment"),
 }
 
 
@@ -94,6 +96,7 @@ train_backbone = _entry("train_backbone")
 train_vq = _entry("train_vq")
 train_classifier = _entry("train_classifier")
 train_autoencoder = _entry("train_autoencoder")
+reward_alignment = _entry("reward_alignment")
 
 
 def dispatch(argv: list[str] | None = None) -> None:

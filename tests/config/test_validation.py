@@ -66,6 +66,7 @@ def test_check_path_exists(tmp_path):
 
 
 def _schemas():
+    from orderplan.eval.alignment import AlignmentRun, check_alignment_run
     from orderplan.eval.autoencoder import AutoencoderRun, check_autoencoder_run
     from orderplan.eval.classifier_training import ClassifierRun, check_classifier_run
     from orderplan.eval.power import PowerRun, check_power_run
@@ -94,6 +95,7 @@ def _schemas():
         "train_backbone": (TrainBackboneRun, check_train_backbone_run),
         "train_classifier": (ClassifierRun, lambda run, check_paths: check_classifier_run(run)),
         "train_autoencoder": (AutoencoderRun, lambda run, check_paths: check_autoencoder_run(run)),
+        "reward_alignment": (AlignmentRun, lambda run, check_paths: check_alignment_run(run)),
         "train_vq": (TrainVQConfig, lambda run, check_paths: check_train_vq(run)),
     }
 
@@ -147,6 +149,7 @@ BAD = [  # (config, override, the key its error must name, a piece of the allowe
     ("train_vq", "train.lr=-1", "train.lr", "> 0"),
     ("train_classifier", "epochs=0", "epochs", ">= 1"),
     ("train_autoencoder", "max_shift=-1", "max_shift", ">= 0"),
+    ("reward_alignment", "knn_k=0", "knn_k", ">= 1"),
     ("extract_codes", "batch_size=0", "batch_size", ">= 1"),
     ("make_env", "batch_size=-2", "batch_size", ">= 1"),
 ]
@@ -180,6 +183,7 @@ def test_missing_paths_name_the_key(tmp_path):
 
 
 def _runners():
+    from orderplan.eval.alignment import AlignmentRun, reward_alignment
     from orderplan.eval.autoencoder import AutoencoderRun, train_autoencoder
     from orderplan.eval.classifier_training import ClassifierRun, train_classifier
     from orderplan.eval.power import PowerRun, run_power
@@ -201,6 +205,7 @@ def _runners():
             "train_vq": (TrainVQConfig, train_vq, "run_dir"),
             "train_classifier": (ClassifierRun, train_classifier, "run_dir"),
             "train_autoencoder": (AutoencoderRun, train_autoencoder, "run_dir"),
+            "reward_alignment": (AlignmentRun, reward_alignment, "run_dir"),
             "extract_codes": (ExtractCodesConfig, extract_codes, "out_dir")}
 
 
@@ -218,6 +223,7 @@ REFUSED = [
     ("train_vq", ["train.batch_size=0"], "train.batch_size"),
     ("train_classifier", ["batch_size=-1"], "batch_size"),
     ("train_autoencoder", ["epochs=0"], "epochs"),
+    ("reward_alignment", ["num_samples=2"], "num_samples"),
     ("extract_codes", ["num_workers=-1"], "num_workers"),
 ]
 

@@ -32,6 +32,7 @@ SCHEMAS: dict[str, str] = {
     "train_backbone": "orderplan.config.common:TrainBackboneRun",
     "train_classifier": "orderplan.eval.classifier_training:ClassifierRun",
     "train_autoencoder": "orderplan.eval.autoencoder:AutoencoderRun",
+    "reward_alignment": "orderplan.eval.alignment:AlignmentRun",
     "train_vq": "orderplan.train.vq:TrainVQConfig",
 }
 # config group -> (the key it fills, its schema): group presets hold overrides of these defaults

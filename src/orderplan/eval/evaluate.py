@@ -694,7 +694,7 @@ def _evaluate_teacher_forced(run: EvaluateRun, ctx: DistContext) -> dict:
     results["seconds"] = round(time.time() - t_start, 1)
     text = "\n".join([f"# Evaluation: {results['backbone']} (teacher-forced only: eval.num_samples=0)",
                       *teacher_forced_table(results), ""])
-    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_json(run_dir / "results.json", results, checksum=True)  # read back by reward_alignment
     atomic_write_bytes(run_dir / "results.md", text.encode())
     logger.close()
     print(text)
@@ -796,7 +796,7 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
     results["steps_verdict"] = steps_verdict(results)
     _figures(run, run_dir, bb, codes, images, gen_labels, generated, orders_for_heatmap, curves, results)
     results["seconds"] = round(time.time() - t_start, 1)
-    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_json(run_dir / "results.json", results, checksum=True)  # read back by reward_alignment
     atomic_write_bytes(run_dir / "results.md", results_markdown(results).encode())
     logger.close()
     print(results_markdown(results))
