@@ -8,7 +8,9 @@ how well each one ranks the policies as FID does.
 
 Candidates, per generated sample (the evaluation's own samples: the same labels, sampler streams and
 policy seeds, so sample i here is sample i of the table):
-- `entropy_drop` (a): the env's generation reward summed over the episode (nats).
+- `entropy_drop` (a): the env's generation reward summed over the episode (nats), from replaying the
+  sample's order in the env. Undiscounted it telescopes to the entropy of the empty canvas, which
+  depends on the label only: it cannot rank orders, and the job says so instead of a correlation.
 - `likelihood` (b): the finished tokens' log-likelihood under the backbone, averaged over K random
   block orders (nats/token; target-aware queries on, as trained).
 - `discriminator` (c): log D(x) - log(1 - D(x)) of a small pixel CNN trained to tell the train split
@@ -26,10 +28,9 @@ et al. 2019) in the primary space, with an interval from resampling samples.
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +212,7 @@ def reward_alignment(run: AlignmentRun) -> dict:
                                          generation_env, generation_labels, policy_identity, resolve_policy)
     from orderplan.eval.fid import extract_features
     from orderplan.eval.rollouts import generate_samples
+    from orderplan.planner.policies import FixedOrderPolicy
     from orderplan.infra.distributed import DistContext
 
     check_alignment_run(run)
@@ -239,10 +241,18 @@ def reward_alignment(run: AlignmentRun) -> dict:
         raise ValueError(f"need >= 3 policies without ground truth in {table_path}, got {[s.name for s in specs]}")
     per: dict[str, dict] = {}
     for spec in specs:
+        env, seed = generation_env(spec, ev), _sampler_seed(ev, ev.eval.sampler_seeds[0])
         with isolated_rng(ev.seed, "evaluate", "policy", spec.name):  # the table's own stream of this policy
-            s = generate_samples(spec.make, bb, gen_labels, generation_env(spec, ev), ev.eval.gen_batch_size,
-                                 _sampler_seed(ev, ev.eval.sampler_seeds[0]), num_snapshots=0, rewards=True,
+            s = generate_samples(spec.make, bb, gen_labels, env, ev.eval.gen_batch_size, seed, num_snapshots=0,
                                  progress_bar=lambda it, name=spec.name: progress(it, desc=f"{name}: generating"))
+        # the entropy drop: the same orders replayed in the env, which draws the same tokens (a planned
+        # order decoded in one pass equals stepping the env) and sums the rewards on the way
+        replay = generate_samples(lambda core, b=s.blocks: FixedOrderPolicy(b), bb, gen_labels, env,
+                                  ev.eval.gen_batch_size, seed, num_snapshots=0, rewards=True,
+                                  progress_bar=lambda it, name=spec.name: progress(it, desc=f"{name}: replaying"))
+        if not torch.equal(replay.tokens, s.tokens):
+            raise RuntimeError(f"{spec.name}: replaying its orders in the env drew other tokens")
+        s.entropy_return = replay.entropy_return
         feats = extract_features(extractor, s.images).double()
         cache = Path(ev.run_dir) / "policies" / f"{spec.name}.pt"
         done = load_cache(cache, policy_identity(spec, ev), "[reward_alignment]")
@@ -289,8 +299,11 @@ def reward_alignment(run: AlignmentRun) -> dict:
     corr: dict[str, dict] = {}
     for r in REWARDS:
         mean = torch.tensor([rows[nm][r] for nm in names], dtype=torch.float64)
-        corr[r] = {"policies": {}, "samples": None}
+        corr[r] = {"policies": {}, "samples": None, "constant": _constant(mean)}
         for sp in spaces:
+            if corr[r]["constant"]:  # no ranking at all: rounding noise must not read as a correlation
+                corr[r]["policies"][sp] = {"rho": float("nan"), "ci": [float("nan"), float("nan")]}
+                continue
             neg_fd = -torch.tensor([rows[nm]["fd"][sp] for nm in names], dtype=torch.float64)
             corr[r]["policies"][sp] = {"rho": spearman(mean, neg_fd),
                                        "ci": _bootstrap_spearman(mean, neg_fd, run.bootstrap, run.level, run.seed)}
@@ -298,8 +311,9 @@ def reward_alignment(run: AlignmentRun) -> dict:
         vals = torch.cat(per_sample[r])
         rs = torch.cat([x[half:] for x in realism]) if r == "discriminator" else torch.cat(realism)
         g = torch.Generator().manual_seed(run.seed)
-        sub = torch.randperm(len(vals), generator=g)[:4000]  # the bootstrap of a rank correlation is O(n log n) each
-        corr[r]["samples"] = {"rho": spearman(vals, rs), "n": len(vals),
+        # a random subset of at most 4,000 samples, point and interval alike (each resample re-ranks)
+        sub = torch.randperm(len(vals), generator=g)[:4000]
+        corr[r]["samples"] = {"rho": spearman(vals[sub], rs[sub]), "n": len(sub), "pooled": len(vals),
                               "ci": _bootstrap_spearman(vals[sub], rs[sub], min(run.bootstrap, 200), run.level, run.seed)}
     results = {"evaluation": str(table_path), "spaces": spaces, "held_out": table["feature_spaces"].get("held_out"),
                "num_samples": n, "skipped": skipped, "policies": rows, "correlation": corr,
@@ -311,6 +325,12 @@ def reward_alignment(run: AlignmentRun) -> dict:
     atomic_write_bytes(run_dir / "results.md", text.encode())
     print(text)
     return results
+
+
+def _constant(x: torch.Tensor, rel: float = 1e-9) -> bool:
+    """Whether the values are equal up to float rounding (the undiscounted entropy drop telescopes
+    to the entropy of the empty canvas, which no order changes)."""
+    return float(x.max() - x.min()) <= rel * max(1.0, float(x.abs().max()))
 
 
 def ref_side(bb) -> int:
@@ -340,6 +360,10 @@ def alignment_markdown(res: dict) -> str:
               "|---" * (2 + len(sp)) + "|"]
     for r in REWARDS:
         c = corr[r]
+        if c.get("constant"):
+            lines.append(f"| {r} | " + " | ".join("constant over policies" for _ in sp)
+                         + f" | {c['samples']['rho']:+.3f} {_ci(c['samples']['ci'], 3)} |")
+            continue
         lines.append(f"| {r} | " + " | ".join(f"{c['policies'][s]['rho']:+.2f} {_ci(c['policies'][s]['ci'])}" for s in sp)
                      + f" | {c['samples']['rho']:+.3f} {_ci(c['samples']['ci'], 3)} |")
     if res["skipped"]:

@@ -20,7 +20,6 @@ without being told which classes matter.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -36,7 +35,8 @@ from torch import nn
 from orderplan.config.common import RunConfig, check_run_config
 from orderplan.data.datasets import (MNIST_IMAGE_SIZE, class_interleaved_order, embedded_mnist_sha256, images_to_model,
                                      load_embedded_mnist)
-from orderplan.eval.classifier_training import shift_augment
+from orderplan.eval.classifier_training import shift_augment, update_manifest_entry
+from orderplan.eval.feature_net import check_stages
 from orderplan.infra.artifacts import verify_artifact
 from orderplan.infra.checkpoint import (atomic_write_bytes, atomic_write_json, load_safetensors, load_state_dict_checked,
                                         save_safetensors, sha256_file)
@@ -64,12 +64,7 @@ class AutoencoderConfig:
     latent_dim: int = 32  # Z: the feature width
 
     def __post_init__(self) -> None:
-        self.channels = [int(c) for c in self.channels]
-        if not self.channels or min(self.channels) < 1:
-            raise ValueError(f"channels must be a non-empty list of positive ints, got {self.channels}")
-        side = self.image_size // 2 ** len(self.channels)
-        if side < 1 or side * 2 ** len(self.channels) != self.image_size:
-            raise ValueError(f"image_size={self.image_size} is not divisible by 2 ** {len(self.channels)}")
+        self.channels = check_stages(self.channels, self.image_size)
         if min(self.in_channels, self.latent_dim) < 1:
             raise ValueError(f"need in_channels, latent_dim >= 1; got {self.in_channels}, {self.latent_dim}")
 
@@ -199,13 +194,6 @@ def check_autoencoder_run(run: AutoencoderRun) -> None:
         raise ValueError("out must be a file path with update_manifest=true")
 
 
-def _update_manifest(weights: Path, entry: dict[str, Any]) -> Path:
-    manifest_path = weights.parent / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest["autoencoder"] = entry
-    return atomic_write_json(manifest_path, manifest)
-
-
 @job_dir("train_autoencoder")
 def train_autoencoder(run: AutoencoderRun) -> dict:
     """Train a DigitAutoencoder on the embedded MNIST train split (MSE, translation augmentation);
@@ -271,7 +259,7 @@ def train_autoencoder(run: AutoencoderRun) -> dict:
         if not out.exists():  # a first publication: into the directory that exists (the package's artifacts/)
             out = resolve_path(str(Path(run.out).parent), must_exist=False) / Path(run.out).name
         atomic_write_bytes(out, weights.read_bytes())
-        summary["manifest"] = str(_update_manifest(out, entry))
+        summary["manifest"] = str(update_manifest_entry(out, "autoencoder", entry))
         summary["published"] = str(out)
     atomic_write_json(run_dir / "summary.json", summary, checksum=True)
     print(f"[train_autoencoder] held-out MSE per pixel {held['mse_per_pixel']:.5f} -> {weights}")

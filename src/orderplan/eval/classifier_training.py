@@ -90,10 +90,11 @@ def shift_augment(x: torch.Tensor, max_shift: int, generator: torch.Generator) -
     return padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
 
-def _update_manifest(weights: Path, entry: dict[str, Any]) -> Path:
+def update_manifest_entry(weights: Path, key: str, entry: dict[str, Any]) -> Path:
+    """Replace entry `key` of the manifest.json next to `weights` (the other entries are kept)."""
     manifest_path = weights.parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    manifest["classifier"] = entry
+    manifest[key] = entry
     return atomic_write_json(manifest_path, manifest)
 
 
@@ -187,7 +188,7 @@ def train_classifier(run: ClassifierRun) -> dict:
     if run.update_manifest:
         out = resolve_path(run.out, must_exist=False)
         atomic_write_bytes(out, weights.read_bytes())
-        summary["manifest"] = str(_update_manifest(out, entry))
+        summary["manifest"] = str(update_manifest_entry(out, "classifier", entry))
         summary["published"] = str(out)
     atomic_write_json(run_dir / "summary.json", summary, checksum=True)
     print(f"[train_classifier] held-out accuracy={held['accuracy']:.4f} cross-entropy={held['cross_entropy']:.4f} "

@@ -61,6 +61,19 @@ FEATURE_KINDS = ("classifier", "inception")
 # -- the classifier -------------------------------------------------------------------------------
 
 
+def check_stages(channels: list[int], image_size: int) -> list[int]:
+    """`channels` as ints, each stage halving the image side: ValueError unless they are positive and
+    image_size is divisible by 2 ** len(channels)."""
+    channels = [int(c) for c in channels]
+    if not channels or min(channels) < 1:
+        raise ValueError(f"channels must be a non-empty list of positive ints, got {channels}")
+    side = image_size // 2 ** len(channels)
+    if side < 1 or side * 2 ** len(channels) != image_size:
+        raise ValueError(f"image_size={image_size} is not divisible by 2 ** {len(channels)} "
+                         f"(each stage of channels={channels} halves the side)")
+    return channels
+
+
 @dataclass
 class ClassifierConfig:
     """DigitClassifier sizes. Each entry of `channels` is one stage: 3x3 conv + BatchNorm + ReLU +
@@ -74,13 +87,7 @@ class ClassifierConfig:
     dropout: float = 0.2  # on the features, training only
 
     def __post_init__(self) -> None:
-        self.channels = [int(c) for c in self.channels]
-        if not self.channels or min(self.channels) < 1:
-            raise ValueError(f"channels must be a non-empty list of positive ints, got {self.channels}")
-        side = self.image_size // 2 ** len(self.channels)
-        if side < 1 or side * 2 ** len(self.channels) != self.image_size:
-            raise ValueError(f"image_size={self.image_size} is not divisible by 2 ** {len(self.channels)} "
-                             f"(one 2x2 pool per stage of channels={self.channels})")
+        self.channels = check_stages(self.channels, self.image_size)
         if min(self.in_channels, self.num_features, self.num_classes) < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"need in_channels, num_features, num_classes >= 1 and 0 <= dropout < 1; got "
                              f"{self.in_channels}, {self.num_features}, {self.num_classes}, {self.dropout}")
