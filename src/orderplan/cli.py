@@ -18,6 +18,7 @@
 | train_classifier | train_classifier.yaml   | orderplan.eval.classifier_training.train_classifier |
 | train_autoencoder | train_autoencoder.yaml | orderplan.eval.autoencoder.train_autoencoder   |
 | reward_alignment | reward_alignment.yaml   | orderplan.eval.alignment.reward_alignment      |
+| quality          | quality.yaml            | orderplan.train.quality.run_quality            |
 
 `--config-name` picks another preset of the same job (e.g. `evaluate --config-name
 evaluate_generation`), exactly as with `@hydra.main`."""
@@ -45,6 +46,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "train_classifier": ("train_classifier", "orderplan.eval.classifier_training:train_classifier"),
     "train_autoencoder": ("train_autoencoder", "orderplan.eval.autoencoder:train_autoencoder"),
     "reward_alignment": ("reward_alignment", "orderplan.eval.alignment:reward_alignment"),
+    "quality": ("quality", "orderplan.train.quality:run_quality"),
 }
 
 
@@ -97,6 +99,7 @@ train_vq = _entry("train_vq")
 train_classifier = _entry("train_classifier")
 train_autoencoder = _entry("train_autoencoder")
 reward_alignment = _entry("reward_alignment")
+quality = _entry("quality")
 
 
 def dispatch(argv: list[str] | None = None) -> None:

@@ -80,6 +80,7 @@ def _schemas():
     from orderplan.data.extract import ExtractCodesConfig, check_extract_codes
     from orderplan.train.vq import TrainVQConfig, check_train_vq
     from orderplan.env.factory import EnvRun, check_env_run
+    from orderplan.train.quality import QualityRun, check_quality_run
 
     return {  # config name -> (schema, validation(run, check_paths))
         "bc": (BCRun, check_bc_run), "bc_generated": (BCRun, check_bc_run),
@@ -87,6 +88,8 @@ def _schemas():
         "compare_orders": (CompareRun, check_compare_run),
         "evaluate": (EvaluateRun, check_evaluate_run), "evaluate_generation": (EvaluateRun, check_evaluate_run),
         "evaluate_steps": (EvaluateRun, check_evaluate_run), "evaluate_spaces": (EvaluateRun, check_evaluate_run),
+        "evaluate_quality": (EvaluateRun, check_evaluate_run),
+        "evaluate_quality_curve": (EvaluateRun, check_evaluate_run),
         "extract_codes": (ExtractCodesConfig, check_extract_codes),
         "make_env": (EnvRun, check_env_run),
         "power": (PowerRun, check_power_run),
@@ -97,11 +100,13 @@ def _schemas():
         "train_autoencoder": (AutoencoderRun, lambda run, check_paths: check_autoencoder_run(run)),
         "reward_alignment": (AlignmentRun, lambda run, check_paths: check_alignment_run(run)),
         "train_vq": (TrainVQConfig, lambda run, check_paths: check_train_vq(run)),
+        "quality": (QualityRun, check_quality_run),
     }
 
 
 # Defaults that name another job's output (a BC head): their paths exist only after that job ran.
-NEEDS_EARLIER_RUN = {"bc_generated", "ppo", "ppo_generated", "ppo_parallel"}
+NEEDS_EARLIER_RUN = {"bc_generated", "ppo", "ppo_generated", "ppo_parallel", "evaluate_quality",
+                     "evaluate_quality_curve"}
 
 
 def test_every_config_has_a_validation():
@@ -150,6 +155,9 @@ BAD = [  # (config, override, the key its error must name, a piece of the allowe
     ("train_classifier", "epochs=0", "epochs", ">= 1"),
     ("train_autoencoder", "max_shift=-1", "max_shift", ">= 0"),
     ("reward_alignment", "knn_k=0", "knn_k", ">= 1"),
+    ("quality", "grpo.group_size=1", "grpo.group_size", ">= 2"),
+    ("quality", "grpo.clip=0", "grpo.clip", "(0, 1]"),
+    ("quality", "reward.spaces=[autoencoder]", "reward.spaces", "pixel_pca"),
     ("extract_codes", "batch_size=0", "batch_size", ">= 1"),
     ("make_env", "batch_size=-2", "batch_size", ">= 1"),
 ]
@@ -196,6 +204,7 @@ def _runners():
     from orderplan.data.extract import ExtractCodesConfig, extract_codes
     from orderplan.train.backbone import train_backbone
     from orderplan.train.vq import TrainVQConfig, train_vq
+    from orderplan.train.quality import QualityRun, run_quality
 
     return {"bc": (BCRun, train_bc, "run_dir"), "ppo": (PPORun, run_ppo, "run_dir"),
             "evaluate": (EvaluateRun, run_evaluation, "run_dir"), "power": (PowerRun, run_power, "run_dir"),
@@ -206,6 +215,7 @@ def _runners():
             "train_classifier": (ClassifierRun, train_classifier, "run_dir"),
             "train_autoencoder": (AutoencoderRun, train_autoencoder, "run_dir"),
             "reward_alignment": (AlignmentRun, reward_alignment, "run_dir"),
+            "quality": (QualityRun, run_quality, "run_dir"),
             "extract_codes": (ExtractCodesConfig, extract_codes, "out_dir")}
 
 
@@ -224,6 +234,7 @@ REFUSED = [
     ("train_classifier", ["batch_size=-1"], "batch_size"),
     ("train_autoencoder", ["epochs=0"], "epochs"),
     ("reward_alignment", ["num_samples=2"], "num_samples"),
+    ("quality", ["grpo.kl_coef=-1"], "grpo.kl_coef"),
     ("extract_codes", ["num_workers=-1"], "num_workers"),
 ]
 

@@ -377,3 +377,18 @@ def test_a_schedule_of_one_token_per_forward_is_the_token_by_token_policy(tiny, 
     b = generate_samples(lambda core: make_policy(policy, core), bb, labels[:6], env, batch_size=3, seed=5)
     assert a.path == "parallel" and torch.equal(a.tokens, b.tokens) and torch.equal(a.blocks, b.blocks)
     assert a.forwards.tolist() == [64.0] * 6
+
+
+def test_eval_greedy_and_r_key_only_learned_rows(tmp_path):
+    """A cached fixed-order row is reused when only eval.greedy or eval.R changes (they shape an
+    OrderHead's row alone); a learned row is not."""
+    from orderplan.config.common import compose, to_typed
+    from orderplan.eval.evaluate import EvaluateRun, PolicySpec, policy_identity
+
+    head = tmp_path / "orderhead.safetensors"
+    head.write_bytes(b"weights")
+    fixed, learned = PolicySpec("raster", None, source="fixed order"), PolicySpec("q", None, source=str(head))
+    a = to_typed(compose("evaluate"), EvaluateRun)
+    b = to_typed(compose("evaluate", ["eval.greedy=false", "eval.R=2"]), EvaluateRun)
+    assert policy_identity(fixed, a) == policy_identity(fixed, b)
+    assert policy_identity(learned, a) != policy_identity(learned, b)

@@ -40,6 +40,7 @@ def test_the_feature_networks_refuse_to_load_in_a_training_job(tmp_path):
     ("ppo", "orderplan.train.ppo_run", "run_ppo", "check_ppo_run"),
     ("build_oracle", "orderplan.train.oracle_data", "build_oracle", "check_build_oracle_run"),
     ("compare_orders", "orderplan.train.compare_orders", "compare_orders", "check_compare_run"),
+    ("quality", "orderplan.train.quality", "run_quality", "check_quality_run"),
 ])
 def test_every_training_job_runs_marked(tmp_path, monkeypatch, job, module, entry, check):
     """The job's first step sees the mark: everything it calls afterwards is inside it."""

@@ -23,6 +23,8 @@ SCHEMAS: dict[str, str] = {
     "evaluate_generation": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_steps": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_spaces": "orderplan.eval.evaluate:EvaluateRun",
+    "evaluate_quality": "orderplan.eval.evaluate:EvaluateRun",
+    "evaluate_quality_curve": "orderplan.eval.evaluate:EvaluateRun",
     "extract_codes": "orderplan.data.extract:ExtractCodesConfig",
     "make_env": "orderplan.env.factory:EnvRun",
     "power": "orderplan.eval.power:PowerRun",
@@ -33,6 +35,7 @@ SCHEMAS: dict[str, str] = {
     "train_classifier": "orderplan.eval.classifier_training:ClassifierRun",
     "train_autoencoder": "orderplan.eval.autoencoder:AutoencoderRun",
     "reward_alignment": "orderplan.eval.alignment:AlignmentRun",
+    "quality": "orderplan.train.quality:QualityRun",
     "train_vq": "orderplan.train.vq:TrainVQConfig",
 }
 # config group -> (the key it fills, its schema): group presets hold overrides of these defaults

@@ -3,7 +3,7 @@ trained feature space for Fréchet distances (`orderplan.eval.feature_spaces`), 
 job (`scripts/train_autoencoder.py`).
 
 Why a second trained network: the digit classifier's 64 features were the only space FID was
-measured in, and orders ranked differently in other spaces (issue 23). An autoencoder shares
+measured in, and orders ranked differently in other spaces. An autoencoder shares
 nothing with the classifier: another objective (pixel reconstruction, no labels), another
 architecture (strided convolutions and SiLU, no BatchNorm or pooling) and another seed. Its
 latent code keeps what is needed to redraw the digit, so it sees stroke shape and placement

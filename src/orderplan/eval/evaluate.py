@@ -340,6 +340,8 @@ def policy_identity(spec: PolicySpec, run: EvaluateRun) -> str:
     the dFID baselines, computed over all policies after the loop."""
     ev = {k: v for k, v in asdict(run.eval).items() if k not in ("policy_samples", "dfid_baselines")}
     ev["n"] = int(run.eval.policy_samples.get(spec.name, run.eval.num_samples))
+    if LEARNED_SOURCES not in spec.source:  # eval.greedy and eval.R shape an OrderHead's row only:
+        ev["greedy"], ev["R"] = EvalOptions.greedy, EvalOptions.R  # the others' rows are reused across them
     src = Path(spec.source)
     gpt = resolve_path(run.backbone.gpt_weights, must_exist=False) if run.backbone.gpt_weights else None
     return json.dumps({"policy": spec.name, "source": spec.source,
@@ -890,7 +892,7 @@ def across_spaces(spaces: dict[str, dict], baseline: str) -> dict:
     return {"per_space": per, "robust": robust}
 
 
-# the fixed and belief orders of issue 23's robustness table (those present in a run are compared)
+# the fixed and belief orders of the feature-space robustness table (those present in a run are compared)
 ROBUST_CANDIDATES = ("raster", "random", "confident_first", "halton", "spread_confident", "confident_sampled")
 
 

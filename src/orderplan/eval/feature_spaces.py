@@ -1,5 +1,5 @@
 """Several feature spaces for one Fréchet-distance table, so that a ranking of orders does not
-hang on one network (issue 23, item 0; compare Stein et al., NeurIPS 2023, on FD-DINOv2).
+hang on one network (compare Stein et al., NeurIPS 2023, on FD-DINOv2).
 
 Spaces (every one fitted or trained on the train split only, or on nothing):
 - the primary extractor (`features.kind`: the digit classifier or InceptionV3), as before;

@@ -1,6 +1,6 @@
 """Evaluation-only files: the networks FID is measured in never enter a training job.
 
-Issue 23: a planner tuned, rewarded or selected with the FID feature network can game it, and a
+A planner tuned, rewarded or selected with the FID feature network can game it, and a
 measurement made in the space it was trained for proves nothing. So the committed feature networks
 (the digit classifier and the autoencoder of `artifacts/tiny_mnist/`) refuse to load while a
 training job runs. `job_dir` marks the training jobs (TRAINING_JOBS) with `training_job`; the
@@ -22,7 +22,7 @@ from orderplan.infra.paths import PACKAGE_ROOT
 __all__ = ["TRAINING_JOBS", "EVALUATION_ONLY", "EvaluationOnlyError", "training_job", "current_training_job",
            "refuse_in_training"]
 
-TRAINING_JOBS = frozenset({"bc", "ppo", "build_oracle", "compare_orders", "train_backbone", "train_vq"})
+TRAINING_JOBS = frozenset({"bc", "ppo", "build_oracle", "compare_orders", "train_backbone", "train_vq", "quality"})
 EVALUATION_ONLY = ("classifier", "autoencoder")  # entries of artifacts/tiny_mnist/manifest.json
 _MANIFEST = PACKAGE_ROOT / "artifacts" / "tiny_mnist" / "manifest.json"
 _JOB: contextvars.ContextVar[str | None] = contextvars.ContextVar("orderplan_training_job", default=None)

@@ -30,6 +30,7 @@ Checkpoints are safetensors files whose metadata carries the config (`save_order
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -78,9 +79,20 @@ class OrderHeadConfig:
     # the backbone's `random_weights_tag` (None: weights from a file): a planner trained on seeded
     # random weights is refused on any other backbone of the same width (`load_orderhead(backbone=)`)
     backbone_weights: str | None = None
+    # residual on confidence order (the quality planner, orderplan.train.quality): logits = score -
+    # H_block / anchor_tau, H_block the block's mean predictive entropy (nats/token, from the belief
+    # features), and the score layer starts at 0, so a fresh head IS confident_sampled(tau) (greedy:
+    # confident_first). None: plain logits. Needs beliefs.
+    anchor_tau: float | None = None
 
     def __post_init__(self) -> None:
         self.geometry = BlockGeometry(self.grid_h, self.grid_w, self.block)  # validates the grid
+        if self.anchor_tau is not None:
+            self.anchor_tau = float(self.anchor_tau)
+            if not (self.anchor_tau > 0 and math.isfinite(self.anchor_tau)):
+                raise ValueError(f"anchor_tau must be a finite temperature > 0 (nats), got {self.anchor_tau}")
+            if not self.beliefs:
+                raise ValueError("anchor_tau ranks blocks by the model's entropy: it needs beliefs=true")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.R < 0 or self.n_latents < 1 or self.hidden_dim < 1:
@@ -217,6 +229,9 @@ class OrderHead(nn.Module):
         # heads
         self.readout = CrossBlock(cfg)  # blocks attend to z_R
         self.score = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 1))
+        if cfg.anchor_tau is not None:  # start exactly at the anchor (cfg.anchor_tau)
+            nn.init.zeros_(self.score[1].weight)
+            nn.init.zeros_(self.score[1].bias)
         self.summary_norm = nn.LayerNorm(d)
         self.value = MLP(d, 1.0, 0.0, d_out=1)
         self.router: nn.Module | None = None
@@ -308,11 +323,22 @@ class OrderHead(nn.Module):
         for _ in range(R):
             z = self.core(z, f)  # the same weights at every step
         h = self.readout(f, z)  # [B, N, d]
-        logits = self.score(h)[..., 0].float().masked_fill(block_mask, float("-inf"))  # [B, N]
+        logits = self.score(h)[..., 0].float()
+        if self.cfg.anchor_tau is not None:
+            logits = logits + self.anchor_logits(entropy)
+        logits = logits.masked_fill(block_mask, float("-inf"))  # [B, N]
         s = self.summary_norm(z.mean(1))  # [B, d]
         value = self.value(s)[..., 0].float()
         budget_logits = self.router(s).float() if self.router is not None else None
         return OrderHeadOutput(logits, value, budget_logits, z)
+
+    def anchor_logits(self, entropy: torch.Tensor) -> torch.Tensor:
+        """[B, N] float32 -H_block / anchor_tau from the per-token entropies [B, L] (nats): the
+        logits of confident_sampled (orderplan.planner.policies.SampledConfidencePolicy), unmasked."""
+        if self.cfg.anchor_tau is None:
+            raise ValueError("this OrderHead has no anchor (cfg.anchor_tau is None)")
+        block_entropy = self.cfg.geometry.pool_blocks(entropy.float()[..., None])[..., 0]
+        return -block_entropy / self.cfg.anchor_tau
 
     def forward(self, obs: Mapping[str, torch.Tensor], R: int | None = None) -> OrderHeadOutput:
         """obs: a dict or TensorDict with the keys of `input_keys` ("hidden", "block_mask", "label"
