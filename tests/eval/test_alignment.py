@@ -96,6 +96,8 @@ def test_alignment_scores_the_tables_own_samples(tmp_path):
         for r in REWARDS:
             assert math.isfinite(row[r]) and row[f"{r}_ci"][0] <= row[r] <= row[f"{r}_ci"][1], (name, r)
         assert row["likelihood"] < 0 and row["judge"] <= 0
+        # the set-level reward of the quality planner is minus the table's own pixel-PCA FD (same samples)
+        assert row["set_fd"] == pytest.approx(-row["fd"]["pixel_pca"], rel=1e-4)
     for r in REWARDS:
         for sp, c in res["correlation"][r]["policies"].items():
             assert math.isnan(c["rho"]) or -1.0 <= c["rho"] <= 1.0

@@ -1,4 +1,4 @@
-"""Which episode reward agrees with image quality? (issue 23, item 2; `scripts/reward_alignment.py`)
+"""Which episode reward agrees with image quality? (`scripts/reward_alignment.py`)
 
 The planners were trained on rewards that rank orders one way (teacher-forced future loss: PPO
 best) while the generation table ranks them another (confident_first best). Before a planner is
@@ -18,6 +18,11 @@ policy seeds, so sample i here is sample i of the table):
   half (AdaNAT's reward, here trained once rather than alongside the policy).
 - `judge` (d): log p(conditioning class | x) under a second digit classifier with another
   architecture and seed, trained here on the train split.
+- `set_fd` (e): the quality planner's reward (orderplan.eval.set_reward), a set-level one: per
+  policy, minus the Fréchet distance of its samples to the train split in pixel-PCA space (the PCA
+  fitted on the train split, as evaluation's; interval from the FID bootstrap); per sample, its
+  leave-one-out share of that distance. Pixel PCA is also an evaluation space, so its own column
+  is near 1 by construction; the other spaces say whether it transfers.
 
 Outputs: per policy, each reward's mean with a bootstrap interval; per reward and per feature space
 of the evaluation, Spearman's rank correlation between the policies' mean reward and minus their
@@ -42,6 +47,8 @@ from orderplan.data.datasets import images_to_model, load_embedded_mnist
 from orderplan.data.tokens import load_token_data
 from orderplan.eval.classifier_training import ClassifierRun, train_classifier
 from orderplan.eval.feature_net import ClassifierConfig, DigitClassifier, load_classifier
+from orderplan.eval.sample_metrics import fid_with_interval
+from orderplan.eval.set_reward import SetFrechetReward
 from orderplan.infra.checkpoint import atomic_write_bytes, atomic_write_json, load_cache
 from orderplan.infra.integrity import read_json_checked
 from orderplan.infra.run_utils import job_dir, progress
@@ -54,7 +61,7 @@ from orderplan.model.orders import block_order
 __all__ = ["AlignmentRun", "JudgeSpec", "DiscriminatorSpec", "check_alignment_run", "reward_alignment",
            "spearman", "realism_scores", "REWARDS"]
 
-REWARDS = ("entropy_drop", "likelihood", "discriminator", "judge")
+REWARDS = ("entropy_drop", "likelihood", "discriminator", "judge", "set_fd")
 
 
 @dataclass
@@ -273,6 +280,7 @@ def reward_alignment(run: AlignmentRun) -> dict:
     half = n // 2
     disc = train_discriminator(real_pixels, torch.cat([p["samples"].images[:half] for p in per.values()]),
                                run.discriminator)
+    set_reward = SetFrechetReward(real_pixels, ["pixel_pca"], ev.features.pca_components, ev.features.random_seed)
     rows: dict[str, dict] = {}
     per_sample: dict[str, list[torch.Tensor]] = {r: [] for r in REWARDS}
     realism: list[torch.Tensor] = []
@@ -285,12 +293,18 @@ def reward_alignment(run: AlignmentRun) -> dict:
         }
         d = _logits(disc, s.images[half:])
         rewards["discriminator"] = d[:, 1] - d[:, 0]
+        pca = set_reward.features(s.images)["pixel_pca"]
+        rewards["set_fd"] = set_reward.from_features({"pixel_pca": pca}).reward.double()
         real_score = realism_scores(real_primary, extractor.split(p["features"])[extractor.primary], run.knn_k)
         row = {"num_samples": n, "same_samples_as_table": p["same_samples_as_table"],
                "realism": float(real_score.mean())}
         for r, v in rewards.items():
             row[r], row[f"{r}_ci"] = _mean_interval(v, run.bootstrap, run.level, run.seed + k)
             per_sample[r].append(v)
+        # set_fd is a set-level reward: the policy's value is minus its set's FD, not a mean over samples
+        fd, lo, hi = fid_with_interval(set_reward.reference_features["pixel_pca"], pca, run.bootstrap, run.level,
+                                       run.seed + k)
+        row["set_fd"], row["set_fd_ci"] = -fd, [-hi, -lo]
         realism.append(real_score)
         row["fd"] = {sp: table["policies"][name]["spaces"][sp]["fid"] for sp in spaces}
         rows[name] = row
