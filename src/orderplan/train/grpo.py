@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from orderplan.infra.validation import check_int, check_range
 
 __all__ = ["GRPOConfig", "check_grpo_config", "group_index", "group_advantages", "categorical_kl",
-           "masked_log_softmax", "grpo_loss", "GRPOStats"]
+           "categorical_entropy", "masked_log_softmax", "grpo_loss", "GRPOStats"]
 
 
 @dataclass
@@ -95,6 +95,11 @@ def categorical_kl(logp: torch.Tensor, logq: torch.Tensor, legal: torch.Tensor) 
     return (p * diff).sum(-1)
 
 
+def categorical_entropy(logp: torch.Tensor, legal: torch.Tensor) -> torch.Tensor:
+    """Entropy [B] in nats of a categorical given by log-probabilities [B, N], -inf off `legal`."""
+    return -(logp.exp() * torch.where(legal, logp, torch.zeros_like(logp))).sum(-1)
+
+
 class GRPOStats(NamedTuple):
     """Means over a minibatch's decisions."""
 
@@ -118,8 +123,7 @@ def grpo_loss(logits: torch.Tensor, anchor_logits: torch.Tensor, legal: torch.Te
     kl = categorical_kl(logp, logq, legal)
     loss = (-surr + kl_coef * kl).mean()
     with torch.no_grad():
-        p = logp.exp()
-        entropy = -(p * torch.where(legal, logp, torch.zeros_like(logp))).sum(-1)
+        entropy = categorical_entropy(logp, legal)
         clipped = ((ratio - 1).abs() > clip).float()
         stats = GRPOStats(float(loss), float(surr.mean()), float(kl.mean()), float(entropy.mean()),
                           float(clipped.mean()))

@@ -52,7 +52,8 @@ from orderplan.infra.validation import check_choice, check_int, check_range
 from orderplan.model.loading import check_backbone_config
 from orderplan.model.sampling import row_keys
 from orderplan.planner.orderhead import OrderHead, orderhead_config_for, save_orderhead
-from orderplan.train.grpo import GRPOConfig, check_grpo_config, group_advantages, group_index, grpo_loss, masked_log_softmax
+from orderplan.train.grpo import (GRPOConfig, categorical_entropy, check_grpo_config, group_advantages, group_index,
+                                 grpo_loss, masked_log_softmax)
 from orderplan.eval.set_reward import SetFrechetReward, check_reward_spaces
 
 OBS_KEYS = ("hidden", "block_mask", "label", "entropy", "query_hidden")  # what the planner reads
@@ -156,8 +157,7 @@ def play(core: OrderPlanningCore, model: OrderHead, image_index: torch.Tensor, g
             keep[k].append(obs[k])
         actions.append(a)
         logps.append(logp.gather(1, a[:, None])[:, 0])
-        p = logp.exp()
-        ents.append(-(p * torch.where(legal, logp, torch.zeros_like(logp))).sum(-1).mean())
+        ents.append(categorical_entropy(logp, legal).mean())
         core.step(a)
     B = core.B
     images = core.decode_images(torch.ones(B, dtype=torch.bool, device=core.device)).cpu()
