@@ -47,7 +47,7 @@ from orderplan.data.datasets import images_to_model, load_embedded_mnist
 from orderplan.data.tokens import load_token_data
 from orderplan.eval.classifier_training import ClassifierRun, train_classifier
 from orderplan.eval.feature_net import ClassifierConfig, DigitClassifier, load_classifier
-from orderplan.eval.sample_metrics import fid_with_interval
+from orderplan.eval.sample_metrics import fid_with_interval, mean_interval
 from orderplan.eval.set_reward import SetFrechetReward
 from orderplan.infra.checkpoint import atomic_write_bytes, atomic_write_json, load_cache
 from orderplan.infra.integrity import read_json_checked
@@ -145,12 +145,6 @@ def _bootstrap_spearman(a: torch.Tensor, b: torch.Tensor, resamples: int, level:
     n = len(a)
     return _interval([spearman(a[i], b[i]) for i in (torch.randint(n, (n,), generator=g) for _ in range(resamples))],
                      level)
-
-
-def _mean_interval(x: torch.Tensor, resamples: int, level: float, seed: int) -> tuple[float, list[float]]:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(len(x), (resamples, len(x)), generator=g)
-    return float(x.double().mean()), _interval(x.double()[idx].mean(1).tolist(), level)
 
 
 def realism_scores(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
@@ -299,7 +293,8 @@ def reward_alignment(run: AlignmentRun) -> dict:
         row = {"num_samples": n, "same_samples_as_table": p["same_samples_as_table"],
                "realism": float(real_score.mean())}
         for r, v in rewards.items():
-            row[r], row[f"{r}_ci"] = _mean_interval(v, run.bootstrap, run.level, run.seed + k)
+            row[r], *ci = mean_interval(v, run.bootstrap, run.level, run.seed + k)
+            row[f"{r}_ci"] = ci
             per_sample[r].append(v)
         # set_fd is a set-level reward: the policy's value is minus its set's FD, not a mean over samples
         fd, lo, hi = fid_with_interval(set_reward.reference_features["pixel_pca"], pca, run.bootstrap, run.level,

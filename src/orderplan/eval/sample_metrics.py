@@ -28,8 +28,8 @@ import torch
 from orderplan.eval.comparison import bootstrap_mean
 from orderplan.eval.fid import bootstrap_interval
 
-__all__ = ["PairedFid", "PrecisionRecall", "frechet_from_features", "paired_fid_delta", "fid_with_interval",
-           "fid_curve", "precision_recall", "class_logprob", "mean_interval"]
+__all__ = ["PairedFid", "PrecisionRecall", "frechet_from_features", "frechet_gaussians", "paired_fid_delta",
+           "fid_with_interval", "fid_curve", "precision_recall", "class_logprob", "mean_interval"]
 
 _Stats = tuple[torch.Tensor, torch.Tensor]  # (mean [F], covariance [F, F]), float64
 
@@ -84,16 +84,22 @@ def _shift_to_reference(real: torch.Tensor, *fakes: torch.Tensor) -> list[torch.
     return [real - shift] + [f.double().cpu() - shift for f in fakes]
 
 
-def _frechet(s1: _Stats, s2: _Stats) -> float:
-    """|mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)) in squared feature units, clipped at 0."""
-    (mu1, c1), (mu2, c2) = s1, s2
-    # torchmetrics' trace of the square root: C1 C2 is not symmetric, so its eigenvalues come out
+def frechet_gaussians(mu: torch.Tensor, cov: torch.Tensor, mu_r: torch.Tensor, cov_r: torch.Tensor) -> torch.Tensor:
+    """FD [...] of Gaussians (mu [..., F], cov [..., F, F]) to one (mu_r [F], cov_r [F, F]):
+    |mu - mu_r|^2 + Tr(C + C_r - 2 (C C_r)^(1/2)) in squared feature units, clipped at 0. Leading
+    dimensions batch: the leave-one-out reward (orderplan.eval.set_reward) takes n FDs in one call."""
+    # torchmetrics' trace of the square root: C C_r is not symmetric, so its eigenvalues come out
     # complex; the principal square root of a numerically negative eigenvalue is imaginary and so
     # contributes 0 to the real part, as in torchmetrics
-    root_trace = torch.linalg.eigvals(c1 @ c2).sqrt().real.sum()
-    value = (mu1 - mu2).square().sum() + c1.trace() + c2.trace() - 2 * root_trace
+    root_trace = torch.linalg.eigvals(cov @ cov_r).sqrt().real.sum(-1)
+    value = (mu - mu_r).square().sum(-1) + cov.diagonal(dim1=-2, dim2=-1).sum(-1) + cov_r.trace() - 2 * root_trace
     # like fid.frechet_distance: two near-identical sets can come out a tiny negative
-    return max(float(value), 0.0)
+    return value.clamp_min(0.0)
+
+
+def _frechet(s1: _Stats, s2: _Stats) -> float:
+    """FD of two (mean, covariance) pairs (`frechet_gaussians`), a float."""
+    return float(frechet_gaussians(*s1, *s2))
 
 
 def _fast_fid(real: torch.Tensor, fake: torch.Tensor) -> float:

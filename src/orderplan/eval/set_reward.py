@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from orderplan.eval.feature_spaces import PixelPCA, build_space
+from orderplan.eval.sample_metrics import frechet_gaussians
 
 __all__ = ["TRAINING_SPACES", "SetReward", "SetFrechetReward", "leave_one_out_frechet", "check_reward_spaces"]
 
@@ -48,15 +49,6 @@ def check_reward_spaces(spaces: Sequence[str], key: str = "reward.spaces") -> No
         raise ValueError(f"{key}: spaces must be distinct, got {spaces}")
 
 
-def _frechet_batched(mu: torch.Tensor, cov: torch.Tensor, mu_r: torch.Tensor, cov_r: torch.Tensor) -> torch.Tensor:
-    """FD [n] of n Gaussians (mu [n, F], cov [n, F, F]) to one (mu_r [F], cov_r [F, F]), float64,
-    with the trace of the square root from the eigenvalues of cov @ cov_r (the convention of
-    orderplan.eval.sample_metrics), clipped at 0."""
-    root_trace = torch.linalg.eigvals(cov @ cov_r).sqrt().real.sum(-1)
-    value = (mu - mu_r).square().sum(-1) + cov.diagonal(dim1=-2, dim2=-1).sum(-1) + cov_r.trace() - 2 * root_trace
-    return value.clamp_min(0.0)
-
-
 def leave_one_out_frechet(fake: torch.Tensor, mu_r: torch.Tensor, cov_r: torch.Tensor) -> tuple[torch.Tensor, float]:
     """FD of fake [n, F] without each row, and of the whole batch, against (mu_r [F], cov_r [F, F]).
 
@@ -69,11 +61,11 @@ def leave_one_out_frechet(fake: torch.Tensor, mu_r: torch.Tensor, cov_r: torch.T
     n = x.shape[0]
     mu = x.mean(0)
     second = x.T @ x  # [F, F]
-    full = _frechet_batched(mu[None], ((second - n * torch.outer(mu, mu)) / (n - 1))[None], mu_c, cov_r)[0]
+    full = frechet_gaussians(mu[None], ((second - n * torch.outer(mu, mu)) / (n - 1))[None], mu_c, cov_r)[0]
     mu_i = (n * mu - x) / (n - 1)  # [n, F]
     second_i = second - x[:, :, None] * x[:, None, :]  # [n, F, F]
     cov_i = (second_i - (n - 1) * mu_i[:, :, None] * mu_i[:, None, :]) / (n - 2)
-    return _frechet_batched(mu_i, cov_i, mu_c, cov_r), float(full)
+    return frechet_gaussians(mu_i, cov_i, mu_c, cov_r), float(full)
 
 
 class SetReward(NamedTuple):
