@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orderplan.config.common import RunConfig, check_run_config
 from orderplan.data.datasets import (MNIST_IMAGE_SIZE, class_interleaved_order, embedded_mnist_sha256, images_to_model,
                                      load_embedded_mnist)
-from orderplan.eval.classifier_training import shift_augment, update_manifest_entry
+from orderplan.eval.classifier_training import DigitNetRun, check_digit_net_run, shift_augment, update_manifest_entry
 from orderplan.eval.feature_net import check_stages
 from orderplan.infra.artifacts import verify_artifact
 from orderplan.infra.checkpoint import (atomic_write_bytes, atomic_write_json, load_safetensors, load_state_dict_checked,
@@ -43,7 +42,6 @@ from orderplan.infra.checkpoint import (atomic_write_bytes, atomic_write_json, l
 from orderplan.infra.paths import resolve_path
 from orderplan.infra.roles import refuse_in_training
 from orderplan.infra.run_utils import Logger, job_dir, progress, setup_device
-from orderplan.infra.validation import check_int, check_positive, check_range
 
 __all__ = ["AutoencoderConfig", "DigitAutoencoder", "save_autoencoder", "load_autoencoder", "AutoencoderRun",
            "check_autoencoder_run", "train_autoencoder", "reconstruction_error", "DEFAULT_AUTOENCODER", "FORMAT"]
@@ -162,36 +160,22 @@ def reconstruction_error(model: DigitAutoencoder, images: torch.Tensor, batch_si
 
 
 @dataclass
-class AutoencoderRun(RunConfig):
+class AutoencoderRun(DigitNetRun):
     """Schema of the train_autoencoder job (preset src/orderplan/configs/train_autoencoder.yaml;
-    `python scripts/train_autoencoder.py key=value ...`). `seed` seeds the init, batch order and
-    augmentation; its default differs from the classifier's so the two spaces share no draw."""
+    `python scripts/train_autoencoder.py key=value ...`); the fields it shares with the classifier's job
+    are DigitNetRun's. `seed` seeds the init, batch order and augmentation; its default differs from
+    the classifier's so the two spaces share no draw. max_shift=0 turns the augmentation off."""
 
     seed: int = 1
     run_dir: str = "runs/train_autoencoder"  # autoencoder.safetensors + summary.json
-    out: str = DEFAULT_AUTOENCODER  # where update_manifest=true publishes the weights
-    update_manifest: bool = False  # also write `out` and the "autoencoder" entry of its manifest.json
+    out: str = DEFAULT_AUTOENCODER
     epochs: int = 30
-    batch_size: int = 64
-    lr: float = 2e-3  # AdamW peak; cosine decay to 0 over all steps
-    weight_decay: float = 1e-4
-    max_shift: int = 2  # translation augmentation, pixels per axis (0 = none)
-    max_train_images: int | None = None  # class-balanced subset (smoke runs); null = all 4,500
-    progress: bool = True
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
 
 
 def check_autoencoder_run(run: AutoencoderRun) -> None:
     """ValueError naming the key, before any data loads."""
-    check_run_config(run)
-    check_int("epochs", run.epochs, 1)
-    check_int("batch_size", run.batch_size, 1)
-    check_positive("lr", run.lr)
-    check_range("weight_decay", run.weight_decay, 0.0)
-    check_int("max_shift", run.max_shift, 0)
-    check_int("max_train_images", run.max_train_images, 1, allow_none=True, note=" (null = all)")
-    if run.update_manifest and not str(run.out or "").strip():
-        raise ValueError("out must be a file path with update_manifest=true")
+    check_digit_net_run(run)
 
 
 @job_dir("train_autoencoder")

@@ -34,33 +34,27 @@ from orderplan.data.datasets import class_interleaved_order, embedded_mnist_sha2
 from orderplan.infra.run_utils import Logger, job_dir, progress, setup_device
 from orderplan.infra.validation import check_int, check_positive, check_range
 
-__all__ = ["ClassifierRun", "check_classifier_run", "train_classifier", "shift_augment"]
+__all__ = ["DigitNetRun", "check_digit_net_run", "ClassifierRun", "check_classifier_run", "train_classifier", "shift_augment"]
 
 
 @dataclass
-class ClassifierRun(RunConfig):
-    """Schema of the train_classifier job (preset src/orderplan/configs/train_classifier.yaml;
-    `python scripts/train_classifier.py key=value ...`); every default lives here. An MNIST digit classifier
-    for FID / KID / class accuracy. `seed` seeds the init, batch order, augmentation and dropout."""
+class DigitNetRun(RunConfig):
+    """Fields shared by the jobs that train a feature network on the embedded digits (ClassifierRun,
+    orderplan.eval.autoencoder.AutoencoderRun); each subclass sets its own run_dir, out and epochs."""
 
-    run_dir: str = "runs/train_classifier"  # classifier.safetensors + summary.json
-    out: str = DEFAULT_CLASSIFIER  # where update_manifest=true publishes the weights
-    update_manifest: bool = False  # also write `out` and the "classifier" entry of its manifest.json
+    out: str = ""  # where update_manifest=true publishes the weights
+    update_manifest: bool = False  # also write `out` and this network's entry of the manifest.json next to it
     epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-3  # AdamW peak; cosine decay to 0 over all steps
     weight_decay: float = 1e-4
-    augmentation: bool = True  # random translations of the training digits
-    max_shift: int = 2  # pixels, each axis, uniform in [-max_shift, max_shift]
+    max_shift: int = 2  # translation augmentation, pixels per axis, uniform in [-max_shift, max_shift]
     max_train_images: int | None = None  # N class-balanced train images only (smoke runs); null = all 4,500
-    eval_batch_size: int = 500
     progress: bool = True  # tqdm progress bar
-    model: ClassifierConfig = field(default_factory=ClassifierConfig)  # orderplan.eval.feature_net.ClassifierConfig
 
 
-def check_classifier_run(run: ClassifierRun) -> None:
-    """Validate configs/train_classifier.yaml's schema before any data loads: ValueError naming the
-    key and its range (the model sizes are checked by ClassifierConfig itself when built)."""
+def check_digit_net_run(run: DigitNetRun) -> None:
+    """ValueError naming the key and its range, before any data loads."""
     check_run_config(run)
     check_int("epochs", run.epochs, 1)
     check_int("batch_size", run.batch_size, 1)
@@ -68,9 +62,29 @@ def check_classifier_run(run: ClassifierRun) -> None:
     check_range("weight_decay", run.weight_decay, 0.0)
     check_int("max_shift", run.max_shift, 0)
     check_int("max_train_images", run.max_train_images, 1, allow_none=True, note=" (null = all)")
-    check_int("eval_batch_size", run.eval_batch_size, 1)
     if run.update_manifest and not str(run.out or "").strip():
         raise ValueError("out must be a file path with update_manifest=true")
+
+
+@dataclass
+class ClassifierRun(DigitNetRun):
+    """Schema of the train_classifier job (preset src/orderplan/configs/train_classifier.yaml;
+    `python scripts/train_classifier.py key=value ...`); every default lives here or in DigitNetRun. An
+    MNIST digit classifier for FID / KID / class accuracy. `seed` seeds the init, batch order,
+    augmentation and dropout."""
+
+    run_dir: str = "runs/train_classifier"  # classifier.safetensors + summary.json
+    out: str = DEFAULT_CLASSIFIER
+    augmentation: bool = True  # random translations (max_shift) of the training digits
+    eval_batch_size: int = 500
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)  # orderplan.eval.feature_net.ClassifierConfig
+
+
+def check_classifier_run(run: ClassifierRun) -> None:
+    """Validate configs/train_classifier.yaml's schema before any data loads (the model sizes are
+    checked by ClassifierConfig itself when built)."""
+    check_digit_net_run(run)
+    check_int("eval_batch_size", run.eval_batch_size, 1)
 
 
 def shift_augment(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
