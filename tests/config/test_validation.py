@@ -87,7 +87,8 @@ def _schemas():
         "build_oracle": (BuildOracleRun, check_build_oracle_run),
         "compare_orders": (CompareRun, check_compare_run),
         "evaluate": (EvaluateRun, check_evaluate_run), "evaluate_generation": (EvaluateRun, check_evaluate_run),
-        "evaluate_steps": (EvaluateRun, check_evaluate_run), "evaluate_spaces": (EvaluateRun, check_evaluate_run),
+        "evaluate_steps": (EvaluateRun, check_evaluate_run),
+        "evaluate_steps_router": (EvaluateRun, check_evaluate_run), "evaluate_spaces": (EvaluateRun, check_evaluate_run),
         "evaluate_quality": (EvaluateRun, check_evaluate_run),
         "evaluate_quality_curve": (EvaluateRun, check_evaluate_run),
         "extract_codes": (ExtractCodesConfig, check_extract_codes),
@@ -105,7 +106,7 @@ def _schemas():
 
 
 # Defaults that name another job's output (a BC head): their paths exist only after that job ran.
-NEEDS_EARLIER_RUN = {"bc_generated", "ppo", "ppo_generated", "ppo_parallel", "evaluate_quality",
+NEEDS_EARLIER_RUN = {"bc_generated", "ppo", "ppo_generated", "ppo_parallel", "evaluate_quality", "evaluate_steps_router",
                      "evaluate_quality_curve"}
 
 

@@ -22,6 +22,7 @@ SCHEMAS: dict[str, str] = {
     "evaluate": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_generation": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_steps": "orderplan.eval.evaluate:EvaluateRun",
+    "evaluate_steps_router": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_spaces": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_quality": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_quality_curve": "orderplan.eval.evaluate:EvaluateRun",
