@@ -441,7 +441,7 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
     features refs[primary] (and a second reference), and one FID per sampler seed (module doc).
     Every rank generates its batches of each set; rank 0 computes the row, draws the figures and
     returns it ((None, None) on the others, whose `refs` may be empty)."""
-    ev, st, fs = run.eval, run.stats, run.features
+    ev, st = run.eval, run.stats
     n = int(ev.policy_samples.get(spec.name, ev.num_samples))
     n_seed = seed_set_size(ev, n)
     shown = figure_indices(gen_labels[:n], run.plots.per_class, run.plots.column_rows)
@@ -455,9 +455,8 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
     primary, real_all = next(iter(refs.items()))
     real_by, fake_by = extractor.split(real_all), extractor.split(samples.features)
     real, fake = real_by[extractor.primary], fake_by[extractor.primary]
-    fid, lo, hi = fid_with_interval(real, fake, st.bootstrap, st.level, run.seed)
     kid_mean, kid_std, kid_size = kernel_distance(real, fake, st.kid_subsets, st.kid_subset_size, run.seed)
-    row: dict = {"num_samples": n, "fid": fid, "fid_ci": [lo, hi], "fid_reference": primary,
+    row: dict = {"num_samples": n, "fid_reference": primary,
                  "kid_mean": kid_mean, "kid_std": kid_std, "kid_subset_size": kid_size,
                  "generation_path": samples.path,
                  "decisions_per_sample": float(samples.decisions.double().mean()),
@@ -467,10 +466,6 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
                  "samples_per_s": n / max(samples.seconds, 1e-9)}
     for name, other in list(refs.items())[1:]:
         row[f"fid_{name}"] = frechet_from_features(extractor.split(other)[extractor.primary], fake)
-    pr = precision_recall(real, fake, fs.pr_k)
-    row.update(precision=pr.precision, recall=pr.recall, pr_k=pr.k,
-               precision_ci=list(mean_interval(pr.in_real.double(), seed=run.seed)[1:]),
-               recall_ci=list(mean_interval(pr.in_fake.double(), seed=run.seed)[1:]))
     logits = sample_logits(extractor, samples.features)
     if logits is not None:
         logp = class_logprob(logits, samples.labels)
@@ -484,13 +479,13 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
     sets_all = ([samples.features[s * n_seed:(s + 1) * n_seed] for s in range(len(ev.sampler_seeds))]
                 if ev.seed_sets == "chunks" else [samples.features[:n_seed]] + [e.features for e in extra])
     sets_by = [extractor.split(f) for f in sets_all]
-    seeds = [frechet_from_features(real, f[extractor.primary]) for f in sets_by]
-    row.update(fid_seeds=seeds, fid_seeds_n=n_seed, fid_seeds_sets=ev.seed_sets, fid_seeds_mean=float(np.mean(seeds)),
-               fid_seeds_std=float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None)
-    # the primary space's entry repeats the row's own numbers; the others are computed alike
-    row["spaces"] = {space: ({k: row[k] for k in SPACE_KEYS} if space == extractor.primary else
-                             space_row(real_by[space], fake_by[space], [f[space] for f in sets_by], run))
+    # every space's FD, fid_seeds, precision and recall come from space_row; the primary's are also the row's own
+    row["spaces"] = {space: space_row(real_by[space], fake_by[space], [f[space] for f in sets_by], run)
                      for space in extractor.names}
+    row.update(row["spaces"][extractor.primary])
+    seeds = row["fid_seeds"]
+    row.update(fid_seeds_n=n_seed, fid_seeds_sets=ev.seed_sets, fid_seeds_mean=float(np.mean(seeds)),
+               fid_seeds_std=float(np.std(seeds, ddof=1)) if len(seeds) > 1 else None)
     if samples.entropy_return is not None:
         row["entropy_return"] = float(samples.entropy_return.mean())
     eval_plots.sample_grid(run_dir / f"samples_{spec.name}.png", samples.images, samples.labels[samples.shown],
@@ -503,18 +498,16 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
     return row, Generated(samples.features, samples.image_rows(run.plots.column_rows), samples.blocks)
 
 
-SPACE_KEYS = ("fid", "fid_ci", "fid_seeds", "precision", "recall", "precision_ci", "recall_ci")
-
-
 def space_row(real: torch.Tensor, fake: torch.Tensor, seed_sets: list[torch.Tensor], run: EvaluateRun) -> dict:
-    """One policy in one feature space: FD with its bootstrap interval, fid_seeds over the same sets
-    as the primary's, precision and recall with intervals. real [M, F], fake [N, F]."""
+    """One policy in one feature space: FD with its bootstrap interval, one FD per sampler-seed set
+    (fid_seeds), precision and recall (k = features.pr_k) with intervals. real [M, F], fake [N, F],
+    seed_sets: [n_seed, F] each."""
     st = run.stats
     fid, lo, hi = fid_with_interval(real, fake, st.bootstrap, st.level, run.seed)
     pr = precision_recall(real, fake, run.features.pr_k)
     seeds = [frechet_from_features(real, f) for f in seed_sets]
     return {"fid": fid, "fid_ci": [lo, hi], "fid_seeds": seeds, "precision": pr.precision, "recall": pr.recall,
-            "precision_ci": list(mean_interval(pr.in_real.double(), seed=run.seed)[1:]),
+            "pr_k": pr.k, "precision_ci": list(mean_interval(pr.in_real.double(), seed=run.seed)[1:]),
             "recall_ci": list(mean_interval(pr.in_fake.double(), seed=run.seed)[1:])}
 
 
