@@ -53,6 +53,7 @@ def test_bc_then_ppo_write_their_summaries(tmp_path):
     assert router["smdp_gamma"] == 0.9  # block-time discounting with ppo.gamma
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_ppo_without_bc_checkpoint_says_what_to_do(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "ppo.py"), f"run_dir={tmp_path}",

@@ -65,6 +65,22 @@ def test_bootstrap_intervals():
     assert hi3 - lo3 > 3 * (hi - lo)
 
 
+@pytest.mark.parametrize("shape", [(1, 37), (3, 20)])
+def test_bootstrap_mean_is_the_mean_of_each_resample(shape):
+    """The chunked gather equals drawing the resamples one at a time: resample r takes seeds si[r]
+    and images mi[r] from the generator's stream (seeds first), and its mean is that of x[si[r]][:, mi[r]]."""
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    S, M = shape
+    g = torch.Generator().manual_seed(9)
+    si = torch.randint(S, (500, S), generator=g) if S > 1 else torch.zeros(500, 1, dtype=torch.long)
+    mi = torch.randint(M, (500, M), generator=g)
+    means = torch.stack([x[si[r]][:, mi[r]].mean() for r in range(500)])
+    lo, hi = torch.quantile(means, torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
+    m, blo, bhi = bootstrap_mean(x, 500, 0.9, 9)
+    assert m == pytest.approx(float(x.mean()), abs=1e-15)
+    assert blo == pytest.approx(lo, abs=1e-12) and bhi == pytest.approx(hi, abs=1e-12)
+
+
 def test_paired_delta_of_a_policy_with_itself_is_exactly_zero_and_pairing_removes_image_spread():
     g = torch.Generator().manual_seed(1)
     base = torch.randn(200, generator=g, dtype=torch.float64) * 20  # large spread between images

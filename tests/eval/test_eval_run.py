@@ -95,7 +95,7 @@ def test_position_noise_decoding_equals_stepping_the_env(tiny, policy):
 
 
 @pytest.mark.parametrize("noise", ["stream", "position"])
-@pytest.mark.parametrize("policy", ["raster", "random", "confident_first"])
+@pytest.mark.parametrize("policy", ["raster", "random", pytest.param("confident_first", marks=pytest.mark.slow)])
 def test_a_set_generated_in_chunks_is_the_set_generated_at_once(tiny, policy, noise):
     """first_index continues a set: samples 4..7 generated as their own chunk equal samples 4..7 of the
     whole set (sampler streams, position-noise keys and the random policy's draws all follow the
@@ -342,6 +342,7 @@ def test_a_planner_of_a_jointly_tuned_backbone_needs_that_backbone(tmp_path):
         _check_same_backbone("ppo", ppo, BackboneConfig())
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_parallel_schedules_in_the_generation_table(tmp_path):
     """Schedules `<order>@<S>[c]` generate in S forwards per image (counted), rows report forwards and
     samples/s, and fid_vs_steps.png is drawn; a token-by-token order reports its L forwards."""

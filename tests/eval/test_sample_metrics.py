@@ -3,14 +3,16 @@ bootstrap (exactly 0 on identical sets, narrower than an unpaired bootstrap on c
 FID curves over sample prefixes, improved precision/recall on hand-computed cases, the classifier
 log-probability, and the three policy figures."""
 
+import numpy as np
 import pytest
 import torch
 
 from orderplan.eval.comparison import bootstrap_mean
 from orderplan.eval.fid import bootstrap_interval, frechet_distance
-from orderplan.eval.plots import _mean_reveal_steps, fid_vs_n, policy_columns, reveal_time_heatmaps
+from orderplan.eval.plots import (_mean_reveal_steps, class_rows, fid_vs_n, policy_columns, reveal_time_heatmaps,
+                                   sample_grid)
 from orderplan.eval.sample_metrics import (class_logprob, fid_curve, fid_with_interval, frechet_from_features,
-                                              mean_interval, paired_fid_delta, precision_recall)
+                                              knn_radii, mean_interval, paired_fid_delta, precision_recall)
 from orderplan.model.blocks import BlockGeometry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -167,6 +169,24 @@ def test_precision_recall_rejects_bad_inputs(real):
         precision_recall(real, real[:, :4])
     with pytest.raises(ValueError, match="at least 4 rows"):
         precision_recall(real, real[:3], k=3)
+    with pytest.raises(ValueError, match="real_radii"):
+        precision_recall(real, real.clone(), k=3, real_radii=knn_radii(real, 3)[:-1])
+    with pytest.raises(ValueError, match="k \\+ 1 = 4 rows"):
+        knn_radii(real[:3], 3)
+
+
+def test_reused_reference_radii_give_the_same_precision_and_recall(real):
+    """A table computes the reference's radii once (knn_radii) and passes them to every policy's
+    precision_recall: the same indicators as computing them inside, and the radii are each real
+    point's distance to its k-th nearest other real point (naive double loop)."""
+    fake = _features(150, seed=5, shift=0.5)
+    radii = knn_radii(real, 3, chunk=64)
+    naive = torch.stack([torch.sort(torch.cat([(real[:i] - r).norm(dim=1), (real[i + 1:] - r).norm(dim=1)]))[0][2]
+                         for i, r in enumerate(real.double())])
+    torch.testing.assert_close(radii, naive, atol=1e-10, rtol=0)
+    a, b = precision_recall(real, fake, k=3), precision_recall(real, fake, k=3, real_radii=radii)
+    assert torch.equal(a.in_real, b.in_real) and torch.equal(a.in_fake, b.in_fake)
+    assert 0.0 < a.precision < 1.0 and 0.0 < a.recall < 1.0  # not a vacuous comparison
 
 
 # -- classifier log-probability and per-sample means --------------------------------------------
@@ -203,6 +223,21 @@ def test_mean_interval_is_bootstrap_mean_over_samples():
 
 def _is_png(path) -> bool:
     return path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sample_grid_puts_each_class_on_its_row(tmp_path):
+    """Row r of the canvas holds the first samples of the r-th class in order; a short row stays white."""
+    g = torch.Generator().manual_seed(15)
+    images = torch.rand(7, 1, 6, 5, generator=g) * 2 - 1
+    labels = torch.tensor([3, 1, 3, 1, 3, 3, 8])
+    canvas, classes = class_rows(images, labels, per_class=3, max_classes=2, gap=2)
+    assert classes == [1, 3] and canvas.shape == (2 * 8 - 2, 3 * 7 - 2, 1)
+    for r, want in enumerate([[1, 3], [0, 2, 4]]):  # class 1: samples 1, 3; class 3: the first three of 0, 2, 4, 5
+        for k in range(3):
+            cell = canvas[r * 8:r * 8 + 6, k * 7:k * 7 + 5, 0]
+            expected = ((images[want[k], 0] + 1) / 2).numpy() if k < len(want) else np.ones((6, 5))
+            np.testing.assert_allclose(cell, expected, atol=1e-6)
+    assert _is_png(sample_grid(tmp_path / "grid.png", images, labels, "grid", per_class=3))
 
 
 def test_policy_columns_writes_a_png_and_rejects_unpaired_samples(tmp_path):

@@ -394,6 +394,7 @@ def test_manager_refuses_a_resume_checkpoint_with_nan_weights(tmp_path):
         mgr.load_latest()
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_safetensors_files_are_the_same_bytes_in_every_process(tmp_path):
     # safetensors writes its metadata map in hash order, which differs between processes; the file
     # (and its checksum) must depend on the content only

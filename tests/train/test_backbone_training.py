@@ -63,13 +63,22 @@ def test_script_writes_checkpoint_summary_and_resumes_exactly(toy_codes, tmp_pat
         assert torch.equal(a[k], b[k]), f"resume is not exact: {k} differs"
 
 
-def test_resume_refuses_a_changed_run(toy_codes, tmp_path):
+def test_resume_refuses_a_changed_run(toy_codes, tmp_path, monkeypatch):
+    """In process (the script's own resume runs in the slow test above): a rerun with another batch
+    size is refused before it trains, and the first run's weights are left as they were."""
+    from orderplan.config.common import TrainBackboneRun, compose, to_typed
+    from orderplan.train.backbone import train_backbone
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     run_dir = tmp_path / "run"
-    _run(_overrides(toy_codes, run_dir, 4))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(SCRIPT)] + _overrides(toy_codes, run_dir, 8, **{"train.batch_size": 4}),
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "cannot resume" in proc.stderr
+    train_backbone(to_typed(compose("train_backbone", _overrides(toy_codes, run_dir, 4)), TrainBackboneRun))
+    before = _weights(run_dir)
+    changed = to_typed(compose("train_backbone", _overrides(toy_codes, run_dir, 8, **{"train.batch_size": 4})),
+                       TrainBackboneRun)
+    with pytest.raises(ValueError, match="cannot resume"):
+        train_backbone(changed)
+    after = _weights(run_dir)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.slow  # end-to-end (>5 s on 2 cores)

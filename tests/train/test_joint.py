@@ -126,6 +126,7 @@ def test_a_run_that_builds_its_oracle_data_equals_one_that_finds_it(setup):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_lambda_and_l_ar_shape_the_update(setup):
     small = train_bc(_run(setup, "lam_tiny", top_n=1, lam=1e-6))["joint"]
     big = train_bc(_run(setup, "lam_huge", top_n=1, lam=1e6))["joint"]
@@ -155,6 +156,7 @@ def test_start_step_delays_tuning_and_plain_bc_is_unchanged(setup):
         train_bc(_run(setup, "bad", top_n=1, start_step=4))
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_interrupted_joint_run_resumes_exactly(setup, monkeypatch):
     root = setup[0]
     straight = train_bc(_run(setup, "straight", top_n=1))

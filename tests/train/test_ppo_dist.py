@@ -51,7 +51,8 @@ def test_helpers_in_one_process_change_nothing():
 
 
 # ~15 s on 2 idle cores (most of it the two spawned interpreters importing torch and TorchRL)
-@pytest.mark.parametrize("router", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
+@pytest.mark.parametrize("router", [False, True])
 def test_two_ranks_keep_identical_weights_and_only_rank_0_writes(router, tmp_path):
     dirs = [str(tmp_path / "rank0"), str(tmp_path / "rank1")]  # one per rank: a write by rank 1 would show
     r0, r1 = launch(train_rank, 2, dirs, str(tmp_path / "out"), CFG, 2, router)
@@ -77,6 +78,7 @@ def test_two_ranks_keep_identical_weights_and_only_rank_0_writes(router, tmp_pat
     assert not torch.equal(state["rank_rng"][0]["torch"], state["rank_rng"][1]["torch"])  # own streams
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_world_size_1_under_the_launcher_is_a_plain_run(tmp_path):
     (launched,) = launch(train_rank, 1, [str(tmp_path / "launched")], str(tmp_path / "out"), CFG, 4)
     assert launched["world"] == 1

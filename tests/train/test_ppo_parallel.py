@@ -24,6 +24,7 @@ def test_the_config_is_the_parallel_router():
     assert env.coherence > 0 and env.decision_cost > 0 and run.agent.router
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 @needs_default
 def test_parallel_router_trains_and_generates_in_parallel(tmp_path):
     from orderplan.eval.evaluate import EvaluateRun, run_evaluation

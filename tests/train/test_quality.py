@@ -17,6 +17,7 @@ def _run(tmp_path, name, extra=()):
     return to_typed(compose("quality", [f"run_dir={tmp_path / name}", *QUICK, *extra]), QualityRun)
 
 
+@pytest.mark.slow  # end-to-end (>5 s on 2 cores)
 def test_quality_quick_mode_writes_the_head_the_curve_and_a_summary(tmp_path):
     summary = run_quality(_run(tmp_path, "q"))
     out = tmp_path / "q"

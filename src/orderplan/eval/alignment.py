@@ -47,7 +47,7 @@ from orderplan.data.datasets import images_to_model, load_embedded_mnist
 from orderplan.data.tokens import load_token_data
 from orderplan.eval.classifier_training import ClassifierRun, train_classifier
 from orderplan.eval.feature_net import ClassifierConfig, DigitClassifier, load_classifier
-from orderplan.eval.sample_metrics import fid_with_interval, mean_interval
+from orderplan.eval.sample_metrics import fid_with_interval, knn_radii, mean_interval
 from orderplan.eval.set_reward import SetFrechetReward
 from orderplan.infra.checkpoint import atomic_write_bytes, atomic_write_json, load_cache
 from orderplan.infra.integrity import read_json_checked
@@ -152,7 +152,7 @@ def realism_scores(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: in
     of radius_k(r) / ||fake - r||, with radius_k(r) the distance from r to its k-th nearest real
     neighbour; > 1 means inside some real point's k-NN ball. real [M, F], fake [S, F]."""
     real, fake = real.double(), fake.double()
-    radii = torch.cat([torch.cdist(c, real).kthvalue(k + 1, dim=1).values for c in real.split(chunk)])  # self at 0
+    radii = knn_radii(real, k, chunk)
     out = [(radii[None] / torch.cdist(c, real).clamp_min(1e-12)).amax(1) for c in fake.split(chunk)]
     return torch.cat(out)
 

@@ -55,7 +55,7 @@ from orderplan.eval.report import oracle_comparison
 from orderplan.eval.feature_spaces import FeatureSpaces, PixelPCA, build_space, check_spaces, default_spaces
 from orderplan.eval.fid import export_npz, extract_features, kernel_distance, load_npz_images, noise_floor
 from orderplan.eval.sample_metrics import (class_logprob, fid_curve, fid_with_interval, frechet_from_features,
-                                              mean_interval, paired_fid_delta, precision_recall)
+                                              knn_radii, mean_interval, paired_fid_delta, precision_recall)
 from orderplan.eval.sharding import SampleSet, figure_indices, generate_sharded, orders_sharded
 from orderplan.planner.orderhead import load_orderhead
 from orderplan.model.parallel import ParallelSchedule
@@ -435,12 +435,13 @@ def _generate(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels: torc
 
 
 def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels: torch.Tensor, blocks: torch.Tensor,
-                    refs: dict[str, torch.Tensor], extractor, run_dir: Path,
+                    refs: dict[str, torch.Tensor], radii: dict[str, torch.Tensor], extractor, run_dir: Path,
                     ctx: DistContext) -> tuple[dict, Generated] | tuple[None, None]:
     """Generation-mode metrics of one policy: its main set of N samples against the reference
     features refs[primary] (and a second reference), and one FID per sampler seed (module doc).
     Every rank generates its batches of each set; rank 0 computes the row, draws the figures and
-    returns it ((None, None) on the others, whose `refs` may be empty)."""
+    returns it ((None, None) on the others, whose `refs` may be empty). radii: knn_radii of the
+    reference in each space (precision and recall), computed once per run."""
     ev, st = run.eval, run.stats
     n = int(ev.policy_samples.get(spec.name, ev.num_samples))
     n_seed = seed_set_size(ev, n)
@@ -480,8 +481,8 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
                 if ev.seed_sets == "chunks" else [samples.features[:n_seed]] + [e.features for e in extra])
     sets_by = [extractor.split(f) for f in sets_all]
     # every space's FD, fid_seeds, precision and recall come from space_row; the primary's are also the row's own
-    row["spaces"] = {space: space_row(real_by[space], fake_by[space], [f[space] for f in sets_by], run)
-                     for space in extractor.names}
+    row["spaces"] = {space: space_row(real_by[space], fake_by[space], [f[space] for f in sets_by], run,
+                                      radii.get(space)) for space in extractor.names}
     row.update(row["spaces"][extractor.primary])
     seeds = row["fid_seeds"]
     row.update(fid_seeds_n=n_seed, fid_seeds_sets=ev.seed_sets, fid_seeds_mean=float(np.mean(seeds)),
@@ -498,13 +499,14 @@ def _generation_row(spec: PolicySpec, run: EvaluateRun, bb: Backbone, gen_labels
     return row, Generated(samples.features, samples.image_rows(run.plots.column_rows), samples.blocks)
 
 
-def space_row(real: torch.Tensor, fake: torch.Tensor, seed_sets: list[torch.Tensor], run: EvaluateRun) -> dict:
+def space_row(real: torch.Tensor, fake: torch.Tensor, seed_sets: list[torch.Tensor], run: EvaluateRun,
+              real_radii: torch.Tensor | None = None) -> dict:
     """One policy in one feature space: FD with its bootstrap interval, one FD per sampler-seed set
     (fid_seeds), precision and recall (k = features.pr_k) with intervals. real [M, F], fake [N, F],
-    seed_sets: [n_seed, F] each."""
+    seed_sets: [n_seed, F] each; real_radii [M]: knn_radii(real, pr_k) if already computed."""
     st = run.stats
     fid, lo, hi = fid_with_interval(real, fake, st.bootstrap, st.level, run.seed)
-    pr = precision_recall(real, fake, run.features.pr_k)
+    pr = precision_recall(real, fake, run.features.pr_k, real_radii=real_radii)
     seeds = [frechet_from_features(real, f) for f in seed_sets]
     return {"fid": fid, "fid_ci": [lo, hi], "fid_seeds": seeds, "precision": pr.precision, "recall": pr.recall,
             "pr_k": pr.k, "precision_ci": list(mean_interval(pr.in_real.double(), seed=run.seed)[1:]),
@@ -726,7 +728,7 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
         for spec in specs:
             if broadcast_object(None, ctx):  # rank 0 has no finished row of it
                 _generate_policy(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders, gen_labels, {},
-                                 extractor, ctx)
+                                 {}, extractor, ctx)
         return broadcast_object(None, ctx)
     refs = {reference_name(r): extract_features(extractor, ref_images if r == run.features.reference
                                                 else reference_images(run, side, r), run.features.batch_size,
@@ -736,6 +738,8 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
     real = extractor.split(real_all)[extractor.primary]
     second = extractor.split(list(refs.values())[1])[extractor.primary] if len(refs) > 1 else None
     floor = noise_floor(real, second, run.seed)
+    # the reference's k-NN radii, once per space rather than once per policy and space
+    radii = {space: knn_radii(x, run.features.pr_k) for space, x in extractor.split(real_all).items()}
 
     results: dict = {"num_samples": ev.num_samples, "policy_samples": dict(ev.policy_samples),
                      "sampler_seeds": list(ev.sampler_seeds), "seed_sets": ev.seed_sets, "references": {k: len(v) for k, v in refs.items()},
@@ -765,7 +769,7 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
             continue
         t0 = time.time()
         row, blocks, curve, gen_row, generated[spec.name] = _generate_policy(
-            spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders, gen_labels, refs, extractor, ctx)
+            spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders, gen_labels, refs, radii, extractor, ctx)
         row["source"] = spec.source
         orders_for_heatmap[spec.name] = blocks[:run.plots.heatmap_images]
         if curve:
@@ -800,7 +804,8 @@ def _evaluate(run: EvaluateRun, ctx: DistContext) -> dict:
 
 def _generate_policy(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes: torch.Tensor, labels: torch.Tensor,
                      images: torch.Tensor, n_tf: int, n_agree: int, n_orders: int, gen_labels: torch.Tensor,
-                     refs: dict[str, torch.Tensor], extractor, ctx: DistContext) -> tuple | None:
+                     refs: dict[str, torch.Tensor], radii: dict[str, torch.Tensor], extractor,
+                     ctx: DistContext) -> tuple | None:
     """One policy's teacher-forced row (rank 0) and generation row (every rank generates, rank 0
     computes): (row, blocks, curve, gen_row, Generated) on rank 0, None on the others."""
     if ctx.main:
@@ -814,7 +819,8 @@ def _generate_policy(spec: PolicySpec, run: EvaluateRun, bb: Backbone, codes: to
                   if spec.ground_truth and n_orders else None)
         row, blocks, curve = (_teacher_forced_row(spec, run, bb, codes, labels, images, n_tf, n_agree, n_orders, played)
                               if ctx.main else ({}, None if played is None else played[0], []))
-        gen_row, generated = _generation_row(spec, run, bb, gen_labels, blocks, refs, extractor, Path(run.run_dir), ctx)
+        gen_row, generated = _generation_row(spec, run, bb, gen_labels, blocks, refs, radii, extractor, Path(run.run_dir),
+                                             ctx)
     return (row, blocks, curve, gen_row, generated) if ctx.main else None
 
 

@@ -29,7 +29,7 @@ from orderplan.eval.comparison import bootstrap_mean
 from orderplan.eval.fid import bootstrap_interval
 
 __all__ = ["PairedFid", "PrecisionRecall", "frechet_from_features", "frechet_gaussians", "paired_fid_delta",
-           "fid_with_interval", "fid_curve", "precision_recall", "class_logprob", "mean_interval"]
+           "fid_with_interval", "fid_curve", "knn_radii", "precision_recall", "class_logprob", "mean_interval"]
 
 _Stats = tuple[torch.Tensor, torch.Tensor]  # (mean [F], covariance [F, F]), float64
 
@@ -246,8 +246,13 @@ class PrecisionRecall:
     k: int
 
 
-def _knn_radii(x: torch.Tensor, k: int, chunk: int) -> torch.Tensor:
-    """[N] distance of each row of x [N, F] to its k-th nearest neighbour among the other rows."""
+def knn_radii(x: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
+    """[N] float64 distance of each row of x [N, F] to its k-th nearest neighbour among the other
+    rows: the ball radii of precision_recall's manifold. A table that scores many sample sets against
+    one reference computes the reference's radii once and passes them as `real_radii`."""
+    if k < 1 or len(x) < k + 1:
+        raise ValueError(f"k-NN radii need k >= 1 and at least k + 1 = {k + 1} rows, got k={k}, {len(x)} rows")
+    x = x.double()
     # the (k + 1)-th smallest distance of a row counts the row itself (distance 0) first
     return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
 
@@ -257,22 +262,27 @@ def _in_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tenso
     return torch.cat([(torch.cdist(c, centres) <= radii[None]).any(1) for c in points.split(chunk)])
 
 
-def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1024) -> PrecisionRecall:
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1024,
+                     real_radii: torch.Tensor | None = None) -> PrecisionRecall:
     """Improved precision and recall of fake [S, F] against real [M, F] (Kynkaanniemi et al. 2019).
 
     Each real point's ball has the Euclidean distance to its k-th nearest OTHER real point as
     radius; the real manifold is the union of the balls. in_real[i]: fake i lies in a real ball
     (distance <= radius); precision = mean(in_real). Recall swaps the roles (fake balls with radii
     among the fakes). Distances are computed in float64 with torch.cdist over `chunk` rows at a time
-    ([chunk, M] floats per step)."""
+    ([chunk, M] floats per step). real_radii [M]: knn_radii(real, k), when the caller has them."""
     _check_features("real", real, min_rows=k + 1)
     _check_features("fake", fake, min_rows=k + 1)
     _check_same_width(real, fake=fake)
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     real, fake = real.double(), fake.double()
-    in_real = _in_manifold(fake, real, _knn_radii(real, k, chunk), chunk).cpu()
-    in_fake = _in_manifold(real, fake, _knn_radii(fake, k, chunk), chunk).cpu()
+    if real_radii is None:
+        real_radii = knn_radii(real, k, chunk)
+    elif tuple(real_radii.shape) != (len(real),):
+        raise ValueError(f"real_radii must be [{len(real)}] (one per real row), got {tuple(real_radii.shape)}")
+    in_real = _in_manifold(fake, real, real_radii.to(real), chunk).cpu()
+    in_fake = _in_manifold(real, fake, knn_radii(fake, k, chunk), chunk).cpu()
     return PrecisionRecall(float(in_real.double().mean()), float(in_fake.double().mean()), in_real, in_fake, int(k))
 
 
