@@ -48,7 +48,7 @@ class DigitNetRun(RunConfig):
     batch_size: int = 64
     lr: float = 2e-3  # AdamW peak; cosine decay to 0 over all steps
     weight_decay: float = 1e-4
-    max_shift: int = 2  # translation augmentation, pixels per axis, uniform in [-max_shift, max_shift]
+    max_shift: int = 2  # translation augmentation, pixels per axis, uniform in [-max_shift, max_shift]; 0 = off
     max_train_images: int | None = None  # N class-balanced train images only (smoke runs); null = all 4,500
     progress: bool = True  # tqdm progress bar
 
@@ -75,7 +75,6 @@ class ClassifierRun(DigitNetRun):
 
     run_dir: str = "runs/train_classifier"  # classifier.safetensors + summary.json
     out: str = DEFAULT_CLASSIFIER
-    augmentation: bool = True  # random translations (max_shift) of the training digits
     eval_batch_size: int = 500
     model: ClassifierConfig = field(default_factory=ClassifierConfig)  # orderplan.eval.feature_net.ClassifierConfig
 
@@ -149,9 +148,7 @@ def train_classifier(run: ClassifierRun) -> dict:
         perm = torch.randperm(len(x_train), generator=gen).to(device)
         loss_sum, correct = 0.0, 0
         for idx in perm.split(run.batch_size):
-            xb, yb = x_train[idx], y_train[idx]
-            if run.augmentation:
-                xb = shift_augment(xb, run.max_shift, gen)
+            xb, yb = shift_augment(x_train[idx], run.max_shift, gen), y_train[idx]
             for g in opt.param_groups:
                 g["lr"] = run.lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
             logits = model(xb)
