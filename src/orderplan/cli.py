@@ -19,6 +19,7 @@
 | train_autoencoder | train_autoencoder.yaml | orderplan.eval.autoencoder.train_autoencoder   |
 | reward_alignment | reward_alignment.yaml   | orderplan.eval.alignment.reward_alignment      |
 | quality          | quality.yaml            | orderplan.train.quality.run_quality            |
+| schedule_nll     | schedule_nll.yaml       | orderplan.eval.schedule_nll.run_schedule_nll   |
 
 `--config-name` picks another preset of the same job (e.g. `evaluate --config-name
 evaluate_generation`), exactly as with `@hydra.main`."""
@@ -47,6 +48,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "train_autoencoder": ("train_autoencoder", "orderplan.eval.autoencoder:train_autoencoder"),
     "reward_alignment": ("reward_alignment", "orderplan.eval.alignment:reward_alignment"),
     "quality": ("quality", "orderplan.train.quality:run_quality"),
+    "schedule_nll": ("schedule_nll", "orderplan.eval.schedule_nll:run_schedule_nll"),
 }
 
 
@@ -100,6 +102,7 @@ train_classifier = _entry("train_classifier")
 train_autoencoder = _entry("train_autoencoder")
 reward_alignment = _entry("reward_alignment")
 quality = _entry("quality")
+schedule_nll = _entry("schedule_nll")
 
 
 def dispatch(argv: list[str] | None = None) -> None:

@@ -81,6 +81,7 @@ def _schemas():
     from orderplan.train.vq import TrainVQConfig, check_train_vq
     from orderplan.env.factory import EnvRun, check_env_run
     from orderplan.train.quality import QualityRun, check_quality_run
+    from orderplan.eval.schedule_nll import ScheduleNLLRun, check_schedule_nll_run
 
     return {  # config name -> (schema, validation(run, check_paths))
         "bc": (BCRun, check_bc_run), "bc_generated": (BCRun, check_bc_run),
@@ -102,6 +103,7 @@ def _schemas():
         "reward_alignment": (AlignmentRun, lambda run, check_paths: check_alignment_run(run)),
         "train_vq": (TrainVQConfig, lambda run, check_paths: check_train_vq(run)),
         "quality": (QualityRun, check_quality_run),
+        "schedule_nll": (ScheduleNLLRun, lambda run, check_paths: check_schedule_nll_run(run)),
     }
 
 
@@ -206,6 +208,7 @@ def _runners():
     from orderplan.train.backbone import train_backbone
     from orderplan.train.vq import TrainVQConfig, train_vq
     from orderplan.train.quality import QualityRun, run_quality
+    from orderplan.eval.schedule_nll import ScheduleNLLRun, run_schedule_nll
 
     return {"bc": (BCRun, train_bc, "run_dir"), "ppo": (PPORun, run_ppo, "run_dir"),
             "evaluate": (EvaluateRun, run_evaluation, "run_dir"), "power": (PowerRun, run_power, "run_dir"),
@@ -217,6 +220,7 @@ def _runners():
             "train_autoencoder": (AutoencoderRun, train_autoencoder, "run_dir"),
             "reward_alignment": (AlignmentRun, reward_alignment, "run_dir"),
             "quality": (QualityRun, run_quality, "run_dir"),
+            "schedule_nll": (ScheduleNLLRun, run_schedule_nll, "run_dir"),
             "extract_codes": (ExtractCodesConfig, extract_codes, "out_dir")}
 
 
@@ -236,6 +240,8 @@ REFUSED = [
     ("train_autoencoder", ["epochs=0"], "epochs"),
     ("reward_alignment", ["num_samples=2"], "num_samples"),
     ("quality", ["grpo.kl_coef=-1"], "grpo.kl_coef"),
+    ("schedule_nll", ["schedules=[raster@5x]"], "schedules"),
+    ("schedule_nll", ["batch_size=0"], "batch_size"),
     ("extract_codes", ["num_workers=-1"], "num_workers"),
 ]
 

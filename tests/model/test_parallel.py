@@ -157,3 +157,43 @@ def test_bad_orders_and_sizes_are_refused():
         generate_parallel(model, cond, [4] * 16, "zigzag")
     with pytest.raises(ValueError, match="geometry"):
         generate_parallel(model, cond, [4] * 16, "confident")
+
+
+def test_teacher_forced_schedule_nll_is_the_factorisation_it_samples_from():
+    """forced=x scores x under the schedule's factorisation: one token per step is the backbone's
+    chain-rule NLL (forward_train); one step of all L tokens is the sum of the class-only marginals
+    (one explicit query each); every step of a confidence rule predicts its tokens from the earlier
+    steps only, so its NLL is the explicit per-step sum over the blocks it chose."""
+    model = randomized_gpt(seed=8)
+    B = 3
+    cond, order = torch.tensor([2, 5, 9]), _orders(B, seed=4)
+    x = torch.randint(0, 256, (B, 64), generator=torch.Generator().manual_seed(2))
+    sc = SamplingConfig(cfg_scale=1.0)
+    chain = generate_parallel(model, cond, [1] * 64, "order", order, sc, forced=x)
+    assert torch.equal(chain.tokens, x)
+    logp = torch.log_softmax(model.forward_train(x, cond, order).double(), -1)
+    want = -logp.gather(-1, x.gather(1, order)[..., None])[..., 0].sum(1)
+    torch.testing.assert_close(chain.nll, want, atol=1e-4, rtol=1e-6)
+
+    one = generate_parallel(model, cond, [64], "order", order, sc, forced=x)
+    marg = torch.stack([torch.log_softmax(model.query(model.init_state(cond), torch.full((B, 1), j))[0][:, 0].double(), -1)
+                        .gather(1, x[:, j:j + 1])[:, 0] for j in range(64)], 1)
+    torch.testing.assert_close(one.nll, -marg.sum(1), atol=1e-4, rtol=1e-6)
+    assert bool((one.nll != chain.nll).all())  # the factorisations differ on these tokens
+
+    conf = generate_parallel(model, cond, step_sizes(64, 8), "confident", sc=sc, geometry=GEOM, forced=x)
+    total = torch.zeros(B, dtype=torch.float64)
+    for b in range(B):  # replay the chosen order step by step: 8 tokens per step, each from the earlier steps
+        for s in range(8):
+            state = model.init_state(cond[b:b + 1])
+            prev = conf.order[b:b + 1, :8 * s]
+            if s:
+                model.append(state, x[b:b + 1].gather(1, prev), prev)
+            lg, _ = model.query(state, conf.order[b:b + 1, 8 * s:8 * s + 8])
+            tgt = x[b:b + 1].gather(1, conf.order[b:b + 1, 8 * s:8 * s + 8])
+            total[b] -= torch.log_softmax(lg.double(), -1).gather(-1, tgt[..., None]).sum()
+    torch.testing.assert_close(conf.nll, total, atol=1e-4, rtol=1e-6)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        generate_parallel(model, cond, [64], "order", order, SamplingConfig(cfg_scale=2.0), forced=x)
+    with pytest.raises(ValueError, match="forced"):
+        generate_parallel(model, cond, [64], "order", order, sc, forced=x[:, :10])

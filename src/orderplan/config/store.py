@@ -37,6 +37,7 @@ SCHEMAS: dict[str, str] = {
     "train_autoencoder": "orderplan.eval.autoencoder:AutoencoderRun",
     "reward_alignment": "orderplan.eval.alignment:AlignmentRun",
     "quality": "orderplan.train.quality:QualityRun",
+    "schedule_nll": "orderplan.eval.schedule_nll:ScheduleNLLRun",
     "train_vq": "orderplan.train.vq:TrainVQConfig",
 }
 # config group -> (the key it fills, its schema): group presets hold overrides of these defaults

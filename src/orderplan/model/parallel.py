@@ -115,20 +115,28 @@ class ParallelSamples:
     order: torch.Tensor  # [B, L] raster positions in the order they entered the cache
     step_of: torch.Tensor  # [B, L] long: the decision (0..S-1) that sampled each raster position
     forwards: int  # backbone forwards run (= S)
+    nll: torch.Tensor | None = None  # [B] float64 nats per image, teacher forcing only (`forced`)
 
 
 @torch.no_grad()
 def generate_parallel(model: GPT, cond: torch.Tensor, sizes: Sequence[int], rule: str = "order",
                       order: torch.Tensor | None = None, sc: SamplingConfig | None = None,
                       generator: torch.Generator | None = None, keys: torch.Tensor | None = None,
-                      geometry: BlockGeometry | None = None) -> ParallelSamples:
+                      geometry: BlockGeometry | None = None, forced: torch.Tensor | None = None) -> ParallelSamples:
     """Sample images [B, L] of classes cond [B] in len(sizes) forwards; see the module doc.
 
     sizes: tokens per decision (`step_sizes`), summing to L. Rule `order` needs `order` [B, L] (raster
     positions, each row a permutation; checked once here); the confidence rules need the block
     `geometry`. sc, generator, keys: as in `orderplan.model.sampling.generate` (sc.noise = position
     draws each token's noise from its row key and raster position, so a token's draw does not depend
-    on which step sampled it)."""
+    on which step sampled it).
+
+    forced [B, L] (raster layout): teacher forcing. Each step takes these tokens instead of sampling
+    and adds -log p(x_j | tokens of the earlier steps) of its targets to `nll` [B] (nats, the
+    conditional model's own logits: no CFG, temperature or truncation, so sc.cfg_scale must be 1):
+    the likelihood of the data under the factorisation this schedule samples from, every step's
+    tokens predicted independently of each other. The confidence rules choose their blocks from the
+    same entropies as when sampling."""
     sc = SamplingConfig() if sc is None else sc
     L = model.cfg.num_tokens
     B, dev = cond.shape[0], cond.device
@@ -137,6 +145,13 @@ def generate_parallel(model: GPT, cond: torch.Tensor, sizes: Sequence[int], rule
         raise ValueError(f"step sizes must be >= 1 and sum to L={L}, got {sizes}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if forced is not None:
+        if forced.shape != (B, L) or forced.dtype.is_floating_point:
+            raise ValueError(f"forced must be integer tokens [B={B}, L={L}], got {tuple(forced.shape)} {forced.dtype}")
+        if sc.cfg_scale != 1.0:
+            raise ValueError("teacher forcing (forced=...) scores the conditional model: use sc.cfg_scale=1")
+        forced = forced.to(dev).long()
+        nll = torch.zeros(B, dtype=torch.float64, device=dev)
     if rule == "order":
         if order is None or order.shape != (B, L):
             raise ValueError(f"rule 'order' needs a token order [B={B}, L={L}]")
@@ -193,7 +208,11 @@ def generate_parallel(model: GPT, cond: torch.Tensor, sizes: Sequence[int], rule
             targets = want
         Q = targets.shape[1]
         flat_keys = None if keys is None else keys[:, None].expand(B, Q).reshape(-1)
-        tok = sample_logits(logits.reshape(B * Q, -1), sc, generator, flat_keys, targets.reshape(-1)).view(B, Q)
+        if forced is None:
+            tok = sample_logits(logits.reshape(B * Q, -1), sc, generator, flat_keys, targets.reshape(-1)).view(B, Q)
+        else:
+            tok = forced.gather(1, targets)
+            nll -= torch.log_softmax(logits.double(), -1).gather(-1, tok[..., None])[..., 0].sum(1)
         out[rows[:, None], targets] = tok
         seen[rows[:, None], targets] = True
         step_of[rows[:, None], targets] = s
@@ -206,7 +225,7 @@ def generate_parallel(model: GPT, cond: torch.Tensor, sizes: Sequence[int], rule
         else:
             model.feed(state, tok[:, 0].repeat(rep), targets[:, 0].repeat(rep), validate=False)
             rest_tok, rest_pos = tok[:, 1:].repeat(rep, 1), targets[:, 1:].repeat(rep, 1)
-    return ParallelSamples(out, plan, step_of, len(sizes))
+    return ParallelSamples(out, plan, step_of, len(sizes), nll if forced is not None else None)
 
 
 # -- named schedules (the baselines of the FID-against-steps table) ---------------------------------
