@@ -197,3 +197,21 @@ def test_teacher_forced_schedule_nll_is_the_factorisation_it_samples_from():
         generate_parallel(model, cond, [64], "order", order, SamplingConfig(cfg_scale=2.0), forced=x)
     with pytest.raises(ValueError, match="forced"):
         generate_parallel(model, cond, [64], "order", order, sc, forced=x[:, :10])
+
+
+def test_token_level_orders_are_the_documented_permutations():
+    """token_raster is row-major; lattice visits the 16 stride-4 sub-lattices one after the other (a
+    16-step schedule on 8x8 samples 4 tokens pairwise 4 apart per step), parity classes first."""
+    from orderplan.model.parallel import ParallelSchedule, token_level_order
+
+    assert torch.equal(token_level_order("token_raster", 8, 8), torch.arange(64))
+    lat = token_level_order("lattice", 8, 8)
+    assert torch.equal(lat.sort().values, torch.arange(64))
+    steps = lat.view(16, 4)
+    r, c = steps // 8, steps % 8
+    assert bool(((r % 4) == (r[:, :1] % 4)).all() and ((c % 4) == (c[:, :1] % 4)).all())  # one sub-lattice per step
+    assert steps[0].tolist() == [0, 4, 32, 36] and steps[1].tolist() == [2, 6, 34, 38]  # (0,0), then (0,2)
+    orders = ParallelSchedule.parse("lattice@16").token_orders(3, GEOM, None)
+    assert orders.shape == (3, 64) and torch.equal(orders[2], lat)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        token_level_order("lattice", 6, 8)

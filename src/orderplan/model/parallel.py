@@ -6,10 +6,11 @@ decision (p(x_j | x_S) for each chosen j, the target-aware query rows). The m to
 independently from those conditionals with LlamaGen's sampler (CFG, temperature, top-k, top-p, and
 either noise of `orderplan.model.sampling`). So an image costs S forwards, whatever the sizes m_s.
 
-A schedule is the sizes m_1..m_S (sum L) and a rule for the token order, which is always blocks in
-some order with the tokens of a block in raster order, as the env reveals them (the backbone is
-trained on such orders: a token-level raster or random order is out of its distribution). Step s
-samples the next m_s tokens of that order, so with S = N one block per forward, with S < N several
+A schedule is the sizes m_1..m_S (sum L) and a rule for the token order, which is blocks in some
+order with the tokens of a block in raster order, as the env reveals them (the backbone is trained
+on such orders: a token-level raster or random order is out of its distribution; the two
+TOKEN_ORDERS, which are not whole blocks, exist only to measure that). Step s samples the next m_s
+tokens of that order, so with S = N one block per forward, with S < N several
 blocks, with S > N part of a block. Rules:
 
 * `order`: a block order fixed in advance (raster, random, halton), given as its token order [B, L].
@@ -231,15 +232,35 @@ def generate_parallel(model: GPT, cond: torch.Tensor, sizes: Sequence[int], rule
 # -- named schedules (the baselines of the FID-against-steps table) ---------------------------------
 
 SCHEDULE_ORDERS = ("raster", "random", "halton")  # block orders of rule `order`
-SCHEDULE_NAMES = (*SCHEDULE_ORDERS, "confident", "spread_confident")
+# token orders that are not whole blocks (rule `order`): outside the orders the backbone was trained on,
+# kept to measure what spreading a step's tokens below the block level would give (docs/results.md)
+TOKEN_ORDERS = ("token_raster", "lattice")
+SCHEDULE_NAMES = (*SCHEDULE_ORDERS, *TOKEN_ORDERS, "confident", "spread_confident")
+
+
+def token_level_order(name: str, grid_h: int, grid_w: int) -> torch.Tensor:
+    """[L] raster positions of a TOKEN_ORDERS order. token_raster: row-major over single tokens.
+    lattice: the grid split into the 16 sub-lattices {(r, c): r = r0, c = c0 (mod 4)}, one after the
+    other, the offsets (r0, c0) grouped by parity ((r0 % 2, c0 % 2) = (0,0), (0,1), (1,0), (1,1), then
+    row-major) so that consecutive sub-lattices interleave; on an 8x8 grid a 16-step schedule samples
+    4 tokens 4 apart in each step. Needs grid sides divisible by 4."""
+    if name == "token_raster":
+        return torch.arange(grid_h * grid_w)
+    if name != "lattice":
+        raise ValueError(f"unknown token order {name!r}; expected one of {TOKEN_ORDERS}")
+    if grid_h % 4 or grid_w % 4:
+        raise ValueError(f"the lattice order needs grid sides divisible by 4, got {grid_h}x{grid_w}")
+    offsets = sorted(((r, c) for r in range(4) for c in range(4)), key=lambda o: (o[0] % 2, o[1] % 2, o))
+    return torch.tensor([r * grid_w + c for r0, c0 in offsets for r in range(r0, grid_h, 4) for c in range(c0, grid_w, 4)])
 
 
 @dataclass(frozen=True)
 class ParallelSchedule:
     """A fixed parallel-decoding schedule, named `<name>@<S>` (equal sizes) or `<name>@<S>c` (cosine):
     S forwards per image. name: raster | random | halton (block orders of `orderplan.model.orders`:
-    row-major, a uniform permutation per image, the 2D Halton order) | confident | spread_confident
-    (the rules of the module doc)."""
+    row-major, a uniform permutation per image, the 2D Halton order) | token_raster | lattice (token
+    orders that are not whole blocks, `token_level_order`) | confident | spread_confident (the rules
+    of the module doc)."""
 
     name: str
     steps: int
@@ -251,7 +272,7 @@ class ParallelSchedule:
 
     @property
     def rule(self) -> str:
-        return "order" if self.name in SCHEDULE_ORDERS else self.name
+        return "order" if self.name in SCHEDULE_ORDERS + TOKEN_ORDERS else self.name
 
     @classmethod
     def parse(cls, entry: str) -> "ParallelSchedule | None":
@@ -269,7 +290,10 @@ class ParallelSchedule:
 
     def token_orders(self, batch: int, geometry: BlockGeometry, generator: torch.Generator | None) -> torch.Tensor | None:
         """[batch, L] token orders of rule `order`: the named block order, tokens of a block in
-        raster order (None for the confidence rules, which choose blocks as they decode)."""
+        raster order, or a TOKEN_ORDERS order (None for the confidence rules, which choose blocks as
+        they decode)."""
         if self.rule != "order":
             return None
+        if self.name in TOKEN_ORDERS:
+            return token_level_order(self.name, geometry.grid_h, geometry.grid_w).expand(batch, -1).clone()
         return geometry.token_order(block_order(self.name, geometry, batch=batch, generator=generator))
