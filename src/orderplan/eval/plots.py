@@ -35,8 +35,11 @@ def _block_pixels(geometry: BlockGeometry, height: int, width: int) -> tuple[int
     return height // geometry.blocks_h, width // geometry.blocks_w
 
 
+GRID_GAP = 2  # pixels of white between the cells of a sample grid
+
+
 def class_rows(images: torch.Tensor, labels: torch.Tensor, per_class: int, max_classes: int,
-               gap: int = 2) -> tuple[np.ndarray, list[int]]:
+               gap: int = GRID_GAP) -> tuple[np.ndarray, list[int]]:
     """Tile images [S, C, H, W] in [-1, 1] into one canvas [R * (H + gap) - gap, per_class * (W + gap) - gap, C]
     in [0, 1]: row r holds the first `per_class` samples of the r-th class present (the first
     `max_classes` classes), white gutters, a white cell where a class has fewer samples. Returns the
@@ -63,7 +66,7 @@ def sample_grid(path: str | Path, images: torch.Tensor, labels: torch.Tensor, ti
     ax.imshow(canvas[..., 0] if C == 1 else canvas, cmap="gray" if C == 1 else None, vmin=0, vmax=1,
               interpolation="nearest")
     ax.set_xticks([])
-    ax.set_yticks([r * (H + 2) + H / 2 - 0.5 for r in range(len(classes))], [f"class {c}" for c in classes],
+    ax.set_yticks([r * (H + GRID_GAP) + H / 2 - 0.5 for r in range(len(classes))], [f"class {c}" for c in classes],
                   fontsize=6)
     ax.tick_params(length=0)
     for side in ax.spines.values():
