@@ -92,6 +92,7 @@ def _schemas():
         "evaluate_steps_router": (EvaluateRun, check_evaluate_run), "evaluate_spaces": (EvaluateRun, check_evaluate_run),
         "evaluate_quality": (EvaluateRun, check_evaluate_run),
         "evaluate_quality_curve": (EvaluateRun, check_evaluate_run),
+        "evaluate_quality_discriminator": (EvaluateRun, check_evaluate_run),
         "extract_codes": (ExtractCodesConfig, check_extract_codes),
         "make_env": (EnvRun, check_env_run),
         "power": (PowerRun, check_power_run),
@@ -102,14 +103,14 @@ def _schemas():
         "train_autoencoder": (AutoencoderRun, lambda run, check_paths: check_autoencoder_run(run)),
         "reward_alignment": (AlignmentRun, lambda run, check_paths: check_alignment_run(run)),
         "train_vq": (TrainVQConfig, lambda run, check_paths: check_train_vq(run)),
-        "quality": (QualityRun, check_quality_run),
+        "quality": (QualityRun, check_quality_run), "quality_discriminator": (QualityRun, check_quality_run),
         "schedule_nll": (ScheduleNLLRun, lambda run, check_paths: check_schedule_nll_run(run)),
     }
 
 
 # Defaults that name another job's output (a BC head): their paths exist only after that job ran.
 NEEDS_EARLIER_RUN = {"bc_generated", "ppo", "ppo_generated", "ppo_parallel", "evaluate_quality", "evaluate_steps_router",
-                     "evaluate_quality_curve"}
+                     "evaluate_quality_curve", "evaluate_quality_discriminator"}
 
 
 def test_every_config_has_a_validation():
@@ -161,6 +162,9 @@ BAD = [  # (config, override, the key its error must name, a piece of the allowe
     ("quality", "grpo.group_size=1", "grpo.group_size", ">= 2"),
     ("quality", "grpo.clip=0", "grpo.clip", "(0, 1]"),
     ("quality", "reward.spaces=[autoencoder]", "reward.spaces", "pixel_pca"),
+    ("quality", "reward.kind=fid", "reward.kind", "discriminator"),
+    ("quality_discriminator", "reward.discriminator.buffer=0", "reward.discriminator.buffer", ">= 1"),
+    ("quality_discriminator", "reward.discriminator.real=train", "reward.discriminator.real", "reconstructions"),
     ("extract_codes", "batch_size=0", "batch_size", ">= 1"),
     ("make_env", "batch_size=-2", "batch_size", ">= 1"),
 ]

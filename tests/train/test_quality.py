@@ -13,8 +13,8 @@ QUICK = ["grpo.iterations=2", "grpo.groups=2", "grpo.group_size=3", "grpo.miniba
          "curve_every=1", "grpo.ckpt_every=1"]
 
 
-def _run(tmp_path, name, extra=()):
-    return to_typed(compose("quality", [f"run_dir={tmp_path / name}", *QUICK, *extra]), QualityRun)
+def _run(tmp_path, name, extra=(), preset="quality"):
+    return to_typed(compose(preset, [f"run_dir={tmp_path / name}", *QUICK, *extra]), QualityRun)
 
 
 @pytest.mark.slow  # end-to-end (>5 s on 2 cores)
@@ -42,3 +42,20 @@ def test_quality_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="kl_coef"):
         run_quality(_run(tmp_path, "cut", ["grpo.kl_coef=0.5", "grpo.iterations=3"]))
+
+
+@pytest.mark.slow
+def test_quality_on_the_discriminator_reward_resumes_exactly(tmp_path):
+    """AdaNAT's reward: the discriminator, its optimiser, minibatch stream and buffer resume with the head."""
+    quick = ["reward.discriminator.steps=3", "reward.discriminator.steps_per_iteration=2",
+             "reward.discriminator.buffer=10"]
+    straight = run_quality(_run(tmp_path, "straight", quick, preset="quality_discriminator"))
+    run_quality(_run(tmp_path, "cut", [*quick, "grpo.iterations=1"], preset="quality_discriminator"))
+    resumed = run_quality(_run(tmp_path, "cut", quick, preset="quality_discriminator"))
+    a, _ = load_safetensors(tmp_path / "straight" / "orderhead.safetensors")
+    b, _ = load_safetensors(tmp_path / "cut" / "orderhead.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the paid reward is the discriminator's log-odds (not the FD share) and continues exactly after the cut
+    for h, g in zip(straight["history"], resumed["history"]):
+        assert h["reward"] == g["reward"] and h["discriminator_loss"] == g["discriminator_loss"]
+    assert "discriminator_log_odds" in straight["curve"][0] and 0 <= straight["history"][-1]["called_real"] <= 1

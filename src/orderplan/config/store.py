@@ -26,6 +26,7 @@ SCHEMAS: dict[str, str] = {
     "evaluate_spaces": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_quality": "orderplan.eval.evaluate:EvaluateRun",
     "evaluate_quality_curve": "orderplan.eval.evaluate:EvaluateRun",
+    "evaluate_quality_discriminator": "orderplan.eval.evaluate:EvaluateRun",
     "extract_codes": "orderplan.data.extract:ExtractCodesConfig",
     "make_env": "orderplan.env.factory:EnvRun",
     "power": "orderplan.eval.power:PowerRun",
@@ -37,6 +38,7 @@ SCHEMAS: dict[str, str] = {
     "train_autoencoder": "orderplan.eval.autoencoder:AutoencoderRun",
     "reward_alignment": "orderplan.eval.alignment:AlignmentRun",
     "quality": "orderplan.train.quality:QualityRun",
+    "quality_discriminator": "orderplan.train.quality:QualityRun",
     "schedule_nll": "orderplan.eval.schedule_nll:ScheduleNLLRun",
     "train_vq": "orderplan.train.vq:TrainVQConfig",
 }

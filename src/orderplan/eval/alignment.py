@@ -16,6 +16,9 @@ policy seeds, so sample i here is sample i of the table):
 - `discriminator` (c): log D(x) - log(1 - D(x)) of a small pixel CNN trained to tell the train split
   from generated samples (the first half of every policy's samples, pooled), scored on the second
   half (AdaNAT's reward, here trained once rather than alongside the policy).
+- `discriminator_vq` (c'): the same, with the train split's VQ reconstructions as its real side. The
+  raw split differs from every decoded image by the codec's signature, which no order changes and
+  which (c) learns first.
 - `judge` (d): log p(conditioning class | x) under a second digit classifier with another
   architecture and seed, trained here on the train split.
 - `set_fd` (e): the quality planner's reward (orderplan.eval.set_reward), a set-level one: per
@@ -46,6 +49,8 @@ from orderplan.config.common import RunConfig, check_run_config, compose, to_typ
 from orderplan.data.datasets import images_to_model, load_embedded_mnist
 from orderplan.data.tokens import load_token_data
 from orderplan.eval.classifier_training import ClassifierRun, train_classifier
+from orderplan.eval.discriminator import (DiscriminatorSpec, PixelDiscriminator, check_discriminator_spec,
+                                         vq_reconstructions)
 from orderplan.eval.feature_net import ClassifierConfig, DigitClassifier, load_classifier
 from orderplan.eval.sample_metrics import fid_with_interval, knn_radii, mean_interval
 from orderplan.eval.set_reward import SetFrechetReward
@@ -61,7 +66,8 @@ from orderplan.model.orders import block_order
 __all__ = ["AlignmentRun", "JudgeSpec", "DiscriminatorSpec", "check_alignment_run", "reward_alignment",
            "spearman", "realism_scores", "REWARDS"]
 
-REWARDS = ("entropy_drop", "likelihood", "discriminator", "judge", "set_fd")
+REWARDS = ("entropy_drop", "likelihood", "discriminator", "discriminator_vq", "judge", "set_fd")
+DISCRIMINATORS = ("discriminator", "discriminator_vq")  # scored on each policy's second half
 
 
 @dataclass
@@ -72,17 +78,6 @@ class JudgeSpec:
     num_features: int = 32
     epochs: int = 4
     seed: int = 2
-
-
-@dataclass
-class DiscriminatorSpec:
-    """Reward (c): a pixel CNN (DigitClassifier layout, two classes: generated 0, real 1)."""
-
-    channels: list[int] = field(default_factory=lambda: [16, 32, 32])
-    steps: int = 400
-    batch_size: int = 64
-    lr: float = 1e-3
-    seed: int = 3
 
 
 @dataclass
@@ -106,8 +101,7 @@ def check_alignment_run(run: AlignmentRun) -> None:
     check_int("num_samples", run.num_samples, 8)
     check_int("likelihood_orders", run.likelihood_orders, 1)
     check_int("judge.epochs", run.judge.epochs, 1)
-    check_int("discriminator.steps", run.discriminator.steps, 1)
-    check_int("discriminator.batch_size", run.discriminator.batch_size, 2)
+    check_discriminator_spec(run.discriminator)
     check_int("bootstrap", run.bootstrap, 10)
     check_range("level", run.level, 0.0, 1.0, lo_open=True, hi_open=True)
     check_int("knn_k", run.knn_k, 1)
@@ -179,21 +173,11 @@ def likelihood_reward(gpt, tokens: torch.Tensor, labels: torch.Tensor, geom: Blo
 
 
 def train_discriminator(real: torch.Tensor, fake: torch.Tensor, spec: DiscriminatorSpec) -> DigitClassifier:
-    """A pixel CNN with logits [generated, real] trained on real [M, 1, S, S] vs fake [N, 1, S, S]
-    with balanced batches (half real, half fake)."""
-    torch.manual_seed(spec.seed)
-    g = torch.Generator().manual_seed(spec.seed)
-    model = DigitClassifier(ClassifierConfig(channels=spec.channels, num_features=32, num_classes=2, dropout=0.0)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
-    half = spec.batch_size // 2
-    y = torch.cat([torch.ones(half, dtype=torch.long), torch.zeros(half, dtype=torch.long)])
-    for _ in progress(range(spec.steps), desc="discriminator"):
-        x = torch.cat([real[torch.randint(len(real), (half,), generator=g)], fake[torch.randint(len(fake), (half,), generator=g)]])
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval()
+    """A pixel CNN with logits [generated, real] trained once on real [M, 1, S, S] vs fake [N, 1, S, S]
+    for spec.steps balanced batches (orderplan.eval.discriminator)."""
+    disc = PixelDiscriminator(spec)
+    disc.update(real, fake, spec.steps, bar=True)
+    return disc.model.eval()
 
 
 @torch.no_grad()
@@ -272,8 +256,10 @@ def reward_alignment(run: AlignmentRun) -> dict:
     # (c) the discriminator: trained on the first half of every policy's samples, scored on the second
     real_pixels = images_to_model(load_embedded_mnist("train")[0])
     half = n // 2
-    disc = train_discriminator(real_pixels, torch.cat([p["samples"].images[:half] for p in per.values()]),
-                               run.discriminator)
+    fakes = torch.cat([p["samples"].images[:half] for p in per.values()])
+    disc = train_discriminator(real_pixels, fakes, run.discriminator)
+    # (c') the same against the train split's VQ reconstructions: it cannot win on the codec's signature
+    disc_vq = train_discriminator(vq_reconstructions(bb, ev.backbone, "train"), fakes, run.discriminator)
     set_reward = SetFrechetReward(real_pixels, ["pixel_pca"], ev.features.pca_components, ev.features.random_seed)
     rows: dict[str, dict] = {}
     per_sample: dict[str, list[torch.Tensor]] = {r: [] for r in REWARDS}
@@ -287,6 +273,8 @@ def reward_alignment(run: AlignmentRun) -> dict:
         }
         d = _logits(disc, s.images[half:])
         rewards["discriminator"] = d[:, 1] - d[:, 0]
+        d = _logits(disc_vq, s.images[half:])
+        rewards["discriminator_vq"] = d[:, 1] - d[:, 0]
         pca = set_reward.features(s.images)["pixel_pca"]
         rewards["set_fd"] = set_reward.from_features({"pixel_pca": pca}).reward.double()
         real_score = realism_scores(real_primary, extractor.split(p["features"])[extractor.primary], run.knn_k)
@@ -318,7 +306,7 @@ def reward_alignment(run: AlignmentRun) -> dict:
                                        "ci": _bootstrap_spearman(mean, neg_fd, run.bootstrap, run.level, run.seed)}
         # per sample, pooled over policies (the discriminator is scored on each policy's second half)
         vals = torch.cat(per_sample[r])
-        rs = torch.cat([x[half:] for x in realism]) if r == "discriminator" else torch.cat(realism)
+        rs = torch.cat([x[half:] for x in realism]) if r in DISCRIMINATORS else torch.cat(realism)
         g = torch.Generator().manual_seed(run.seed)
         # a random subset of at most 4,000 samples, point and interval alike (each resample re-ranks)
         sub = torch.randperm(len(vals), generator=g)[:4000]

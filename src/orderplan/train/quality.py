@@ -18,6 +18,16 @@ train split in the training spaces (orderplan.eval.set_reward: pixel_pca by defa
 classifier or the held-out autoencoder). Advantages are group-relative, and the loss carries the
 exact KL to the anchor confident_sampled (grpo.kl_coef nats per unit of advantage).
 
+The other reward (`reward.kind=discriminator`, preset configs/quality_discriminator.yaml): AdaNAT's.
+A pixel discriminator (orderplan.eval.discriminator, not a FID network) is warmed up on the start
+policy's iteration-0 curve samples against the train split's VQ reconstructions; each iteration pays every sample its
+log-odds of real, scored before the discriminator has seen it, then the samples join a FIFO buffer and
+the discriminator takes `steps_per_iteration` steps. Its weights, optimiser, minibatch stream and
+buffer are in the checkpoints, so a resumed run continues exactly. Why reconstructions and not the raw
+split (`reward.discriminator.real`): the discriminator tells raw digits from the VQ reconstructions of
+the same digits with 98% held-out accuracy (log-odds about +-11 nats), which is the codec's signature;
+against the raw split it pays every sample about -10 to -17 nats for what no order can change.
+
 Monitors. Every iteration logs the reward, the batch FD per training space, the policy entropy and
 the KL to the anchor. Every `curve_every` iterations (and at 0, before any update: then the planner
 IS confident_sampled) the planner generates `curve_samples` images on fixed labels, noise and block
@@ -54,6 +64,7 @@ from orderplan.model.sampling import row_keys
 from orderplan.planner.orderhead import OrderHead, orderhead_config_for, save_orderhead
 from orderplan.train.grpo import (GRPOConfig, categorical_entropy, check_grpo_config, group_advantages, group_index,
                                  grpo_loss, masked_log_softmax)
+from orderplan.eval.discriminator import DiscriminatorSpec, PixelDiscriminator, check_discriminator_spec, vq_reconstructions
 from orderplan.eval.set_reward import SetFrechetReward, check_reward_spaces
 
 OBS_KEYS = ("hidden", "block_mask", "label", "entropy", "query_hidden")  # what the planner reads
@@ -68,12 +79,36 @@ class QualityAgentSpec:
 
 
 @dataclass
+class OnlineDiscriminatorSpec(DiscriminatorSpec):
+    """reward.kind=discriminator: the pixel discriminator trained alongside the policy (AdaNAT).
+    `steps` are its warm-up steps on the iteration-0 curve samples (the start policy's), before any update."""
+
+    steps_per_iteration: int = 25  # Adam steps after each iteration's samples join the buffer
+    buffer: int = 1024  # the most recent generated samples it trains on (FIFO)
+    # its real side. reconstructions: the reference split's token grids decoded by the VQ, the images a
+    # perfect token generator would make; images: the raw split, whose difference from any decoded
+    # image (the codec's signature, which no order changes) it learns first (module doc)
+    real: str = "reconstructions"
+
+
+DISCRIMINATOR_REAL = ("reconstructions", "images")
+
+
+REWARD_KINDS = ("set_fd", "discriminator")
+
+
+@dataclass
 class QualityRewardSpec:
-    # training-only feature spaces the reward reads (orderplan.eval.set_reward.TRAINING_SPACES)
+    # set_fd: each sample's leave-one-out share of the batch FD in `spaces` (orderplan.eval.set_reward);
+    # discriminator: its log-odds of real under a pixel discriminator trained alongside the policy
+    kind: str = "set_fd"
+    # training-only feature spaces the set_fd reward reads (orderplan.eval.set_reward.TRAINING_SPACES);
+    # with either kind, the batch FD and the learning curve are logged in them
     spaces: list[str] = field(default_factory=lambda: ["pixel_pca"])
     reference: str = "train"  # the real images: the embedded train split (as evaluation's features.reference)
     pca_components: int = 32  # as evaluation's features.pca_components
     random_seed: int = 0  # random_relu's weights, as evaluation's features.random_seed
+    discriminator: OnlineDiscriminatorSpec = field(default_factory=OnlineDiscriminatorSpec)
 
 
 @dataclass
@@ -104,7 +139,12 @@ def check_quality_run(run: QualityRun, check_paths: bool = True) -> None:
                          "members differ only by their order), env.beliefs=true (its anchor reads the entropies), "
                          "one block per decision (env.budget=null, env.parallel=false) and env.query=full")
     check_grpo_config(run.grpo)
+    check_choice("reward.kind", run.reward.kind, REWARD_KINDS)
     check_reward_spaces(run.reward.spaces)
+    check_discriminator_spec(run.reward.discriminator, "reward.discriminator")
+    check_int("reward.discriminator.steps_per_iteration", run.reward.discriminator.steps_per_iteration, 0)
+    check_int("reward.discriminator.buffer", run.reward.discriminator.buffer, 1)
+    check_choice("reward.discriminator.real", run.reward.discriminator.real, DISCRIMINATOR_REAL)
     check_choice("reward.reference", run.reward.reference, ("train", "heldout"))
     check_int("reward.pca_components", run.reward.pca_components, 1)
     check_range("agent.anchor_tau", run.agent.anchor_tau, 0.0, lo_open=True, note=" (nats)")
@@ -113,7 +153,7 @@ def check_quality_run(run: QualityRun, check_paths: bool = True) -> None:
     check_int("curve_every", run.curve_every, 0)
     check_int("curve_samples", run.curve_samples, 3, note=" (a covariance and a 3-NN radius)")
     if run.grpo.groups * run.grpo.group_size < 3:
-        raise ValueError("grpo.groups * grpo.group_size must be >= 3: the reward is a leave-one-out batch FD")
+        raise ValueError("grpo.groups * grpo.group_size must be >= 3: the batch FD is a leave-one-out one")
 
 
 # -- rollouts ------------------------------------------------------------------------------------
@@ -202,9 +242,10 @@ def build_head(run: QualityRun, core: OrderPlanningCore) -> OrderHead:
 
 
 def curve_point(core: OrderPlanningCore, model: OrderHead, reward: SetFrechetReward, run: QualityRun,
-                iteration: int, updates: int) -> dict:
+                iteration: int, updates: int) -> tuple[dict, torch.Tensor]:
     """The learning-curve record at `iteration`: samples on the fixed curve labels and noise
-    (`generate_samples`), their FD, precision and recall in every training space."""
+    (`generate_samples`), their FD, precision and recall in every training space; and the samples
+    [curve_samples, C, H, W]."""
     model.eval()
     idx = balanced_images(core.labels, run.curve_samples)
     images = generate_samples(core, model, idx, run.seed)
@@ -215,7 +256,7 @@ def curve_point(core: OrderPlanningCore, model: OrderHead, reward: SetFrechetRew
         pr = precision_recall(real[name], x)
         point[name] = {"fd": reward.from_features({name: x}).fd[name], "precision": pr.precision, "recall": pr.recall}
     model.train()
-    return point
+    return point, images
 
 
 def _identity(run: QualityRun) -> dict:
@@ -233,8 +274,13 @@ def run_quality(run: QualityRun) -> dict:
     g = run.grpo
     B = g.groups * g.group_size
     core = make_core(run.backbone, env=replace(run.env, split="train"), batch_size=B, device=run.device, seed=run.seed)
-    reward = SetFrechetReward(reference_images(run.reward), run.reward.spaces, run.reward.pca_components,
-                              run.reward.random_seed)
+    real = reference_images(run.reward)
+    reward = SetFrechetReward(real, run.reward.spaces, run.reward.pca_components, run.reward.random_seed)
+    dspec = run.reward.discriminator
+    disc = PixelDiscriminator(dspec) if run.reward.kind == "discriminator" else None
+    if disc is not None and dspec.real == "reconstructions":  # the discriminator's real side (OnlineDiscriminatorSpec)
+        real = vq_reconstructions(core.bb, run.backbone, run.reward.reference)
+    buffer = None  # the discriminator's generated side: the most recent samples
     model = build_head(run, core).train()
     opt = torch.optim.Adam(model.parameters(), lr=g.lr)
     manager = CheckpointManager(out / "checkpoints", keep_last=g.keep_checkpoints)
@@ -247,13 +293,22 @@ def run_quality(run: QualityRun) -> dict:
         opt.load_state_dict(state["optim"])
         start, updates = int(state["iteration"]), int(state["updates"])
         curve, history = list(state["curve"]), list(state["history"])
+        if disc is not None:
+            disc.load_state_dict(state["discriminator"])
+            buffer = state["buffer"]
         print(f"resuming from {manager.latest()} (iteration {start})")
     logger = Logger(run, out, job="quality")
+    paid_by = (f"leave-one-out FD share in {run.reward.spaces}" if disc is None else
+               "log-odds of real under a pixel discriminator trained alongside")
     print(f"quality planner: GRPO in generation mode, {g.iterations} iterations of {g.groups} groups x "
-          f"{g.group_size}, reward = leave-one-out FD share in {run.reward.spaces}, KL {g.kl_coef} to "
-          f"confident_sampled(tau={run.agent.anchor_tau})")
+          f"{g.group_size}, reward = {paid_by}, KL {g.kl_coef} to confident_sampled(tau={run.agent.anchor_tau})")
     if start == 0:
-        curve.append(curve_point(core, model, reward, run, 0, 0))
+        point, images = curve_point(core, model, reward, run, 0, 0)
+        if disc is not None:  # warm-up on the start policy's samples, so iteration 1 is paid by a trained critic
+            buffer = images[-dspec.buffer:]
+            point["discriminator_loss"] = disc.update(real, buffer, dspec.steps, bar=True)
+            point["discriminator_log_odds"] = float(disc.log_odds(images).mean())
+        curve.append(point)
         save_orderhead(model, out / "curve" / "iter_00000.safetensors", {"iteration": "0"})
     bar = progress(range(start, g.iterations), desc="quality", initial=start, total=g.iterations)
     for it in bar:
@@ -263,8 +318,16 @@ def run_quality(run: QualityRun) -> dict:
             derive_seed(run.seed, "quality", "labels", it)))
         ro = play(core, model, pick.repeat_interleave(g.group_size), torch.Generator().manual_seed(
             derive_seed(run.seed, "quality", "actions", it)))
-        paid = reward(ro.images)
-        adv = group_advantages(paid.reward, g.group_size, g.adv_eps).to(core.device)[ro.row]
+        paid = reward(ro.images)  # the batch FD is logged with either reward
+        extra = {}
+        if disc is None:
+            r = paid.reward
+        else:  # scored before the discriminator sees them, then they join its buffer
+            r = disc.log_odds(ro.images).float()
+            buffer = torch.cat([buffer, ro.images])[-dspec.buffer:]
+            extra = {"discriminator_loss": disc.update(real, buffer, dspec.steps_per_iteration),
+                     "called_real": float((r > 0).float().mean())}
+        adv = group_advantages(r, g.group_size, g.adv_eps).to(core.device)[ro.row]
         model.train()
         mb_gen = torch.Generator().manual_seed(derive_seed(run.seed, "quality", "minibatches", it))
         stats = []
@@ -284,8 +347,9 @@ def run_quality(run: QualityRun) -> dict:
                 opt.step()
                 updates += 1
                 stats.append(st)
-        rec = {"iteration": it + 1, "updates": updates, "reward": float(paid.reward.mean()),
-               "reward_std": float(paid.reward.std()), "policy_entropy": ro.entropy,
+        rec = {"iteration": it + 1, "updates": updates, "reward": float(r.mean()),
+               "reward_std": float(r.std()), "group_reward_std": float(r.view(-1, g.group_size).std(1).mean()),
+               "policy_entropy": ro.entropy, **extra,
                **{f"batch_fd_{k}": v for k, v in paid.fd.items()},
                **{f"{k}": sum(getattr(s, k) for s in stats) / len(stats)
                   for k in ("loss", "surrogate", "kl", "entropy", "clip_fraction")}}
@@ -294,13 +358,17 @@ def run_quality(run: QualityRun) -> dict:
         bar.set_postfix(fd=f"{next(iter(paid.fd.values())):.2f}", kl=f"{rec['kl']:.3f}", H=f"{ro.entropy:.2f}")
         last = it + 1 == g.iterations
         if (run.curve_every and (it + 1) % run.curve_every == 0) or last:
-            curve.append(curve_point(core, model, reward, run, it + 1, updates))
+            point, images = curve_point(core, model, reward, run, it + 1, updates)
+            if disc is not None:
+                point["discriminator_log_odds"] = float(disc.log_odds(images).mean())
+            curve.append(point)
             save_orderhead(model, out / "curve" / f"iter_{it + 1:05d}.safetensors", {"iteration": str(it + 1)})
             logger.log({f"curve/{s}_{m}": curve[-1][s][m] for s in run.reward.spaces
                         for m in ("fd", "precision", "recall")}, it + 1)
         if (it + 1) % g.ckpt_every == 0 or last:
             manager.save(it + 1, {"model": model.state_dict(), "optim": opt.state_dict(), "iteration": it + 1,
-                                  "updates": updates, "curve": curve, "history": history, "identity": _identity(run)})
+                                  "updates": updates, "curve": curve, "history": history, "identity": _identity(run),
+                                  **({} if disc is None else {"discriminator": disc.state_dict(), "buffer": buffer})})
     logger.close()
     weights = save_orderhead(model.eval(), out / "orderhead.safetensors", {"stage": "quality"})
     atomic_write_json(out / "curve.json", {"spaces": run.reward.spaces, "points": curve}, checksum=True)
