@@ -107,6 +107,9 @@ def test_alignment_scores_the_tables_own_samples(tmp_path):
     means = [row["entropy_drop"] for row in res["policies"].values()]
     assert max(means) - min(means) <= 1e-6 * abs(means[0]) and res["correlation"]["entropy_drop"]["constant"]
     assert all(math.isnan(c["rho"]) for c in res["correlation"]["entropy_drop"]["policies"].values())
+    # the codec check pairs the 4,500 train digits with their reconstructions: trained on half, scored on half
+    assert res["codec_signature"]["num_heldout"] == 2250
+    assert "codec's signature" in (tmp_path / "align" / "results.md").read_text()
     on_disk = json.loads((tmp_path / "align" / "results.json").read_text())
     assert on_disk["spaces"] == ["classifier", "autoencoder", "pixel_pca", "random_relu"]
     assert "Spearman" in (tmp_path / "align" / "results.md").read_text()

@@ -4,7 +4,7 @@ init neither depends on nor shifts the global random streams."""
 import pytest
 import torch
 
-from orderplan.eval.discriminator import DiscriminatorSpec, PixelDiscriminator
+from orderplan.eval.discriminator import DiscriminatorSpec, PixelDiscriminator, codec_signature
 
 SPEC = DiscriminatorSpec(channels=[4, 8], batch_size=16, lr=3e-3, seed=5)
 
@@ -56,3 +56,17 @@ def test_discriminator_refuses_mismatched_images():
     real, fake = _sets()
     with pytest.raises(ValueError, match="one shape"):
         PixelDiscriminator(SPEC).update(real, fake[:, :, :8], 1)
+
+
+def test_codec_signature_is_chance_for_identical_images_and_high_for_a_visible_mark():
+    real, _ = _sets(n=40)
+    real = real + 0.05 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))
+    same = codec_signature(real, real.clone(), DiscriminatorSpec(channels=[4, 8], steps=30, batch_size=16, seed=5))
+    assert same["heldout_accuracy"] == 0.5  # one function of identical inputs: one side of 0 for both
+    marked = real.clone()
+    marked[:, :, :4, :4] = 1.0  # a codec that stamps a corner
+    sig = codec_signature(real, marked, DiscriminatorSpec(channels=[4, 8], steps=60, batch_size=16, lr=3e-3, seed=5))
+    assert sig["heldout_accuracy"] == 1.0 and sig["log_odds_real"] > 0 > sig["log_odds_reconstruction"]
+    assert sig["num_heldout"] == 20
+    with pytest.raises(ValueError, match="paired"):
+        codec_signature(real, marked[:10], SPEC)

@@ -50,7 +50,7 @@ from orderplan.data.datasets import images_to_model, load_embedded_mnist
 from orderplan.data.tokens import load_token_data
 from orderplan.eval.classifier_training import ClassifierRun, train_classifier
 from orderplan.eval.discriminator import (DiscriminatorSpec, PixelDiscriminator, check_discriminator_spec,
-                                         vq_reconstructions)
+                                         codec_signature, vq_reconstructions)
 from orderplan.eval.feature_net import ClassifierConfig, DigitClassifier, load_classifier
 from orderplan.eval.sample_metrics import fid_with_interval, knn_radii, mean_interval
 from orderplan.eval.set_reward import SetFrechetReward
@@ -259,7 +259,10 @@ def reward_alignment(run: AlignmentRun) -> dict:
     fakes = torch.cat([p["samples"].images[:half] for p in per.values()])
     disc = train_discriminator(real_pixels, fakes, run.discriminator)
     # (c') the same against the train split's VQ reconstructions: it cannot win on the codec's signature
-    disc_vq = train_discriminator(vq_reconstructions(bb, ev.backbone, "train"), fakes, run.discriminator)
+    recon = vq_reconstructions(bb, ev.backbone, "train")
+    disc_vq = train_discriminator(recon, fakes, run.discriminator)
+    # why (c') exists: how well the same network tells the raw split from its own reconstructions
+    codec = codec_signature(real_pixels, recon, run.discriminator)
     set_reward = SetFrechetReward(real_pixels, ["pixel_pca"], ev.features.pca_components, ev.features.random_seed)
     rows: dict[str, dict] = {}
     per_sample: dict[str, list[torch.Tensor]] = {r: [] for r in REWARDS}
@@ -314,7 +317,7 @@ def reward_alignment(run: AlignmentRun) -> dict:
                               "ci": _bootstrap_spearman(vals[sub], rs[sub], min(run.bootstrap, 200), run.level, run.seed)}
     results = {"evaluation": str(table_path), "spaces": spaces, "held_out": table["feature_spaces"].get("held_out"),
                "num_samples": n, "skipped": skipped, "policies": rows, "correlation": corr,
-               "judge": {"file": judge_summary["file"], "heldout": judge_summary["heldout"],
+               "codec_signature": codec, "judge": {"file": judge_summary["file"], "heldout": judge_summary["heldout"],
                          "channels": run.judge.channels},
                "config": asdict(run), "wall_time_s": round(time.time() - t0, 1)}
     atomic_write_json(run_dir / "results.json", results, checksum=True)
@@ -363,6 +366,12 @@ def alignment_markdown(res: dict) -> str:
             continue
         lines.append(f"| {r} | " + " | ".join(f"{c['policies'][s]['rho']:+.2f} {_ci(c['policies'][s]['ci'])}" for s in sp)
                      + f" | {c['samples']['rho']:+.3f} {_ci(c['samples']['ci'], 3)} |")
+    if "codec_signature" in res:
+        c = res["codec_signature"]
+        lines += ["", f"The codec's signature: the discriminator's network, trained on half of the train split against "
+                      f"the VQ reconstructions of the same images, tells the other half from their reconstructions "
+                      f"with held-out accuracy {c['heldout_accuracy']:.3f} (log-odds {c['log_odds_real']:+.2f} real, "
+                      f"{c['log_odds_reconstruction']:+.2f} reconstructed; {c['num_heldout']} pairs)."]
     if res["skipped"]:
         lines += ["", f"Not scored: {', '.join(res['skipped'])} (ground-truth orders or parallel schedules)."]
     lines.append("")

@@ -27,7 +27,8 @@ from orderplan.eval.feature_net import ClassifierConfig, DigitClassifier
 from orderplan.infra.run_utils import progress
 from orderplan.infra.validation import check_int, check_range
 
-__all__ = ["DiscriminatorSpec", "PixelDiscriminator", "check_discriminator_spec", "vq_reconstructions"]
+__all__ = ["DiscriminatorSpec", "PixelDiscriminator", "check_discriminator_spec", "vq_reconstructions",
+           "codec_signature"]
 
 
 @dataclass
@@ -122,3 +123,20 @@ def vq_reconstructions(bb, backbone: BackboneConfig, split: str, batch: int = 50
     device = next(bb.gpt.parameters()).device
     return torch.cat([bb.vq.decode_codes(c.view(-1, cfg.grid_h, cfg.grid_w).to(device)).float().cpu()
                       for c in codes.split(batch)])
+
+
+def codec_signature(real: torch.Tensor, recon: torch.Tensor, spec: DiscriminatorSpec) -> dict[str, float]:
+    """How well a discriminator with `spec` tells real images [N, C, H, W] from their own VQ
+    reconstructions [N, C, H, W] (row i of both is one image): trained on the first half, scored on the
+    second. Returns the held-out balanced accuracy and the mean log-odds (nats) of each side; an accuracy
+    near 1 means a discriminator against raw images can win on the codec alone."""
+    if real.shape != recon.shape or len(real) < 4:
+        raise ValueError(f"real and recon must be paired images of one shape (>= 4), got {tuple(real.shape)} and "
+                         f"{tuple(recon.shape)}")
+    h = len(real) // 2
+    disc = PixelDiscriminator(spec)
+    disc.update(real[:h], recon[:h], spec.steps, bar=True)
+    lo_r, lo_f = disc.log_odds(real[h:]), disc.log_odds(recon[h:])
+    accuracy = (float((lo_r > 0).double().mean()) + float((lo_f < 0).double().mean())) / 2
+    return {"heldout_accuracy": accuracy, "log_odds_real": float(lo_r.mean()),
+            "log_odds_reconstruction": float(lo_f.mean()), "num_heldout": len(real) - h}
