@@ -69,14 +69,21 @@ def test_composition_is_typed_by_the_schema(name):
     to_typed(compose(name), schema_of(name))
 
 
+def _overrides_env(name: str) -> bool:
+    """Whether configs/<name>.yaml, or a preset it extends through its defaults list, sets the env."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"), resolve=False)
+    defaults = raw.get("defaults", [])
+    if "env" in raw or any(isinstance(d, dict) and ("override env" in d or "env" in d) for d in defaults):
+        return True
+    return any(isinstance(d, str) and d in PRESETS and _overrides_env(d) for d in defaults)
+
+
 @pytest.mark.parametrize("name", [n for n in PRESETS if "env" in {f.name for f in fields(schema_of(n))}])
 def test_library_env_defaults_are_the_jobs(name):
     """EnvConfig() is what the default presets run (the beliefs observation included), except where a
     preset overrides it on purpose."""
     env = to_typed(compose(name), schema_of(name)).env
-    raw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{name}.yaml"), resolve=False)
-    overrides_env = "env" in raw or any(isinstance(d, dict) and "override env" in d for d in raw.get("defaults", []))
-    if not overrides_env:
+    if not _overrides_env(name):
         assert env == EnvConfig()
     assert EnvConfig().beliefs is True
 
