@@ -172,12 +172,12 @@ def likelihood_reward(gpt, tokens: torch.Tensor, labels: torch.Tensor, geom: Blo
     return total / orders
 
 
-def train_discriminator(real: torch.Tensor, fake: torch.Tensor, spec: DiscriminatorSpec) -> DigitClassifier:
-    """A pixel CNN with logits [generated, real] trained once on real [M, 1, S, S] vs fake [N, 1, S, S]
-    for spec.steps balanced batches (orderplan.eval.discriminator)."""
+def train_discriminator(real: torch.Tensor, fake: torch.Tensor, spec: DiscriminatorSpec) -> PixelDiscriminator:
+    """A pixel discriminator trained once on real [M, 1, S, S] vs fake [N, 1, S, S] for spec.steps
+    balanced batches (orderplan.eval.discriminator)."""
     disc = PixelDiscriminator(spec)
     disc.update(real, fake, spec.steps, bar=True)
-    return disc.model.eval()
+    return disc
 
 
 @torch.no_grad()
@@ -274,10 +274,8 @@ def reward_alignment(run: AlignmentRun) -> dict:
             "likelihood": likelihood_reward(bb.gpt, s.tokens, s.labels, bb.geometry, run.likelihood_orders, run.seed),
             "judge": F.log_softmax(_logits(judge, s.images), -1).gather(1, s.labels[:, None]).squeeze(1),
         }
-        d = _logits(disc, s.images[half:])
-        rewards["discriminator"] = d[:, 1] - d[:, 0]
-        d = _logits(disc_vq, s.images[half:])
-        rewards["discriminator_vq"] = d[:, 1] - d[:, 0]
+        rewards["discriminator"] = disc.log_odds(s.images[half:])
+        rewards["discriminator_vq"] = disc_vq.log_odds(s.images[half:])
         pca = set_reward.features(s.images)["pixel_pca"]
         rewards["set_fd"] = set_reward.from_features({"pixel_pca": pca}).reward.double()
         real_score = realism_scores(real_primary, extractor.split(p["features"])[extractor.primary], run.knn_k)

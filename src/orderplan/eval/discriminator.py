@@ -120,8 +120,7 @@ def vq_reconstructions(bb, backbone: BackboneConfig, split: str, batch: int = 50
                          "has none (use real=images)")
     codes, _ = load_token_data(backbone, split)
     cfg = bb.gpt.cfg
-    device = next(bb.gpt.parameters()).device
-    return torch.cat([bb.vq.decode_codes(c.view(-1, cfg.grid_h, cfg.grid_w).to(device)).float().cpu()
+    return torch.cat([bb.vq.decode_codes(c.view(-1, cfg.grid_h, cfg.grid_w).to(bb.device)).float().cpu()
                       for c in codes.split(batch)])
 
 

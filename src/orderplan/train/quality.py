@@ -278,8 +278,9 @@ def run_quality(run: QualityRun) -> dict:
     reward = SetFrechetReward(real, run.reward.spaces, run.reward.pca_components, run.reward.random_seed)
     dspec = run.reward.discriminator
     disc = PixelDiscriminator(dspec) if run.reward.kind == "discriminator" else None
-    if disc is not None and dspec.real == "reconstructions":  # the discriminator's real side (OnlineDiscriminatorSpec)
-        real = vq_reconstructions(core.bb, run.backbone, run.reward.reference)
+    disc_real = real  # the discriminator's real side (OnlineDiscriminatorSpec.real)
+    if disc is not None and dspec.real == "reconstructions":
+        disc_real = vq_reconstructions(core.bb, run.backbone, run.reward.reference)
     buffer = None  # the discriminator's generated side: the most recent samples
     model = build_head(run, core).train()
     opt = torch.optim.Adam(model.parameters(), lr=g.lr)
@@ -306,7 +307,7 @@ def run_quality(run: QualityRun) -> dict:
         point, images = curve_point(core, model, reward, run, 0, 0)
         if disc is not None:  # warm-up on the start policy's samples, so iteration 1 is paid by a trained critic
             buffer = images[-dspec.buffer:]
-            point["discriminator_loss"] = disc.update(real, buffer, dspec.steps, bar=True)
+            point["discriminator_loss"] = disc.update(disc_real, buffer, dspec.steps, bar=True)
             point["discriminator_log_odds"] = float(disc.log_odds(images).mean())
         curve.append(point)
         save_orderhead(model, out / "curve" / "iter_00000.safetensors", {"iteration": "0"})
@@ -325,7 +326,7 @@ def run_quality(run: QualityRun) -> dict:
         else:  # scored before the discriminator sees them, then they join its buffer
             r = disc.log_odds(ro.images).float()
             buffer = torch.cat([buffer, ro.images])[-dspec.buffer:]
-            extra = {"discriminator_loss": disc.update(real, buffer, dspec.steps_per_iteration),
+            extra = {"discriminator_loss": disc.update(disc_real, buffer, dspec.steps_per_iteration),
                      "called_real": float((r > 0).float().mean())}
         adv = group_advantages(r, g.group_size, g.adv_eps).to(core.device)[ro.row]
         model.train()
