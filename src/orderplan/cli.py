@@ -19,6 +19,7 @@
 | train_autoencoder | train_autoencoder.yaml | orderplan.eval.autoencoder.train_autoencoder   |
 | reward_alignment | reward_alignment.yaml   | orderplan.eval.alignment.reward_alignment      |
 | quality          | quality.yaml            | orderplan.train.quality.run_quality            |
+| headroom         | headroom.yaml           | orderplan.eval.headroom.run_headroom           |
 | schedule_nll     | schedule_nll.yaml       | orderplan.eval.schedule_nll.run_schedule_nll   |
 
 `--config-name` picks another preset of the same job (e.g. `evaluate --config-name
@@ -48,6 +49,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "train_autoencoder": ("train_autoencoder", "orderplan.eval.autoencoder:train_autoencoder"),
     "reward_alignment": ("reward_alignment", "orderplan.eval.alignment:reward_alignment"),
     "quality": ("quality", "orderplan.train.quality:run_quality"),
+    "headroom": ("headroom", "orderplan.eval.headroom:run_headroom"),
     "schedule_nll": ("schedule_nll", "orderplan.eval.schedule_nll:run_schedule_nll"),
 }
 
@@ -102,6 +104,7 @@ train_classifier = _entry("train_classifier")
 train_autoencoder = _entry("train_autoencoder")
 reward_alignment = _entry("reward_alignment")
 quality = _entry("quality")
+headroom = _entry("headroom")
 schedule_nll = _entry("schedule_nll")
 
 

@@ -81,6 +81,7 @@ def _schemas():
     from orderplan.train.vq import TrainVQConfig, check_train_vq
     from orderplan.env.factory import EnvRun, check_env_run
     from orderplan.train.quality import QualityRun, check_quality_run
+    from orderplan.eval.headroom import HeadroomRun, check_headroom_run
     from orderplan.eval.schedule_nll import ScheduleNLLRun, check_schedule_nll_run
 
     return {  # config name -> (schema, validation(run, check_paths))
@@ -104,6 +105,7 @@ def _schemas():
         "reward_alignment": (AlignmentRun, lambda run, check_paths: check_alignment_run(run)),
         "train_vq": (TrainVQConfig, lambda run, check_paths: check_train_vq(run)),
         "quality": (QualityRun, check_quality_run), "quality_discriminator": (QualityRun, check_quality_run),
+        "headroom": (HeadroomRun, lambda run, check_paths: check_headroom_run(run)),
         "schedule_nll": (ScheduleNLLRun, lambda run, check_paths: check_schedule_nll_run(run)),
     }
 
@@ -165,6 +167,10 @@ BAD = [  # (config, override, the key its error must name, a piece of the allowe
     ("quality", "reward.kind=fid", "reward.kind", "discriminator"),
     ("quality_discriminator", "reward.discriminator.buffer=0", "reward.discriminator.buffer", ">= 1"),
     ("quality_discriminator", "reward.discriminator.real=train", "reward.discriminator.real", "reconstructions"),
+    ("headroom", "draws=1", "draws", ">= 2"),
+    ("headroom", "vary=labels", "vary", "noise"),
+    ("headroom", "critics=[fid]", "critics", "discriminator_vq"),
+    ("headroom", "baselines=[confident_sampled]", "baselines", "pool"),
     ("extract_codes", "batch_size=0", "batch_size", ">= 1"),
     ("make_env", "batch_size=-2", "batch_size", ">= 1"),
 ]
@@ -213,6 +219,7 @@ def _runners():
     from orderplan.train.vq import TrainVQConfig, train_vq
     from orderplan.train.quality import QualityRun, run_quality
     from orderplan.eval.schedule_nll import ScheduleNLLRun, run_schedule_nll
+    from orderplan.eval.headroom import HeadroomRun, run_headroom
 
     return {"bc": (BCRun, train_bc, "run_dir"), "ppo": (PPORun, run_ppo, "run_dir"),
             "evaluate": (EvaluateRun, run_evaluation, "run_dir"), "power": (PowerRun, run_power, "run_dir"),
@@ -224,6 +231,7 @@ def _runners():
             "train_autoencoder": (AutoencoderRun, train_autoencoder, "run_dir"),
             "reward_alignment": (AlignmentRun, reward_alignment, "run_dir"),
             "quality": (QualityRun, run_quality, "run_dir"),
+            "headroom": (HeadroomRun, run_headroom, "run_dir"),
             "schedule_nll": (ScheduleNLLRun, run_schedule_nll, "run_dir"),
             "extract_codes": (ExtractCodesConfig, extract_codes, "out_dir")}
 
@@ -244,6 +252,7 @@ REFUSED = [
     ("train_autoencoder", ["epochs=0"], "epochs"),
     ("reward_alignment", ["num_samples=2"], "num_samples"),
     ("quality", ["grpo.kl_coef=-1"], "grpo.kl_coef"),
+    ("headroom", ["calibration_samples=0"], "calibration_samples"),
     ("schedule_nll", ["schedules=[raster@5x]"], "schedules"),
     ("schedule_nll", ["batch_size=0"], "batch_size"),
     ("extract_codes", ["num_workers=-1"], "num_workers"),

@@ -39,6 +39,7 @@ SCHEMAS: dict[str, str] = {
     "reward_alignment": "orderplan.eval.alignment:AlignmentRun",
     "quality": "orderplan.train.quality:QualityRun",
     "quality_discriminator": "orderplan.train.quality:QualityRun",
+    "headroom": "orderplan.eval.headroom:HeadroomRun",
     "schedule_nll": "orderplan.eval.schedule_nll:ScheduleNLLRun",
     "train_vq": "orderplan.train.vq:TrainVQConfig",
 }

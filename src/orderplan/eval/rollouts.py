@@ -36,6 +36,7 @@ from orderplan.model.sampling import generate
 from orderplan.env.core import EnvConfig, OrderPlanningCore
 from orderplan.env.episodes import Decision, play_episodes
 from orderplan.env.rewards import discounted_return
+from orderplan.infra.seeding import derive_seed
 
 PolicyFactory = Callable[[OrderPlanningCore], BlockPolicy]
 
@@ -184,7 +185,7 @@ POLICY_SEED_OFFSET = 3  # a generation batch seeded s reseeds its policy with s 
 def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tensor, env: EnvConfig, batch_size: int,
                      seed: int, num_snapshots: int = 8, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
                      progress_bar: Callable | None = None, rewards: bool = False, fast: bool = True,
-                     first_index: int = 0) -> Samples:
+                     first_index: int = 0, draw: int = 0) -> Samples:
     """Generate one image per entry of `labels` [S] with a fresh policy from `make(core)`. Batch j
     reseeds the sampler (and the policy's own generator, `BlockPolicy.reseed`) with seed + j, so the
     samples depend only on (seed, batch_size, labels, policy) and every policy sees the same label
@@ -192,6 +193,10 @@ def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tens
     `first_index` (a multiple of batch_size) continues a longer set: labels are its samples
     first_index.. and batch j is seeded as that set's batch first_index / batch_size + j, so a set
     generated in chunks is the set generated at once (sampler streams and position-noise keys).
+    `draw` > 0 redraws the policy's own random choices (its stream seeded derive_seed(s + 3, "draw",
+    draw) instead of s + 3) and keeps everything else: the same labels, sampler stream and, with
+    sampling.noise=position, the same noise per token, so draws of a stochastic policy differ only by
+    their orders (orderplan.eval.headroom); draw 0 is the evaluation table's stream.
 
     Cost: a policy whose whole order is known before the episode (`planned_orders`: fixed orders,
     random, replayed oracle orders) is decoded in one KV-cached pass per batch
@@ -219,7 +224,8 @@ def generate_samples(make: PolicyFactory, backbone: Backbone, labels: torch.Tens
     for j, (idx, real) in enumerate(progress_bar(batches) if progress_bar else batches):
         batch_seed = seed + first_index // batch_size + j
         core.seed(batch_seed)
-        policy.reseed(batch_seed + POLICY_SEED_OFFSET)
+        policy_seed = batch_seed + POLICY_SEED_OFFSET
+        policy.reseed(policy_seed if draw == 0 else derive_seed(policy_seed, "draw", draw))
         policy.set_real_rows(real)  # the padding rows of a last, partial batch are never read
         scheduled = isinstance(policy, ScheduledDecoder)
         orders = policy.planned_orders(idx.to(core.device)) if fast and not rewards and not scheduled else None
