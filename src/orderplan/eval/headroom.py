@@ -40,8 +40,9 @@ procedure on the same pairs; the pairs themselves are the evaluation's.
 Outputs in run_dir: results.json (checksummed), results.md, judge/. Generated sets go to members_dir
 (default run_dir/members), a cache keyed by everything that shapes them: a cut run regenerates only
 what is missing, and the seeds of one study share the baselines. Cost: G + len(baselines) generation
-sets of N plus the calibration set; the default (N = 4,000, G = 4, five baselines) takes about 25 min
-on 2 CPU cores, a further seed sharing the baselines about 16 min.
+sets of N plus the calibration set; the default (N = 4,000, G = 4, five baselines) took 13 min
+on 2 idle CPU cores, a further seed sharing the baselines 8 min (docs/results.md; an earlier day's
+machine ran about 1.5 to 2x slower).
 """
 
 from __future__ import annotations
