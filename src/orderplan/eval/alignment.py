@@ -180,9 +180,21 @@ def train_discriminator(real: torch.Tensor, fake: torch.Tensor, spec: Discrimina
     return disc
 
 
+def train_judge(spec: JudgeSpec, run_dir: str | Path, seed_offset: int = 0) -> tuple[DigitClassifier, dict]:
+    """Reward (d)'s classifier, trained on the train split into run_dir with seed spec.seed + seed_offset;
+    returns it and train_classifier's summary."""
+    summary = train_classifier(ClassifierRun(
+        run_dir=str(run_dir), seed=spec.seed + seed_offset, epochs=spec.epochs, progress=False,
+        model=ClassifierConfig(channels=spec.channels, num_features=spec.num_features)))
+    return load_classifier(summary["file"]), summary
+
+
 @torch.no_grad()
-def _logits(model: DigitClassifier, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    return torch.cat([model(x) for x in images.split(batch)]).double()
+def judge_log_prob(model: DigitClassifier, images: torch.Tensor, labels: torch.Tensor, batch: int = 500
+                   ) -> torch.Tensor:
+    """Reward (d) per sample: log p(label | x) [N] (nats, float64) for images [N, 1, S, S], labels [N]."""
+    logits = torch.cat([model(x) for x in images.split(batch)]).double()
+    return F.log_softmax(logits, -1).gather(1, labels[:, None].to(logits.device)).squeeze(1)
 
 
 # -- the job ------------------------------------------------------------------------------------
@@ -249,10 +261,7 @@ def reward_alignment(run: AlignmentRun) -> dict:
                           "same_samples_as_table": bool(torch.allclose(feats, cached[:n], atol=1e-4, rtol=1e-4))}
 
     # (b) likelihood, (d) judge: per sample
-    judge_summary = train_classifier(ClassifierRun(
-        run_dir=str(run_dir / "judge"), seed=run.judge.seed, epochs=run.judge.epochs, progress=False,
-        model=ClassifierConfig(channels=run.judge.channels, num_features=run.judge.num_features)))
-    judge = load_classifier(judge_summary["file"])
+    judge, judge_summary = train_judge(run.judge, run_dir / "judge")
     # (c) the discriminator: trained on the first half of every policy's samples, scored on the second
     real_pixels = images_to_model(load_embedded_mnist("train")[0])
     half = n // 2
@@ -272,7 +281,7 @@ def reward_alignment(run: AlignmentRun) -> dict:
         rewards = {
             "entropy_drop": s.entropy_return.double(),
             "likelihood": likelihood_reward(bb.gpt, s.tokens, s.labels, bb.geometry, run.likelihood_orders, run.seed),
-            "judge": F.log_softmax(_logits(judge, s.images), -1).gather(1, s.labels[:, None]).squeeze(1),
+            "judge": judge_log_prob(judge, s.images, s.labels),
         }
         rewards["discriminator"] = disc.log_odds(s.images[half:])
         rewards["discriminator_vq"] = disc_vq.log_odds(s.images[half:])

@@ -53,14 +53,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from orderplan.config.common import RunConfig, check_run_config, compose, to_typed
 from orderplan.data.tokens import load_token_data
-from orderplan.eval.alignment import JudgeSpec, ref_side
-from orderplan.eval.classifier_training import ClassifierRun, train_classifier
+from orderplan.eval.alignment import JudgeSpec, _ci, judge_log_prob, ref_side, train_judge
 from orderplan.eval.discriminator import DiscriminatorSpec, PixelDiscriminator, check_discriminator_spec, vq_reconstructions
-from orderplan.eval.feature_net import ClassifierConfig, load_classifier
 from orderplan.eval.fid import extract_features
 from orderplan.eval.sample_metrics import fid_with_interval, knn_radii, paired_fid_delta, precision_recall
 from orderplan.infra.checkpoint import atomic_torch_save, atomic_write_bytes, atomic_write_json, load_cache
@@ -135,13 +132,10 @@ def select(scores: torch.Tensor, how: str, first: int | None = None) -> torch.Te
     over the first `first` draws (all when None); ties keep the lowest draw."""
     if scores.dim() != 2 or not bool(torch.isfinite(scores).all()):
         raise ValueError(f"scores must be finite [G, N], got {tuple(scores.shape)}")
-    s = scores[:first]
-    # argmax returns the first maximal index on CPU; an explicit tie rule keeps it device-independent
-    ext = s.amax(0) if how == "best" else s.amin(0) if how == "worst" else None
-    if ext is None:
+    if how not in ("best", "worst"):
         raise ValueError(f"how must be best or worst, got {how!r}")
-    hit = s == ext
-    return hit.int().argmax(0)
+    # torch documents that argmax / argmin return the first extremal index on ties, on every device
+    return scores[:first].argmax(0) if how == "best" else scores[:first].argmin(0)
 
 
 def _pick(x: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
@@ -233,15 +227,10 @@ def run_headroom(run: HeadroomRun) -> dict:
             score = disc.log_odds
             critic_info[critic] = {"training_loss": loss, "calibration_samples": run.calibration_samples}
         else:
-            summary = train_classifier(ClassifierRun(
-                run_dir=str(run_dir / "judge"), seed=run.judge.seed + run.seed, epochs=run.judge.epochs, progress=False,
-                model=ClassifierConfig(channels=run.judge.channels, num_features=run.judge.num_features)))
-            judge = load_classifier(summary["file"])
+            judge, summary = train_judge(run.judge, run_dir / "judge", seed_offset=run.seed)
 
             def score(x: torch.Tensor, model=judge) -> torch.Tensor:
-                with torch.no_grad():
-                    logits = torch.cat([model(c) for c in x.split(500)]).double()
-                return F.log_softmax(logits, -1).gather(1, gen_labels[:len(x), None]).squeeze(1)
+                return judge_log_prob(model, x, gen_labels[:len(x)])
             critic_info[critic] = {"heldout": summary["heldout"]}
         scores[critic] = torch.stack([score(images[d]) for d in range(run.draws)])
         for b, s in base_sets.items():
@@ -313,10 +302,6 @@ def run_headroom(run: HeadroomRun) -> dict:
     atomic_write_bytes(run_dir / "results.md", text.encode())
     print(text)
     return results
-
-
-def _ci(x: list[float], digits: int = 2) -> str:
-    return f"[{x[0]:+.{digits}f}, {x[1]:+.{digits}f}]"
 
 
 def headroom_markdown(res: dict) -> str:
